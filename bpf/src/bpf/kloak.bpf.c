@@ -1,0 +1,645 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * Kloak's TLS write programs.
+ *
+ * Phase 1 (tls_write_enter) runs on entry to a TLS library's write function,
+ * filters by cgroup, captures buffer and length into per-CPU scratch and tail
+ * calls phase 2. Phase 2 scans the whole buffer with bpf_loop for "kloak:",
+ * verifies every candidate against secret_map byte for byte, and then either
+ * stops the thread for the agent to patch (pause backend, lockdown-safe) or
+ * writes the real bytes itself (in-place backend, needs bpf_probe_write_user).
+ *
+ * Anything uncertain leaves the buffer alone: a full ring buffer, a token
+ * that matches nothing, a scratch slot clobbered by another task.
+ */
+#include "vmlinux_min.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "kloak.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define SIGSTOP 19
+#define PROT_EXEC 0x4
+
+/* Set by the loader through rodata. */
+const volatile __u32 cfg_scrub = 1;
+const volatile __u32 cfg_agent_tgid = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct secret_key);
+	__type(value, struct secret_val);
+} secret_map SEC(".maps");
+
+/* cgroup v2 ids whose processes are ours to rewrite. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} tracked_cgroups SEC(".maps");
+
+/* Files the agent has already looked at; mapping them again needs no stop. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct inode_key);
+	__type(value, __u8);
+} known_inodes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} tls_events SEC(".maps");
+
+struct scan_ctx {
+	__u64 buf;
+	__u64 len;
+	__u64 cookie;
+	__u64 cur_off;
+	__u64 cur_n;
+	__u32 tid;
+	__u32 nhits;
+	__u32 nmatch;
+	__u32 nunknown;
+	__u32 flags;
+	__u32 _pad;
+	struct hit hits[MAX_HITS];   /* prefix positions */
+	struct hit match[MAX_HITS];  /* verified placeholders */
+	__u8 chunk[CHUNK_BUF] __attribute__((aligned(8)));
+	__u8 cmp[MAX_SECRET_LEN] __attribute__((aligned(8)));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scan_ctx);
+} scan_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ST_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Hits a thread's current write carries, for the scrub on return. */
+struct pending {
+	__u64 buf;
+	__u32 nmatch;
+	__u32 _pad;
+	struct hit match[MAX_HITS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct pending);
+} pending_scrub SEC(".maps");
+
+struct mmap_pending {
+	struct inode_key key;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct mmap_pending);
+} mmap_args SEC(".maps");
+
+/* Slot 0: the phase 2 program of the chosen backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} phase2_progs SEC(".maps");
+
+/* Gives the skeleton a Rust type for the event layout. */
+struct tls_event _event_type = {};
+
+static __always_inline void stat_add(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += n;
+}
+
+static __always_inline bool tracked(void)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!bpf_map_lookup_elem(&tracked_cgroups, &cg))
+		return false;
+	return (bpf_get_current_pid_tgid() >> 32) != cfg_agent_tgid;
+}
+
+/* ------------------------------------------------------------------ */
+/* Phase 1                                                             */
+
+SEC("uprobe")
+int tls_write_enter(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	/* Read every candidate register up front with fixed offsets: the
+	 * verifier refuses loads through a ctx pointer clang has offset. */
+	__u64 si = ctx->si, dx = ctx->dx, bx = ctx->bx, cx = ctx->cx;
+	__u64 buf, len;
+	switch (cookie & ABI_MASK) {
+	case ABI_SSL_WRITE: /* SysV: rdi ssl, rsi buf, edx num */
+		if ((int)dx <= 0)
+			return 0;
+		buf = si;
+		len = (__u64)(int)dx;
+		break;
+	case ABI_SSL_WRITE_EX:
+		buf = si;
+		len = dx;
+		break;
+	case ABI_GO_TLS_WRITE:
+		buf = bx;
+		len = cx;
+		break;
+	default:
+		return 0;
+	}
+	if (len < MIN_SECRET_LEN || !buf)
+		return 0;
+
+	__u32 zero = 0;
+	struct scan_ctx *c = bpf_map_lookup_elem(&scan_scratch, &zero);
+	if (!c)
+		return 0;
+	c->buf = buf;
+	c->len = len;
+	c->cookie = cookie;
+	c->tid = (__u32)bpf_get_current_pid_tgid();
+	c->nhits = 0;
+	c->nmatch = 0;
+	c->nunknown = 0;
+	c->flags = 0;
+
+	bpf_tail_call(ctx, &phase2_progs, 0);
+	stat_add(ST_TAILCALL_FAIL, 1);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Phase 2: scan                                                       */
+
+/* bpf_loop's context must live on the stack; the scratch is a map value. */
+struct lctx {
+	struct scan_ctx *c;
+};
+
+static __always_inline bool is_prefix_at(struct scan_ctx *c, __u64 p)
+{
+	return c->chunk[p] == 'k' && c->chunk[p + 1] == 'l' && c->chunk[p + 2] == 'o' &&
+	       c->chunk[p + 3] == 'a' && c->chunk[p + 4] == 'k' && c->chunk[p + 5] == ':';
+}
+
+static long scan_word(__u64 w, void *data)
+{
+	struct scan_ctx *c = ((struct lctx *)data)->c;
+	__u64 base = w * 8;
+	if (base >= c->cur_n || base > CHUNK - 8)
+		return 1;
+	__u64 x = *(__u64 *)(c->chunk + base);
+	__u64 y = x ^ 0x6b6b6b6b6b6b6b6bULL; /* zero byte where x has 'k' */
+	if (!((y - 0x0101010101010101ULL) & ~y & 0x8080808080808080ULL))
+		return 0;
+#pragma unroll
+	for (int b = 0; b < 8; b++) {
+		__u64 p = base + b;
+		if (p + PREFIX_LEN > c->cur_n)
+			return 1;
+		if (!is_prefix_at(c, p))
+			continue;
+		if (c->nhits >= MAX_HITS) {
+			c->flags |= EVF_OVERFLOW;
+			return 1;
+		}
+		c->hits[c->nhits & (MAX_HITS - 1)].off = (__u32)(c->cur_off + p);
+		c->nhits++;
+	}
+	return 0;
+}
+
+static long scan_chunk(__u64 i, void *data)
+{
+	struct scan_ctx *c = ((struct lctx *)data)->c;
+	__u64 off = i * CHUNK;
+	if (off >= c->len)
+		return 1;
+	__u64 n = c->len - off;
+	if (n > CHUNK + PREFIX_LEN)
+		n = CHUNK + PREFIX_LEN;
+	if (bpf_probe_read_user(c->chunk, n, (void *)(c->buf + off)) < 0) {
+		/* Not faulted in yet, most likely: the agent scans it instead. */
+		c->flags |= EVF_UNREADABLE;
+		return 1;
+	}
+	c->cur_off = off;
+	c->cur_n = n;
+	bpf_loop(CHUNK / 8, scan_word, data, 0);
+	return (c->flags & EVF_OVERFLOW) ? 1 : 0;
+}
+
+/* Full comparison of a placeholder with the bytes read at a hit. */
+static __always_inline bool same_bytes(const __u8 *a, const __u8 *b, __u32 len)
+{
+#pragma unroll
+	for (int j = 0; j < MAX_SECRET_LEN / 8; j++) {
+		__u32 start = j * 8;
+		if (start >= len)
+			break;
+		__u64 d = *(const __u64 *)(a + start) ^ *(const __u64 *)(b + start);
+		__u32 left = len - start;
+		if (left < 8)
+			d &= (1ULL << (left * 8)) - 1;
+		if (d)
+			return false;
+	}
+	return true;
+}
+
+static long verify_hit(__u64 i, void *data)
+{
+	struct scan_ctx *c = ((struct lctx *)data)->c;
+	if (i >= MAX_HITS)
+		return 1;
+	__u32 off = c->hits[i & (MAX_HITS - 1)].off;
+	if (off >= c->len)
+		return 0;
+	__u64 avail = c->len - off;
+	if (avail > MAX_SECRET_LEN)
+		avail = MAX_SECRET_LEN;
+	if (avail < MIN_SECRET_LEN) {
+		c->nunknown++;
+		return 0;
+	}
+	/* Zero first: same_bytes reads whole words. */
+	__builtin_memset(c->cmp, 0, sizeof(c->cmp));
+	if (bpf_probe_read_user(c->cmp, avail, (void *)(c->buf + off)) < 0) {
+		c->flags |= EVF_UNREADABLE;
+		return 0;
+	}
+
+	/* The map key is the random part, up to KEY_LEN characters, zero padded.
+	 * A short placeholder has fewer than KEY_LEN random characters, so try
+	 * the longest key first: the generator keeps no placeholder a prefix of
+	 * another, so at most one length matches. */
+	__u32 nrand = avail - PREFIX_LEN;
+	if (nrand > KEY_LEN)
+		nrand = KEY_LEN;
+	struct secret_key k = {};
+#pragma unroll
+	for (int j = 0; j < KEY_LEN; j++)
+		if (j < nrand)
+			k.b[j] = c->cmp[PREFIX_LEN + j];
+
+#pragma unroll
+	for (int klen = KEY_LEN; klen >= MIN_SECRET_LEN - PREFIX_LEN; klen--) {
+		if (klen < KEY_LEN)
+			k.b[klen] = 0;
+		if (klen > nrand)
+			continue;
+		struct secret_val *v = bpf_map_lookup_elem(&secret_map, &k);
+		if (!v)
+			continue;
+		__u32 len = v->len;
+		if (len < MIN_SECRET_LEN || len > avail || len > MAX_SECRET_LEN)
+			continue;
+		if (!same_bytes(v->placeholder, c->cmp, len))
+			continue;
+		__u32 m = c->nmatch;
+		if (m >= MAX_HITS)
+			return 1;
+		c->match[m].off = off;
+		c->match[m].id = v->id;
+		c->match[m].len = len;
+		c->match[m].key = k;
+		c->nmatch = m + 1;
+		return 0;
+	}
+	c->nunknown++;
+	return 0;
+}
+
+static __always_inline struct scan_ctx *scan(void)
+{
+	__u32 zero = 0;
+	struct scan_ctx *c = bpf_map_lookup_elem(&scan_scratch, &zero);
+	if (!c || c->tid != (__u32)bpf_get_current_pid_tgid())
+		return 0;
+	__u64 nchunks = (c->len + CHUNK - 1) / CHUNK;
+	stat_add(ST_WRITES, 1);
+	stat_add(ST_BYTES, c->len);
+	struct lctx l = { .c = c };
+	bpf_loop(nchunks, scan_chunk, &l, 0);
+	if (c->nhits)
+		bpf_loop(c->nhits, verify_hit, &l, 0);
+	if (c->nmatch)
+		stat_add(ST_HITS, c->nmatch);
+	if (c->nunknown)
+		stat_add(ST_UNKNOWN, c->nunknown);
+	if (c->flags & EVF_UNREADABLE)
+		stat_add(ST_UNREADABLE, 1);
+	if (c->flags & EVF_OVERFLOW)
+		stat_add(ST_OVERFLOW, 1);
+	return c;
+}
+
+static __always_inline struct tls_event *new_event(__u32 kind)
+{
+	struct tls_event *e = bpf_ringbuf_reserve(&tls_events, sizeof(*e), 0);
+	if (!e) {
+		stat_add(ST_LOST, 1);
+		return 0;
+	}
+	__u64 pt = bpf_get_current_pid_tgid();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup = bpf_get_current_cgroup_id();
+	e->kind = kind;
+	e->tgid = pt >> 32;
+	e->tid = (__u32)pt;
+	e->buf = 0;
+	e->len = 0;
+	e->cookie = 0;
+	e->dev = 0;
+	e->ino = 0;
+	e->nhits = 0;
+	e->flags = 0;
+	e->_pad = 0;
+	__builtin_memset(e->hits, 0, sizeof(e->hits));
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	return e;
+}
+
+static __always_inline void copy_hits(struct hit *dst, const struct hit *src, __u32 n)
+{
+#pragma unroll
+	for (int j = 0; j < MAX_HITS; j++) {
+		if (j < n)
+			dst[j] = src[j];
+	}
+}
+
+static __always_inline void emit_unknown(struct scan_ctx *c)
+{
+	struct tls_event *e = new_event(EV_UNKNOWN);
+	if (!e)
+		return;
+	e->buf = c->buf;
+	e->len = c->len;
+	e->cookie = c->cookie;
+	e->nhits = c->nunknown;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline bool has_ret_probe(__u64 cookie)
+{
+	/* Go gets no return probe: uretprobes corrupt its moving stacks. */
+	return (cookie & ABI_MASK) != ABI_GO_TLS_WRITE;
+}
+
+static __always_inline void remember_for_scrub(struct scan_ctx *c)
+{
+	if (!cfg_scrub || !has_ret_probe(c->cookie) || !c->nmatch)
+		return;
+	struct pending p = {};
+	p.buf = c->buf;
+	p.nmatch = c->nmatch;
+	copy_hits(p.match, c->match, c->nmatch);
+	bpf_map_update_elem(&pending_scrub, &c->tid, &p, BPF_ANY);
+}
+
+static __always_inline void stop_self(void)
+{
+	stat_add(ST_STOPS, 1);
+	bpf_send_signal_thread(SIGSTOP);
+}
+
+SEC("uprobe")
+int tls_write_scan_pause(struct pt_regs *ctx)
+{
+	struct scan_ctx *c = scan();
+	if (!c)
+		return 0;
+	if (c->nunknown)
+		emit_unknown(c);
+	if (!c->nmatch && !(c->flags & (EVF_UNREADABLE | EVF_OVERFLOW)))
+		return 0;
+
+	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW);
+	struct tls_event *e = new_event(full_scan ? EV_SCAN : EV_REWRITE);
+	if (!e)
+		return 0; /* no agent will hear of it: let the placeholder go out */
+	e->buf = c->buf;
+	e->len = c->len;
+	e->cookie = c->cookie;
+	e->flags = c->flags;
+	e->nhits = c->nmatch;
+	copy_hits(e->hits, c->match, c->nmatch);
+	bpf_ringbuf_submit(e, 0);
+	remember_for_scrub(c);
+	stop_self();
+	return 0;
+}
+
+/*
+ * The in-place write. The verifier-only build swaps the helper for one with
+ * the same argument checks on the source bytes, so the program's shape is
+ * verified on kernels whose lockdown refuses bpf_probe_write_user.
+ */
+#ifdef KLOAK_VERIFY_ONLY
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} verify_sink SEC(".maps");
+#define write_user(dst, src, len) \
+	({ (void)(dst); bpf_ringbuf_output(&verify_sink, (void *)(src), (len), 0); })
+#else
+#define write_user(dst, src, len) bpf_probe_write_user((dst), (src), (len))
+#endif
+
+static long write_match(__u64 i, void *data)
+{
+	struct scan_ctx *c = ((struct lctx *)data)->c;
+	if (i >= MAX_HITS)
+		return 1;
+	struct hit *h = &c->match[i & (MAX_HITS - 1)];
+	struct secret_val *v = bpf_map_lookup_elem(&secret_map, &h->key);
+	if (!v)
+		return 0;
+	__u32 len = h->len;
+	if (len < MIN_SECRET_LEN || len > MAX_SECRET_LEN || len != v->len)
+		return 0;
+	if (write_user((void *)(c->buf + h->off), v->value, len) < 0)
+		stat_add(ST_WRITE_FAIL, 1);
+	return 0;
+}
+
+SEC("uprobe")
+int tls_write_scan_inplace(struct pt_regs *ctx)
+{
+	struct scan_ctx *c = scan();
+	if (!c)
+		return 0;
+	if (c->nunknown)
+		emit_unknown(c);
+	if (!c->nmatch)
+		return 0;
+	struct lctx l = { .c = c };
+	bpf_loop(c->nmatch, write_match, &l, 0);
+	remember_for_scrub(c);
+	struct tls_event *e = new_event(EV_REWRITTEN);
+	if (!e)
+		return 0;
+	e->buf = c->buf;
+	e->len = c->len;
+	e->cookie = c->cookie;
+	e->flags = c->flags;
+	e->nhits = c->nmatch;
+	copy_hits(e->hits, c->match, c->nmatch);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Scrub: after the library returns, the placeholder goes back.        */
+
+SEC("uretprobe")
+int tls_write_return_pause(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending *p = bpf_map_lookup_elem(&pending_scrub, &tid);
+	if (!p)
+		return 0;
+	struct tls_event *e = new_event(EV_SCRUB);
+	if (e) {
+		e->buf = p->buf;
+		e->nhits = p->nmatch;
+		copy_hits(e->hits, p->match, p->nmatch);
+		bpf_ringbuf_submit(e, 0);
+	}
+	bpf_map_delete_elem(&pending_scrub, &tid);
+	if (e)
+		stop_self();
+	return 0;
+}
+
+struct scrub_ctx {
+	struct pending *p;
+};
+
+static long scrub_match(__u64 i, void *data)
+{
+	struct scrub_ctx *s = data;
+	if (i >= MAX_HITS)
+		return 1;
+	struct hit *h = &s->p->match[i & (MAX_HITS - 1)];
+	struct secret_val *v = bpf_map_lookup_elem(&secret_map, &h->key);
+	if (!v)
+		return 0;
+	__u32 len = h->len;
+	if (len < MIN_SECRET_LEN || len > MAX_SECRET_LEN || len != v->len)
+		return 0;
+	if (write_user((void *)(s->p->buf + h->off), v->placeholder, len) < 0)
+		stat_add(ST_WRITE_FAIL, 1);
+	return 0;
+}
+
+SEC("uretprobe")
+int tls_write_return_inplace(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending *p = bpf_map_lookup_elem(&pending_scrub, &tid);
+	if (!p)
+		return 0;
+	struct scrub_ctx s = { .p = p };
+	bpf_loop(p->nmatch, scrub_match, &s, 0);
+	struct tls_event *e = new_event(EV_SCRUBBED);
+	if (e) {
+		e->buf = p->buf;
+		e->nhits = p->nmatch;
+		copy_hits(e->hits, p->match, p->nmatch);
+		bpf_ringbuf_submit(e, 0);
+	}
+	bpf_map_delete_elem(&pending_scrub, &tid);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Following processes: exec and executable mappings stop the thread   */
+/* until the agent has attached to whatever TLS library they bring.    */
+
+SEC("tp/sched/sched_process_exec")
+int on_exec(void *ctx)
+{
+	if (!tracked())
+		return 0;
+	struct tls_event *e = new_event(EV_EXEC);
+	if (!e)
+		return 0;
+	bpf_ringbuf_submit(e, 0);
+	stop_self();
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_mmap")
+int on_mmap_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	unsigned long prot = ctx->args[2];
+	long fd = (long)ctx->args[4];
+	if (!(prot & PROT_EXEC) || fd < 0)
+		return 0;
+	if (!tracked())
+		return 0;
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = 0;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) < 0 || !f)
+		return 0;
+	struct mmap_pending mp = {};
+	mp.key.ino = BPF_CORE_READ(f, f_inode, i_ino);
+	mp.key.dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+	if (bpf_map_lookup_elem(&known_inodes, &mp.key))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&mmap_args, &tid, &mp, BPF_ANY);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_mmap")
+int on_mmap_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct mmap_pending *mp = bpf_map_lookup_elem(&mmap_args, &tid);
+	if (!mp)
+		return 0;
+	struct inode_key key = mp->key;
+	bpf_map_delete_elem(&mmap_args, &tid);
+	if (ctx->ret < 0 && ctx->ret > -4096)
+		return 0;
+	struct tls_event *e = new_event(EV_MMAP);
+	if (!e)
+		return 0;
+	e->dev = key.dev;
+	e->ino = key.ino;
+	e->buf = (__u64)ctx->ret;
+	bpf_ringbuf_submit(e, 0);
+	stop_self();
+	return 0;
+}

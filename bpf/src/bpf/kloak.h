@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/* Types shared by the BPF programs and, through the skeleton, the Rust side. */
+#ifndef KLOAK_H
+#define KLOAK_H
+
+#define PREFIX_LEN 6          /* "kloak:" */
+#define MIN_SECRET_LEN 8
+#define MAX_SECRET_LEN 128    /* bytes of placeholder (and of value) a map entry holds */
+#define KEY_LEN 8             /* random characters right after the prefix */
+#define MAX_HITS 8            /* placeholders handled by the kernel per write */
+#define CHUNK 512             /* bytes read per bpf_loop iteration */
+#define CHUNK_BUF (CHUNK + 8) /* a chunk plus the overlap a prefix can straddle */
+
+/* Bits of the uprobe cookie. */
+#define ABI_MASK 0xffULL
+#define ABI_SSL_WRITE 1       /* int SSL_write(SSL *, const void *, int) */
+#define ABI_SSL_WRITE_EX 2    /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
+#define ABI_GO_TLS_WRITE 3    /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
+
+/* Event kinds on tls_events. STOP kinds leave the writing thread stopped. */
+enum event_kind {
+	EV_REWRITE = 1,      /* STOP: patch the listed hits, then continue */
+	EV_SCAN = 2,         /* STOP: the kernel could not read (part of) the buffer or hit overflow; scan it from user space */
+	EV_SCRUB = 3,        /* STOP: the library returned; put the placeholders back */
+	EV_EXEC = 4,         /* STOP: a tracked process exec'd; look at its image */
+	EV_MMAP = 5,         /* STOP: a tracked process mapped an unknown file executable */
+	EV_REWRITTEN = 6,    /* in-place backend replaced the hits itself */
+	EV_SCRUBBED = 7,     /* in-place backend restored the placeholders itself */
+	EV_UNKNOWN = 8,      /* a kloak: token matched no secret; it went out unchanged */
+};
+
+enum stat_idx {
+	ST_WRITES = 0,       /* TLS writes scanned */
+	ST_BYTES = 1,        /* bytes scanned */
+	ST_HITS = 2,         /* placeholders matched */
+	ST_UNKNOWN = 3,      /* kloak: tokens that matched nothing */
+	ST_LOST = 4,         /* events dropped because the ring buffer was full */
+	ST_UNREADABLE = 5,   /* writes with a page the kernel could not read */
+	ST_OVERFLOW = 6,     /* writes with more than MAX_HITS prefixes */
+	ST_TAILCALL_FAIL = 7,
+	ST_STOPS = 8,        /* SIGSTOPs sent */
+	ST_WRITE_FAIL = 9,   /* in-place writes the kernel refused */
+	ST_MAX = 10,
+};
+
+struct secret_key {
+	__u8 b[KEY_LEN];
+};
+
+struct secret_val {
+	__u32 len;
+	__u32 id;
+	__u8 placeholder[MAX_SECRET_LEN];
+	/* Only filled for the in-place backend; the pause backend keeps values out of the kernel. */
+	__u8 value[MAX_SECRET_LEN];
+};
+
+struct inode_key {
+	__u64 dev;  /* kernel dev_t: major << 20 | minor */
+	__u64 ino;
+};
+
+struct hit {
+	__u32 off;   /* offset in the write buffer */
+	__u32 id;    /* secret id; 0 for an unmatched prefix */
+	__u32 len;
+	__u32 _pad;
+	struct secret_key key;
+};
+
+struct tls_event {
+	__u64 ts_ns;
+	__u64 cgroup;
+	__u64 buf;
+	__u64 len;
+	__u64 cookie;
+	__u64 dev;
+	__u64 ino;
+	__u32 kind;
+	__u32 tgid;
+	__u32 tid;
+	__u32 nhits;
+	__u32 flags;
+	__u32 _pad;
+	char comm[16];
+	struct hit hits[MAX_HITS];
+};
+
+#define EVF_UNREADABLE 1
+#define EVF_OVERFLOW 2
+
+#endif

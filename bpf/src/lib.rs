@@ -1,0 +1,707 @@
+//! Kloak's eBPF programs and the safe Rust surface around them.
+//!
+//! Everything that touches libbpf or raw kernel layouts lives in this crate;
+//! callers see [`Probes`], [`Event`] and plain Rust values.
+
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::TracepointCategory;
+use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, UprobeOpts};
+
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/kloak.skel.rs"));
+}
+mod verify_skel {
+    include!(concat!(env!("OUT_DIR"), "/kloak_verify.skel.rs"));
+}
+
+use skel::types;
+
+/// Length of the `kloak:` prefix.
+pub const PREFIX: &[u8] = b"kloak:";
+pub const PREFIX_LEN: usize = 6;
+/// Shortest secret value (and so placeholder) Kloak accepts.
+pub const MIN_SECRET_LEN: usize = 8;
+/// Longest secret value a `secret_map` entry holds.
+pub const MAX_SECRET_LEN: usize = 128;
+/// Random characters after the prefix that form the map key.
+pub const KEY_LEN: usize = 8;
+/// Placeholders the kernel handles per write; more go to a user-space scan.
+pub const MAX_HITS: usize = 8;
+/// Default size of the `tls_events` ring buffer.
+pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
+
+const ABI_SSL_WRITE: u64 = 1;
+const ABI_SSL_WRITE_EX: u64 = 2;
+const ABI_GO_TLS_WRITE: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening the BPF object: {0}")]
+    Open(#[source] libbpf_rs::Error),
+    #[error("loading the BPF programs (the kernel verifier refused them): {0}")]
+    Load(#[source] libbpf_rs::Error),
+    #[error("attaching {what}: {source}")]
+    Attach {
+        what: String,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("updating BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
+    RingSize(u32),
+    #[error("polling the tls_events ring buffer: {0}")]
+    Poll(#[source] libbpf_rs::Error),
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
+    Tracefs(#[source] nix::Error),
+    #[error("secret entry is invalid: {0}")]
+    Entry(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How matched placeholders get their real bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Stop the writing thread; the agent patches its memory and continues it.
+    Pause,
+    /// The BPF program writes the bytes itself with `bpf_probe_write_user`.
+    InPlace,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Pause => "pause",
+            Backend::InPlace => "inplace",
+        }
+    }
+}
+
+/// The TLS write function a uprobe sits on; it fixes the argument registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAbi {
+    SslWrite,
+    SslWriteEx,
+    GoTlsWrite,
+}
+
+impl WriteAbi {
+    fn cookie(self) -> u64 {
+        match self {
+            WriteAbi::SslWrite => ABI_SSL_WRITE,
+            WriteAbi::SslWriteEx => ABI_SSL_WRITE_EX,
+            WriteAbi::GoTlsWrite => ABI_GO_TLS_WRITE,
+        }
+    }
+
+    fn from_cookie(c: u64) -> Option<Self> {
+        match c & 0xff {
+            ABI_SSL_WRITE => Some(WriteAbi::SslWrite),
+            ABI_SSL_WRITE_EX => Some(WriteAbi::SslWriteEx),
+            ABI_GO_TLS_WRITE => Some(WriteAbi::GoTlsWrite),
+            _ => None,
+        }
+    }
+
+    pub fn function(self) -> &'static str {
+        match self {
+            WriteAbi::SslWrite => "SSL_write",
+            WriteAbi::SslWriteEx => "SSL_write_ex",
+            WriteAbi::GoTlsWrite => "crypto/tls.(*Conn).Write",
+        }
+    }
+
+    /// Go moves goroutine stacks, so a uretprobe's return-address trampoline corrupts them.
+    pub fn supports_return_probe(self) -> bool {
+        !matches!(self, WriteAbi::GoTlsWrite)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backend: Backend,
+    pub ring_bytes: u32,
+    pub scrub: bool,
+    /// The agent's own tgid: never stopped, whatever cgroup it sits in.
+    pub agent_tgid: u32,
+    pub max_secrets: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: Backend::Pause,
+            ring_bytes: DEFAULT_RING_BYTES,
+            scrub: true,
+            agent_tgid: std::process::id(),
+            max_secrets: 4096,
+        }
+    }
+}
+
+/// What a map entry holds for one secret.
+pub struct SecretEntry<'a> {
+    pub id: u32,
+    pub placeholder: &'a [u8],
+    /// Only given to the kernel for the in-place backend.
+    pub value: Option<&'a [u8]>,
+}
+
+/// Map key of a placeholder: its random characters after `kloak:`, up to
+/// [`KEY_LEN`], zero padded.
+pub fn placeholder_key(placeholder: &[u8]) -> Option<[u8; KEY_LEN]> {
+    if placeholder.len() < MIN_SECRET_LEN || !placeholder.starts_with(PREFIX) {
+        return None;
+    }
+    let mut k = [0u8; KEY_LEN];
+    let rand = &placeholder[PREFIX_LEN..];
+    let n = rand.len().min(KEY_LEN);
+    k[..n].copy_from_slice(&rand[..n]);
+    Some(k)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Rewrite,
+    Scan,
+    Scrub,
+    Exec,
+    Mmap,
+    Rewritten,
+    Scrubbed,
+    Unknown,
+}
+
+impl EventKind {
+    fn from_raw(k: u32) -> Option<Self> {
+        Some(match k {
+            1 => EventKind::Rewrite,
+            2 => EventKind::Scan,
+            3 => EventKind::Scrub,
+            4 => EventKind::Exec,
+            5 => EventKind::Mmap,
+            6 => EventKind::Rewritten,
+            7 => EventKind::Scrubbed,
+            8 => EventKind::Unknown,
+            _ => return None,
+        })
+    }
+
+    /// The writer sits stopped until the agent sends SIGCONT.
+    pub fn leaves_stopped(self) -> bool {
+        matches!(
+            self,
+            EventKind::Rewrite | EventKind::Scan | EventKind::Scrub | EventKind::Exec | EventKind::Mmap
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub offset: u64,
+    pub secret_id: u32,
+    pub len: u32,
+}
+
+/// One record from `tls_events`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    pub ts_ns: u64,
+    pub cgroup: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub buf: u64,
+    pub len: u64,
+    pub abi: Option<WriteAbi>,
+    pub dev: u64,
+    pub ino: u64,
+    pub unreadable: bool,
+    pub overflow: bool,
+    pub comm: String,
+    /// Verified placeholders (or, for `Unknown`, the count in `unknown`).
+    pub hits: Vec<Hit>,
+    pub unknown: u32,
+}
+
+impl Event {
+    fn parse(data: &[u8]) -> Option<Event> {
+        if data.len() < std::mem::size_of::<types::tls_event>() {
+            return None;
+        }
+        // The ring buffer hands out 8-byte aligned records, but copying keeps
+        // this independent of that guarantee.
+        let mut raw = MaybeUninit::<types::tls_event>::uninit();
+        let e = {
+            let dst = raw.as_mut_ptr().cast::<u8>();
+            // SAFETY: tls_event is plain old data generated from the BPF
+            // object's BTF, and `data` holds at least size_of bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), dst, std::mem::size_of::<types::tls_event>());
+                raw.assume_init()
+            }
+        };
+        let kind = EventKind::from_raw(e.kind)?;
+        let comm_bytes: Vec<u8> = e.comm.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let (hits, unknown) = if kind == EventKind::Unknown {
+            (Vec::new(), e.nhits)
+        } else {
+            let n = (e.nhits as usize).min(MAX_HITS);
+            let hits = e.hits[..n]
+                .iter()
+                .map(|h| Hit {
+                    offset: u64::from(h.off),
+                    secret_id: h.id,
+                    len: h.len,
+                })
+                .collect();
+            (hits, 0)
+        };
+        Some(Event {
+            kind,
+            ts_ns: e.ts_ns,
+            cgroup: e.cgroup,
+            tgid: e.tgid,
+            tid: e.tid,
+            buf: e.buf,
+            len: e.len,
+            abi: WriteAbi::from_cookie(e.cookie),
+            dev: e.dev,
+            ino: e.ino,
+            unreadable: e.flags & 1 != 0,
+            overflow: e.flags & 2 != 0,
+            comm: String::from_utf8_lossy(&comm_bytes).into_owned(),
+            hits,
+            unknown,
+        })
+    }
+}
+
+/// Counters the programs keep, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub writes: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub unknown: u64,
+    pub lost_events: u64,
+    pub unreadable: u64,
+    pub overflow: u64,
+    pub tailcall_failures: u64,
+    pub stops: u64,
+    pub write_failures: u64,
+}
+
+/// The loaded programs and maps. Dropping it detaches every probe.
+pub struct Probes {
+    skel: skel::KloakSkel<'static>,
+    backend: Backend,
+    scrub: bool,
+    tracepoints: Vec<Link>,
+}
+
+fn leak_object_storage() -> &'static mut MaybeUninit<OpenObject> {
+    // The skeleton borrows its object storage for its whole life. The object
+    // itself is freed when the skeleton drops; only this small box is not,
+    // and an agent loads its programs once.
+    Box::leak(Box::new(MaybeUninit::uninit()))
+}
+
+impl Probes {
+    /// Opens, configures and loads the programs; attaches the process-following tracepoints.
+    pub fn load(cfg: &Config) -> Result<Probes> {
+        if cfg.ring_bytes < 4096 || !cfg.ring_bytes.is_power_of_two() {
+            return Err(Error::RingSize(cfg.ring_bytes));
+        }
+        ensure_tracefs()?;
+        let builder = skel::KloakSkelBuilder::default();
+        let mut open = builder.open(leak_object_storage()).map_err(Error::Open)?;
+        let rodata = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .expect("kloak.bpf.c has rodata");
+        rodata.cfg_scrub = u32::from(cfg.scrub);
+        rodata.cfg_agent_tgid = cfg.agent_tgid;
+        open.maps
+            .tls_events
+            .set_max_entries(cfg.ring_bytes)
+            .map_err(Error::Open)?;
+        open.maps
+            .secret_map
+            .set_max_entries(cfg.max_secrets)
+            .map_err(Error::Open)?;
+        let inplace = cfg.backend == Backend::InPlace;
+        // Only the chosen backend's programs go to the verifier: a locked-down
+        // kernel refuses any program that so much as names bpf_probe_write_user.
+        open.progs.tls_write_scan_inplace.set_autoload(inplace);
+        open.progs.tls_write_return_inplace.set_autoload(inplace);
+        open.progs.tls_write_scan_pause.set_autoload(!inplace);
+        open.progs.tls_write_return_pause.set_autoload(!inplace);
+        let skel = open.load().map_err(Error::Load)?;
+
+        let phase2 = if inplace {
+            skel.progs.tls_write_scan_inplace.as_fd()
+        } else {
+            skel.progs.tls_write_scan_pause.as_fd()
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&phase2) as u32;
+        skel.maps
+            .phase2_progs
+            .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "phase2_progs",
+                source,
+            })?;
+
+        let mut tracepoints = Vec::new();
+        for (prog, cat, name) in [
+            (&skel.progs.on_exec, TracepointCategory::Sched, "sched_process_exec"),
+            (&skel.progs.on_mmap_enter, TracepointCategory::Syscalls, "sys_enter_mmap"),
+            (&skel.progs.on_mmap_exit, TracepointCategory::Syscalls, "sys_exit_mmap"),
+        ] {
+            let cat_name = cat.as_ref().to_string();
+            let link = prog.attach_tracepoint(cat, name).map_err(|source| Error::Attach {
+                what: format!("tracepoint {cat_name}/{name}"),
+                source,
+            })?;
+            tracepoints.push(link);
+        }
+        Ok(Probes {
+            skel,
+            backend: cfg.backend,
+            scrub: cfg.scrub,
+            tracepoints,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn put_secret(&self, e: &SecretEntry<'_>) -> Result<()> {
+        let key = placeholder_key(e.placeholder).ok_or(Error::Entry("placeholder lacks the kloak: prefix or is too short"))?;
+        if e.placeholder.len() > MAX_SECRET_LEN {
+            return Err(Error::Entry("placeholder is longer than a map entry holds"));
+        }
+        let mut v = types::secret_val {
+            len: e.placeholder.len() as u32,
+            id: e.id,
+            placeholder: [0; MAX_SECRET_LEN],
+            value: [0; MAX_SECRET_LEN],
+        };
+        v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
+        if self.backend == Backend::InPlace {
+            let value = e.value.ok_or(Error::Entry("the in-place backend needs the value"))?;
+            if value.len() != e.placeholder.len() {
+                return Err(Error::Entry("value and placeholder differ in length"));
+            }
+            v.value[..value.len()].copy_from_slice(value);
+        }
+        let bytes = pod_bytes(&v);
+        let r = self
+            .skel
+            .maps
+            .secret_map
+            .update(&key, bytes, MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "secret_map",
+                source,
+            });
+        // Do not leave a copy of the value in this stack frame.
+        v.value.fill(0);
+        std::hint::black_box(&v);
+        r
+    }
+
+    pub fn remove_secret(&self, placeholder: &[u8]) -> Result<()> {
+        let key = placeholder_key(placeholder).ok_or(Error::Entry("not a placeholder"))?;
+        match self.skel.maps.secret_map.delete(&key) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: "secret_map",
+                source,
+            }),
+        }
+    }
+
+    pub fn track_cgroup(&self, cgroup_id: u64) -> Result<()> {
+        self.skel
+            .maps
+            .tracked_cgroups
+            .update(&cgroup_id.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "tracked_cgroups",
+                source,
+            })
+    }
+
+    pub fn untrack_cgroup(&self, cgroup_id: u64) {
+        let _ = self.skel.maps.tracked_cgroups.delete(&cgroup_id.to_ne_bytes());
+    }
+
+    /// Tells the mmap hook that this file needs no look from the agent.
+    pub fn mark_inode_known(&self, dev: u64, ino: u64) -> Result<()> {
+        let key = types::inode_key { dev, ino };
+        self.skel
+            .maps
+            .known_inodes
+            .update(pod_bytes(&key), &[1u8], MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "known_inodes",
+                source,
+            })
+    }
+
+    /// Attaches the write probes (and, where the ABI allows and scrub is on,
+    /// the return probe) to `func_offset` in `binary`, for every process;
+    /// the programs themselves filter by cgroup.
+    pub fn attach_tls_write(&self, binary: &Path, func_offset: usize, abi: WriteAbi) -> Result<Vec<Link>> {
+        let what = |ret: bool| {
+            format!(
+                "{} {} at {}+{:#x}",
+                if ret { "uretprobe" } else { "uprobe" },
+                abi.function(),
+                binary.display(),
+                func_offset
+            )
+        };
+        let mut links = Vec::with_capacity(2);
+        let opts = UprobeOpts {
+            cookie: abi.cookie(),
+            retprobe: false,
+            ..Default::default()
+        };
+        links.push(
+            self.skel
+                .progs
+                .tls_write_enter
+                .attach_uprobe_with_opts(-1, binary, func_offset, opts)
+                .map_err(|source| Error::Attach { what: what(false), source })?,
+        );
+        if self.scrub && abi.supports_return_probe() {
+            let prog = match self.backend {
+                Backend::Pause => &self.skel.progs.tls_write_return_pause,
+                Backend::InPlace => &self.skel.progs.tls_write_return_inplace,
+            };
+            let opts = UprobeOpts {
+                cookie: abi.cookie(),
+                retprobe: true,
+                ..Default::default()
+            };
+            links.push(
+                prog.attach_uprobe_with_opts(-1, binary, func_offset, opts)
+                    .map_err(|source| Error::Attach { what: what(true), source })?,
+            );
+        }
+        Ok(links)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = [0u64; 10];
+        for (i, slot) in s.iter_mut().enumerate() {
+            if let Ok(Some(per_cpu)) = self
+                .skel
+                .maps
+                .stats
+                .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+            {
+                *slot = per_cpu
+                    .iter()
+                    .filter_map(|b| b.get(..8).map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default())))
+                    .sum();
+            }
+        }
+        Stats {
+            writes: s[0],
+            bytes: s[1],
+            hits: s[2],
+            unknown: s[3],
+            lost_events: s[4],
+            unreadable: s[5],
+            overflow: s[6],
+            tailcall_failures: s[7],
+            stops: s[8],
+            write_failures: s[9],
+        }
+    }
+
+    /// A consumer of `tls_events` that hands each parsed event to `on_event`.
+    pub fn event_reader<'a, F>(&'a self, mut on_event: F) -> Result<EventReader<'a>>
+    where
+        F: FnMut(Event) + 'a,
+    {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&self.skel.maps.tls_events, move |data: &[u8]| {
+            if let Some(e) = Event::parse(data) {
+                on_event(e);
+            }
+            0
+        })
+        .map_err(Error::Poll)?;
+        Ok(EventReader {
+            rb: b.build().map_err(Error::Poll)?,
+        })
+    }
+
+    /// Number of tracepoints attached for following processes.
+    pub fn tracepoint_count(&self) -> usize {
+        self.tracepoints.len()
+    }
+}
+
+pub struct EventReader<'a> {
+    rb: libbpf_rs::RingBuffer<'a>,
+}
+
+impl EventReader<'_> {
+    /// Waits up to `timeout` for events and runs the callback on each.
+    pub fn poll(&self, timeout: Duration) -> Result<()> {
+        match self.rb.poll(timeout) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(Error::Poll(e)),
+        }
+    }
+
+    /// Runs the callback on whatever is queued, without waiting.
+    pub fn drain(&self) -> Result<()> {
+        self.rb.consume().map_err(Error::Poll)
+    }
+}
+
+/// Where tracefs is (or gets) mounted; tracepoint attachment reads event ids there.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs where libbpf looks for it, unless it already is there.
+pub fn ensure_tracefs() -> Result<()> {
+    let probe = Path::new(TRACEFS).join("events");
+    if probe.exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(Error::Tracefs)
+}
+
+fn pod_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: only used with #[repr(C)] skeleton types made of integers and
+    // byte arrays, whose every byte is initialised.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// Loads the in-place backend's programs through the verifier, with the
+/// write helper swapped for one with the same checks on its source bytes.
+/// Proves on a locked-down kernel that the in-place program stays within the
+/// verifier's limits. Nothing is attached.
+pub fn verify_inplace_programs() -> Result<()> {
+    let builder = verify_skel::KloakVerifySkelBuilder::default();
+    let mut open = builder.open(leak_object_storage()).map_err(Error::Open)?;
+    open.progs.tls_write_scan_pause.set_autoload(false);
+    open.progs.tls_write_return_pause.set_autoload(false);
+    open.progs.tls_write_scan_inplace.set_autoload(true);
+    open.progs.tls_write_return_inplace.set_autoload(true);
+    let skel = open.load().map_err(Error::Load)?;
+    drop(skel);
+    Ok(())
+}
+
+/// Kernel feature probes for `kloak doctor` and the backend choice.
+pub mod features {
+    fn helper(prog_type: libbpf_sys::bpf_prog_type, helper: libbpf_sys::bpf_func_id) -> Result<bool, i32> {
+        // SAFETY: plain FFI call with a null options pointer, which libbpf accepts.
+        let r = unsafe { libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null()) };
+        if r < 0 { Err(r) } else { Ok(r == 1) }
+    }
+
+    /// Whether the kernel verifier accepts `bpf_loop` in a uprobe program.
+    pub fn bpf_loop() -> Result<bool, i32> {
+        helper(libbpf_sys::BPF_PROG_TYPE_KPROBE, libbpf_sys::BPF_FUNC_loop)
+    }
+
+    /// Whether a uprobe program may call `bpf_probe_write_user`. Kernel
+    /// lockdown refuses it with a message libbpf's generic helper probe
+    /// counts as "supported", so this loads a real, valid program instead.
+    pub fn probe_write_user() -> Result<bool, i32> {
+        const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+            (code as u64) | (((dst | (src << 4)) as u64) << 8) | ((off as u16 as u64) << 16) | ((imm as u32 as u64) << 32)
+        }
+        let prog: [u64; 8] = [
+            insn(0x7a, 10, 0, -8, 0), // *(u64 *)(r10 - 8) = 0
+            insn(0xb7, 1, 0, 0, 0),   // r1 = 0 (destination, never called)
+            insn(0xbf, 2, 10, 0, 0),  // r2 = r10
+            insn(0x07, 2, 0, 0, -8),  // r2 += -8
+            insn(0xb7, 3, 0, 0, 8),   // r3 = 8
+            insn(0x85, 0, 0, 0, libbpf_sys::BPF_FUNC_probe_write_user as i32),
+            insn(0xb7, 0, 0, 0, 0), // r0 = 0
+            insn(0x95, 0, 0, 0, 0), // exit
+        ];
+        let license = c"GPL";
+        // SAFETY: `prog` is 8 valid 8-byte instructions laid out as struct
+        // bpf_insn; the license string is NUL-terminated; null opts are allowed.
+        let fd = unsafe {
+            libbpf_sys::bpf_prog_load(
+                libbpf_sys::BPF_PROG_TYPE_KPROBE,
+                std::ptr::null(),
+                license.as_ptr(),
+                prog.as_ptr().cast(),
+                prog.len() as _,
+                std::ptr::null_mut(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: bpf_prog_load returned a fresh descriptor we own.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            return Ok(true);
+        }
+        match -fd {
+            libc::EINVAL | libc::EACCES | libc::EPERM => Ok(false),
+            e => Err(-e),
+        }
+    }
+
+    pub fn send_signal_thread() -> Result<bool, i32> {
+        helper(libbpf_sys::BPF_PROG_TYPE_KPROBE, libbpf_sys::BPF_FUNC_send_signal_thread)
+    }
+
+    pub fn ringbuf() -> Result<bool, i32> {
+        // SAFETY: plain FFI call with a null options pointer.
+        let r = unsafe { libbpf_sys::libbpf_probe_bpf_map_type(libbpf_sys::BPF_MAP_TYPE_RINGBUF, std::ptr::null()) };
+        if r < 0 { Err(r) } else { Ok(r == 1) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_pads_short_placeholders() {
+        assert_eq!(placeholder_key(b"kloak:AB"), Some(*b"AB\0\0\0\0\0\0"));
+        assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
+        assert_eq!(placeholder_key(b"kloak:A"), None);
+        assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
+    }
+
+    #[test]
+    fn event_layout_matches_kernel_record() {
+        // 7 u64 + 6 u32 + comm + 8 hits of 24 bytes
+        assert_eq!(std::mem::size_of::<types::tls_event>(), 56 + 24 + 16 + 8 * 24);
+    }
+}
