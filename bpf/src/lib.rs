@@ -21,6 +21,8 @@ mod verify_skel {
 
 use skel::types;
 
+pub mod sys;
+
 /// Length of the `kloak:` prefix.
 pub const PREFIX: &[u8] = b"kloak:";
 pub const PREFIX_LEN: usize = 6;
@@ -553,6 +555,31 @@ impl Probes {
         Ok(EventReader {
             rb: b.build().map_err(Error::Poll)?,
         })
+    }
+
+    /// Arms the scrub for a write the agent patched on its own (after a
+    /// user-space scan), so the return probe stops the thread once more.
+    pub fn arm_scrub(&self, tid: u32, buf: u64, hits: &[(Hit, &[u8])]) -> Result<()> {
+        let mut p = types::pending {
+            buf,
+            nmatch: hits.len().min(MAX_HITS) as u32,
+            _pad: 0,
+            r#match: [types::hit::default(); MAX_HITS],
+        };
+        for (slot, (h, placeholder)) in p.r#match.iter_mut().zip(hits) {
+            slot.off = h.offset as u32;
+            slot.id = h.secret_id;
+            slot.len = h.len;
+            slot.key.b = placeholder_key(placeholder).ok_or(Error::Entry("not a placeholder"))?;
+        }
+        self.skel
+            .maps
+            .pending_scrub
+            .update(&tid.to_ne_bytes(), pod_bytes(&p), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "pending_scrub",
+                source,
+            })
     }
 
     /// Number of tracepoints attached for following processes.

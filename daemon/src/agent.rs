@@ -1,0 +1,473 @@
+//! The data-path loop: read kernel events, patch stopped writers, attach to
+//! new TLS libraries, and always continue what was stopped.
+//!
+//! Invariant: every thread group named by a stop event gets SIGCONT before
+//! the batch is done, whether or not its patch succeeded. The patch itself
+//! only happens once the whole group is stopped and the ring buffer has been
+//! drained again, because SIGCONT also discards the pending stops of threads
+//! that hit the probe at the same moment.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kloak_bpf::{Event, EventKind, Hit, KEY_LEN, MAX_HITS, PREFIX, PREFIX_LEN, Probes};
+use libbpf_rs::Link;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::discover;
+use crate::procmem;
+use crate::secrets::Secret;
+
+/// Largest buffer the agent reads whole when the kernel could not scan it.
+const MAX_USER_SCAN: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Bpf(#[from] kloak_bpf::Error),
+}
+
+/// Secrets as the data path needs them: by the id the kernel reports, and by
+/// map key for the user-space scan.
+#[derive(Default)]
+pub struct SecretTable {
+    by_id: HashMap<u32, Arc<Secret>>,
+    by_key: HashMap<[u8; KEY_LEN], Vec<u32>>,
+}
+
+impl SecretTable {
+    pub fn new(secrets: impl IntoIterator<Item = Secret>) -> Self {
+        let mut t = SecretTable::default();
+        for s in secrets {
+            let key = kloak_bpf::placeholder_key(s.placeholder.as_bytes()).expect("minted placeholders have keys");
+            t.by_key.entry(key).or_default().push(s.id);
+            t.by_id.insert(s.id, Arc::new(s));
+        }
+        t
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Secret>> {
+        self.by_id.values()
+    }
+
+    /// The secret whose placeholder starts at `bytes[0]`, if any.
+    fn match_at(&self, bytes: &[u8]) -> Option<&Arc<Secret>> {
+        let rand = bytes.get(PREFIX_LEN..)?;
+        for klen in (2..=KEY_LEN.min(rand.len())).rev() {
+            let mut key = [0u8; KEY_LEN];
+            key[..klen].copy_from_slice(&rand[..klen]);
+            for id in self.by_key.get(&key).into_iter().flatten() {
+                let s = &self.by_id[id];
+                if bytes.starts_with(s.placeholder.as_bytes()) {
+                    return Some(s);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// What the agent did, for `--stats-json` and logs. Counts only, no values.
+#[derive(Debug, Default, Serialize)]
+pub struct Counters {
+    pub rewrites: AtomicU64,
+    pub scrubs: AtomicU64,
+    pub user_scans: AtomicU64,
+    pub unknown_tokens: AtomicU64,
+    pub mismatched: AtomicU64,
+    pub stop_timeouts: AtomicU64,
+    pub continued: AtomicU64,
+    pub attached_files: AtomicU64,
+    pub attach_errors: AtomicU64,
+    pub patch_errors: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+enum FileState {
+    NotTls,
+    Tls(#[allow(dead_code)] Vec<Link>),
+}
+
+pub struct Agent<'p> {
+    probes: &'p Probes,
+    secrets: SecretTable,
+    files: HashMap<(u64, u64), FileState>,
+    scrub: bool,
+    stop_timeout: Duration,
+    pub counters: Arc<Counters>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum GroupState {
+    Stopped,
+    Gone,
+    TimedOut,
+}
+
+impl<'p> Agent<'p> {
+    pub fn new(probes: &'p Probes, secrets: SecretTable, scrub: bool) -> Self {
+        Agent {
+            probes,
+            secrets,
+            files: HashMap::new(),
+            scrub,
+            stop_timeout: Duration::from_millis(500),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Runs until `shutdown` is set, then handles what is still queued.
+    pub fn run(&mut self, shutdown: &AtomicBool) -> Result<(), AgentError> {
+        let probes = self.probes;
+        let queue = RefCell::new(Vec::new());
+        let reader = probes.event_reader(|e| queue.borrow_mut().push(e))?;
+        loop {
+            let done = shutdown.load(Ordering::Acquire);
+            reader.poll(Duration::from_millis(50))?;
+            let batch = queue.take();
+            if !batch.is_empty() {
+                self.process(batch, &|| {
+                    reader.drain()?;
+                    Ok(queue.take())
+                })?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn process(
+        &mut self,
+        batch: Vec<Event>,
+        drain: &dyn Fn() -> Result<Vec<Event>, kloak_bpf::Error>,
+    ) -> Result<(), AgentError> {
+        let mut stopped: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
+        let sort = |evs: Vec<Event>, stopped: &mut BTreeMap<u32, Vec<Event>>| {
+            for e in evs {
+                if e.kind.leaves_stopped() {
+                    stopped.entry(e.tgid).or_default().push(e);
+                } else {
+                    self.note(&e);
+                }
+            }
+        };
+        sort(batch, &mut stopped);
+        let mut state: HashMap<u32, GroupState> = HashMap::new();
+        loop {
+            for &tgid in stopped.keys() {
+                if !state.contains_key(&tgid) {
+                    state.insert(tgid, wait_group_stop(tgid, self.stop_timeout));
+                }
+            }
+            // Threads that hit a probe while the group was stopping have
+            // queued their events by now; they must be served before SIGCONT.
+            let more = drain()?;
+            if more.is_empty() {
+                break;
+            }
+            sort(more, &mut stopped);
+        }
+        for (tgid, events) in stopped {
+            match state.get(&tgid) {
+                Some(GroupState::Stopped) => {
+                    for e in &events {
+                        self.handle_stopped(e);
+                    }
+                }
+                Some(GroupState::TimedOut) => {
+                    // Patching a running thread could put half a value on
+                    // the wire; the placeholder goes out unchanged instead.
+                    inc(&self.counters.stop_timeouts);
+                    tracing::warn!(pid = tgid, "process did not stop in time; its placeholders go out unchanged");
+                }
+                _ => {}
+            }
+            if kill(Pid::from_raw(tgid as i32), Signal::SIGCONT).is_ok() {
+                inc(&self.counters.continued);
+            }
+        }
+        Ok(())
+    }
+
+    fn note(&self, e: &Event) {
+        match e.kind {
+            EventKind::Unknown => {
+                self.counters.unknown_tokens.fetch_add(u64::from(e.unknown), Ordering::Relaxed);
+                tracing::debug!(pid = e.tgid, comm = %e.comm, tokens = e.unknown, "unknown kloak: token left unchanged");
+            }
+            EventKind::Rewritten => {
+                self.counters.rewrites.fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+            }
+            EventKind::Scrubbed => {
+                self.counters.scrubs.fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_stopped(&mut self, e: &Event) {
+        match e.kind {
+            EventKind::Rewrite => {
+                for h in &e.hits {
+                    self.patch(e, h, Direction::ToValue);
+                }
+            }
+            EventKind::Scrub => {
+                for h in &e.hits {
+                    self.patch(e, h, Direction::ToPlaceholder);
+                }
+            }
+            EventKind::Scan => self.user_scan(e),
+            EventKind::Exec | EventKind::Mmap => self.discover(e),
+            _ => {}
+        }
+    }
+
+    fn patch(&self, e: &Event, h: &Hit, dir: Direction) {
+        let Some(s) = self.secrets.by_id.get(&h.secret_id) else {
+            return;
+        };
+        let (from, to) = match dir {
+            Direction::ToValue => (s.placeholder.as_bytes(), s.value.expose()),
+            Direction::ToPlaceholder => (s.value.expose(), s.placeholder.as_bytes()),
+        };
+        let addr = e.buf + h.offset;
+        // Check the bytes are still what the kernel saw; never write over anything else.
+        match procmem::read(e.tgid, addr, from.len()) {
+            Ok(cur) if cur == from => {}
+            Ok(_) => {
+                inc(&self.counters.mismatched);
+                return;
+            }
+            Err(err) => {
+                inc(&self.counters.patch_errors);
+                tracing::warn!(pid = e.tgid, secret = %s.name, error = %err, "reading the write buffer failed");
+                return;
+            }
+        }
+        match procmem::write(e.tgid, addr, to) {
+            Ok(()) => match dir {
+                Direction::ToValue => {
+                    inc(&self.counters.rewrites);
+                    tracing::debug!(pid = e.tgid, comm = %e.comm, secret = %s.name, "placeholder rewritten");
+                }
+                Direction::ToPlaceholder => inc(&self.counters.scrubs),
+            },
+            Err(err) => {
+                inc(&self.counters.patch_errors);
+                tracing::warn!(pid = e.tgid, secret = %s.name, error = %err, "patching the write buffer failed");
+            }
+        }
+    }
+
+    /// The kernel could not read the buffer (or found more prefixes than it
+    /// tracks): scan it here, where reading faults pages in.
+    fn user_scan(&self, e: &Event) {
+        inc(&self.counters.user_scans);
+        if e.len > MAX_USER_SCAN {
+            tracing::warn!(pid = e.tgid, len = e.len, "write too large to scan; placeholders go out unchanged");
+            return;
+        }
+        let data = match procmem::read(e.tgid, e.buf, e.len as usize) {
+            Ok(d) => d,
+            Err(err) => {
+                inc(&self.counters.patch_errors);
+                tracing::warn!(pid = e.tgid, error = %err, "reading the write buffer failed");
+                return;
+            }
+        };
+        let mut done: Vec<(Hit, &[u8])> = Vec::new();
+        let mut i = 0;
+        while let Some(pos) = find(&data[i..], PREFIX) {
+            let at = i + pos;
+            match self.secrets.match_at(&data[at..]) {
+                Some(s) => {
+                    let h = Hit {
+                        offset: at as u64,
+                        secret_id: s.id,
+                        len: s.placeholder.len() as u32,
+                    };
+                    self.patch(e, &h, Direction::ToValue);
+                    done.push((h, s.placeholder.as_bytes()));
+                    i = at + s.placeholder.len();
+                }
+                None => {
+                    inc(&self.counters.unknown_tokens);
+                    i = at + PREFIX_LEN;
+                }
+            }
+        }
+        let scrubbable = e.abi.is_some_and(|a| a.supports_return_probe());
+        if self.scrub && scrubbable && !done.is_empty() {
+            if done.len() > MAX_HITS {
+                tracing::warn!(pid = e.tgid, placeholders = done.len(), "only the first {MAX_HITS} placeholders of this write are scrubbed");
+            }
+            if let Err(err) = self.probes.arm_scrub(e.tid, e.buf, &done[..done.len().min(MAX_HITS)]) {
+                tracing::warn!(error = %err, "arming the scrub failed");
+            }
+        }
+    }
+
+    /// A tracked process exec'd or mapped a new executable file: attach to
+    /// any TLS write function in what it now maps.
+    fn discover(&mut self, e: &Event) {
+        let maps = match discover::read_maps(e.tgid) {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::debug!(pid = e.tgid, error = %err, "process went away before its maps were read");
+                return;
+            }
+        };
+        for m in maps.iter().filter(|m| m.exec) {
+            let key = (m.dev, m.ino);
+            if self.files.contains_key(&key) {
+                continue;
+            }
+            let path = m.open_path(e.tgid);
+            let state = match discover::tls_write_functions(&path) {
+                Ok(fns) if fns.is_empty() => FileState::NotTls,
+                Ok(fns) => {
+                    let mut links = Vec::new();
+                    for f in &fns {
+                        match self.probes.attach_tls_write(&path, f.file_offset as usize, f.abi) {
+                            Ok(l) => links.extend(l),
+                            Err(err) => {
+                                inc(&self.counters.attach_errors);
+                                tracing::warn!(file = %m.path, error = %err, "attaching failed");
+                            }
+                        }
+                    }
+                    inc(&self.counters.attached_files);
+                    tracing::info!(file = %m.path, functions = ?fns.iter().map(|f| f.abi.function()).collect::<Vec<_>>(), "attached to TLS library");
+                    FileState::Tls(links)
+                }
+                Err(err) => {
+                    tracing::debug!(file = %m.path, error = %err, "not an ELF we can read");
+                    FileState::NotTls
+                }
+            };
+            self.files.insert(key, state);
+            let _ = self.probes.mark_inode_known(m.dev, m.ino);
+        }
+        if e.kind == EventKind::Mmap {
+            // The kernel keyed the file by the inode the fd named; under
+            // overlayfs that can differ from the mapping's. Either way, done.
+            let _ = self.probes.mark_inode_known(e.dev, e.ino);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    ToValue,
+    ToPlaceholder,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Waits until every thread of `tgid` is in group stop.
+fn wait_group_stop(tgid: u32, timeout: Duration) -> GroupState {
+    let deadline = Instant::now() + timeout;
+    let mut seen: Vec<u32> = Vec::new();
+    let mut pending: Vec<u32> = Vec::new();
+    let mut spins = 0u32;
+    loop {
+        if pending.is_empty() {
+            let Some(all) = list_tasks(tgid) else {
+                return GroupState::Gone;
+            };
+            pending = all.into_iter().filter(|t| !seen.contains(t)).collect();
+            if pending.is_empty() {
+                return GroupState::Stopped;
+            }
+        }
+        pending.retain(|&tid| {
+            if task_stopped(tgid, tid) {
+                seen.push(tid);
+                false
+            } else {
+                true
+            }
+        });
+        if pending.is_empty() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            return GroupState::TimedOut;
+        }
+        spins += 1;
+        if spins < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
+fn list_tasks(tgid: u32) -> Option<Vec<u32>> {
+    let rd = std::fs::read_dir(format!("/proc/{tgid}/task")).ok()?;
+    Some(rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok()).collect())
+}
+
+/// True when the thread is stopped or no longer runs at all.
+fn task_stopped(tgid: u32, tid: u32) -> bool {
+    match std::fs::read(format!("/proc/{tgid}/task/{tid}/stat")) {
+        Ok(s) => matches!(proc_state(&s), Some(b'T' | b'Z' | b'X' | b'x')),
+        Err(_) => true,
+    }
+}
+
+/// The state letter of a /proc stat line; the command name may hold spaces and parentheses.
+pub fn proc_state(stat: &[u8]) -> Option<u8> {
+    let close = stat.iter().rposition(|&c| c == b')')?;
+    stat.get(close + 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::SecretValue;
+
+    fn secret(id: u32, placeholder: &str) -> Secret {
+        Secret {
+            id,
+            name: format!("s{id}"),
+            env: "X".into(),
+            value: SecretValue::new(vec![b'v'; placeholder.len()]),
+            placeholder: placeholder.into(),
+            hosts: vec![],
+            port: None,
+        }
+    }
+
+    #[test]
+    fn match_at_prefers_the_full_placeholder() {
+        let t = SecretTable::new([secret(1, "kloak:AB"), secret(2, "kloak:CDEFGHJKMN")]);
+        assert_eq!(t.match_at(b"kloak:AB\r\n").unwrap().id, 1);
+        assert_eq!(t.match_at(b"kloak:CDEFGHJKMN").unwrap().id, 2);
+        assert!(t.match_at(b"kloak:CDEFGHJKMX").is_none(), "full bytes must match, not just the key");
+        assert!(t.match_at(b"kloak:ZZ").is_none());
+    }
+
+    #[test]
+    fn proc_state_survives_odd_comm() {
+        assert_eq!(proc_state(b"12 (a) b) c) T 1 2"), Some(b'T'));
+        assert_eq!(proc_state(b"12 (python3) S 1"), Some(b'S'));
+    }
+
+    #[test]
+    fn group_of_a_missing_process_is_gone() {
+        assert_eq!(wait_group_stop(u32::MAX - 1, Duration::from_millis(10)), GroupState::Gone);
+    }
+}

@@ -1,0 +1,260 @@
+//! `kloak doctor`: the seed's verification checklist, run natively.
+
+use std::path::Path;
+
+use kloak_bpf::{Backend, features};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// A failed hard check means the agent cannot work on this node.
+    #[serde(skip)]
+    pub hard: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub backend: &'static str,
+    pub checks: Vec<Check>,
+}
+
+const MIN_KERNEL: (u32, u32) = (5, 17);
+
+pub fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn check(name: &'static str, hard: bool, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok,
+        detail: detail.into(),
+        hard,
+    }
+}
+
+fn mounted(fstype: &str) -> Option<String> {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    m.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_ascii_whitespace().next()? == fstype).then(|| pre.split_ascii_whitespace().nth(4).unwrap_or("?").to_string())
+    })
+}
+
+/// The lockdown mode, mounting securityfs to read it if needed.
+pub fn lockdown() -> Option<String> {
+    let p = Path::new("/sys/kernel/security/lockdown");
+    if !p.exists() {
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let s = std::fs::read_to_string(p).ok()?;
+    // "none [integrity] confidentiality": the bracketed word is in force.
+    let start = s.find('[')?;
+    let end = s[start..].find(']')?;
+    Some(s[start + 1..start + end].to_string())
+}
+
+/// The backend `--mode auto` picks: in-place only where the verifier lets a
+/// uprobe call bpf_probe_write_user.
+pub fn auto_backend() -> Backend {
+    match features::probe_write_user() {
+        Ok(true) => Backend::InPlace,
+        _ => Backend::Pause,
+    }
+}
+
+pub fn run_checks() -> Report {
+    let mut checks = Vec::new();
+
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let kv = parse_kernel_release(&release);
+    checks.push(check(
+        "kernel",
+        true,
+        kv.is_some_and(|v| v >= MIN_KERNEL),
+        format!("{release}; Kloak needs {}.{} or later for bpf_loop", MIN_KERNEL.0, MIN_KERNEL.1),
+    ));
+
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    checks.push(check(
+        "btf",
+        true,
+        btf,
+        if btf {
+            "/sys/kernel/btf/vmlinux present (CO-RE works)".into()
+        } else {
+            "/sys/kernel/btf/vmlinux missing: the kernel lacks CONFIG_DEBUG_INFO_BTF".to_string()
+        },
+    ));
+
+    let bpffs = mounted("bpf");
+    checks.push(check(
+        "bpffs",
+        false,
+        bpffs.is_some(),
+        match &bpffs {
+            Some(p) => format!("mounted at {p}"),
+            None => "not mounted; the agent pins nothing yet, `mount -t bpf bpf /sys/fs/bpf` adds it".into(),
+        },
+    ));
+
+    let root = nix::unistd::geteuid().is_root();
+    let (ok, detail) = match features::bpf_loop() {
+        Ok(true) => (true, "the verifier accepts bpf_loop in uprobe programs".to_string()),
+        Ok(false) => (false, "the verifier does not know bpf_loop (kernel older than 5.17?)".to_string()),
+        Err(e) if !root => (false, format!("cannot probe without root (error {e})")),
+        Err(e) => (false, format!("probe failed with error {e}")),
+    };
+    checks.push(check("bpf_loop", true, ok, detail));
+
+    let (ok, detail) = match features::ringbuf() {
+        Ok(true) => (true, "BPF ring buffers available".to_string()),
+        Ok(false) => (false, "BPF_MAP_TYPE_RINGBUF unsupported".to_string()),
+        Err(e) => (false, format!("probe failed with error {e}")),
+    };
+    checks.push(check("ringbuf", true, ok, detail));
+
+    let (ok, detail) = match features::send_signal_thread() {
+        Ok(true) => (true, "bpf_send_signal_thread available (pause backend)".to_string()),
+        Ok(false) => (false, "bpf_send_signal_thread unsupported: the pause backend cannot work".to_string()),
+        Err(e) => (false, format!("probe failed with error {e}")),
+    };
+    checks.push(check("send_signal_thread", false, ok, detail));
+
+    let uprobe = Path::new("/sys/bus/event_source/devices/uprobe/type").exists();
+    checks.push(check(
+        "uprobes",
+        true,
+        uprobe,
+        if uprobe {
+            "uprobe PMU present".to_string()
+        } else {
+            "no uprobe PMU at /sys/bus/event_source/devices/uprobe: CONFIG_UPROBES is off".to_string()
+        },
+    ));
+
+    let kprobe = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    checks.push(check(
+        "kprobes",
+        false,
+        true,
+        if kprobe {
+            "kprobe PMU present; DNS capture hook: kprobe udp_recvmsg".to_string()
+        } else {
+            "no kprobe PMU (CONFIG_KPROBES off); DNS capture hook: syscall tracepoints (recvfrom/recvmsg)".to_string()
+        },
+    ));
+
+    let tracefs = Path::new("/sys/kernel/tracing/events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists();
+    let (ok, detail) = if tracefs {
+        (true, "tracefs mounted".to_string())
+    } else if root {
+        match kloak_bpf::ensure_tracefs() {
+            Ok(()) => (true, format!("tracefs was not mounted; mounted it at {}", kloak_bpf::TRACEFS)),
+            Err(e) => (false, e.to_string()),
+        }
+    } else {
+        (false, "tracefs not mounted and mounting needs root".to_string())
+    };
+    checks.push(check("tracefs", true, ok, detail));
+
+    let lock = lockdown();
+    let backend = auto_backend();
+    checks.push(check(
+        "lockdown",
+        false,
+        true,
+        format!(
+            "lockdown: {}; rewrite backend: {} ({})",
+            lock.as_deref().unwrap_or("unknown"),
+            backend.as_str(),
+            match backend {
+                Backend::InPlace => "bpf_probe_write_user allowed",
+                Backend::Pause => "bpf_probe_write_user refused, writers are paused and patched from user space",
+            }
+        ),
+    ));
+
+    let needed = [
+        caps::Capability::CAP_BPF,
+        caps::Capability::CAP_PERFMON,
+        caps::Capability::CAP_SYS_ADMIN,
+        caps::Capability::CAP_SYS_PTRACE,
+        caps::Capability::CAP_KILL,
+    ];
+    let have = caps::read(None, caps::CapSet::Effective).unwrap_or_default();
+    let missing: Vec<String> = needed.iter().filter(|c| !have.contains(c)).map(|c| c.to_string()).collect();
+    checks.push(check(
+        "capabilities",
+        true,
+        missing.is_empty(),
+        if missing.is_empty() {
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_KILL effective".to_string()
+        } else {
+            format!("missing: {}", missing.join(", "))
+        },
+    ));
+
+    let ok = checks.iter().all(|c| c.ok || !c.hard);
+    Report {
+        ok,
+        backend: backend.as_str(),
+        checks,
+    }
+}
+
+/// The message the agent refuses to start with; None when the node is fit.
+pub fn refusal(report: &Report) -> Option<String> {
+    let failed: Vec<String> = report
+        .checks
+        .iter()
+        .filter(|c| c.hard && !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    (!failed.is_empty()).then(|| format!("this node cannot run Kloak:\n  {}", failed.join("\n  ")))
+}
+
+pub fn print_text(r: &Report) {
+    for c in &r.checks {
+        let mark = if c.ok {
+            "ok  "
+        } else if c.hard {
+            "FAIL"
+        } else {
+            "warn"
+        };
+        println!("[{mark}] {:<20} {}", c.name, c.detail);
+    }
+    println!(
+        "{}: rewrite backend {}",
+        if r.ok { "node is ready" } else { "node is NOT ready" },
+        r.backend
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_parsing() {
+        assert_eq!(parse_kernel_release("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(parse_kernel_release("5.4.0-150-generic"), Some((5, 4)));
+        assert!(parse_kernel_release("5.4.0").unwrap() < MIN_KERNEL);
+        assert!(parse_kernel_release("5.17.1").unwrap() >= MIN_KERNEL);
+        assert_eq!(parse_kernel_release("garbage"), None);
+    }
+}

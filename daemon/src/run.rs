@@ -1,0 +1,155 @@
+//! `kloak run`: one command, its descendants, and placeholders in its
+//! environment, without Kubernetes.
+
+use std::ffi::OsString;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use kloak_bpf::{Backend, Config, Probes, SecretEntry, features};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::agent::{Agent, SecretTable};
+use crate::cgroup::Cgroup;
+use crate::{doctor, guardian, secrets};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Auto,
+    Inplace,
+    Pause,
+}
+
+pub struct RunOpts {
+    pub secrets: PathBuf,
+    pub mode: Mode,
+    pub scrub: bool,
+    pub ring_bytes: u32,
+    pub stats_json: Option<PathBuf>,
+    pub command: Vec<OsString>,
+}
+
+/// Exit code for a failure of Kloak itself, as opposed to the command's.
+const EXIT_INTERNAL: i32 = 70;
+
+pub fn choose_backend(mode: Mode) -> anyhow::Result<Backend> {
+    Ok(match mode {
+        Mode::Auto => doctor::auto_backend(),
+        Mode::Pause => Backend::Pause,
+        Mode::Inplace => {
+            if !features::probe_write_user().unwrap_or(false) {
+                bail!(
+                    "--mode inplace: this kernel refuses bpf_probe_write_user to uprobe programs (lockdown: {}); use --mode pause or --mode auto",
+                    doctor::lockdown().unwrap_or_else(|| "unknown".into())
+                );
+            }
+            Backend::InPlace
+        }
+    })
+}
+
+pub fn run(o: RunOpts) -> anyhow::Result<i32> {
+    let secrets = secrets::load(&o.secrets)?;
+    let report = doctor::run_checks();
+    if let Some(msg) = doctor::refusal(&report) {
+        bail!(msg);
+    }
+    let backend = choose_backend(o.mode)?;
+
+    let cg = Cgroup::create(&format!("run-{}", std::process::id()))?;
+    let procs = cg.procs_file()?;
+    let guardian = guardian::spawn(&cg).context("starting the guardian process")?;
+
+    let probes = Probes::load(&Config {
+        backend,
+        ring_bytes: o.ring_bytes,
+        scrub: o.scrub,
+        agent_tgid: std::process::id(),
+        max_secrets: (secrets.len() as u32).max(64),
+    })?;
+    for s in &secrets {
+        probes.put_secret(&SecretEntry {
+            id: s.id,
+            placeholder: s.placeholder.as_bytes(),
+            value: (backend == Backend::InPlace).then(|| s.value.expose()),
+        })?;
+    }
+    probes.track_cgroup(cg.id)?;
+    tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), "kloak run ready");
+
+    let env: Vec<(String, String)> = secrets.iter().map(|s| (s.env.clone(), s.placeholder.clone())).collect();
+    let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub);
+    let counters = agent.counters.clone();
+    let shutdown = AtomicBool::new(false);
+
+    let status = std::thread::scope(|sc| -> anyhow::Result<std::process::ExitStatus> {
+        sc.spawn(|| {
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| agent.run(&shutdown)));
+            let msg = match r {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the agent thread panicked".to_string(),
+            };
+            // Without its agent the command must not meet another stop: exit
+            // now; the kernel detaches every probe and the guardian continues
+            // anything already stopped. The command runs on, unrewritten.
+            eprintln!("kloak: data path failed: {msg}");
+            std::process::exit(EXIT_INTERNAL);
+        });
+
+        let mut cmd = Command::new(&o.command[0]);
+        cmd.args(&o.command[1..]).envs(env);
+        kloak_bpf::sys::spawn_into_cgroup(&mut cmd, &procs);
+        let spawned = cmd.spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                shutdown.store(true, Ordering::Release);
+                return Err(e).with_context(|| format!("starting {:?}", o.command[0]));
+            }
+        };
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).context("installing signal handlers")?;
+        let handle = signals.handle();
+        let child_pid = Pid::from_raw(child.id() as i32);
+        sc.spawn(move || {
+            for sig in signals.forever() {
+                if let Ok(s) = Signal::try_from(sig) {
+                    let _ = kill(child_pid, s);
+                }
+            }
+        });
+        let status = child.wait();
+        handle.close();
+        shutdown.store(true, Ordering::Release);
+        Ok(status?)
+    })?;
+
+    // Descendants the command left behind keep running untracked.
+    probes.untrack_cgroup(cg.id);
+    guardian::sweep(&cg);
+    if let Some(path) = &o.stats_json {
+        let s = probes.stats();
+        let j = serde_json::json!({
+            "backend": backend.as_str(),
+            "bpf": {
+                "writes": s.writes, "bytes": s.bytes, "hits": s.hits, "unknown": s.unknown,
+                "lost_events": s.lost_events, "unreadable": s.unreadable, "overflow": s.overflow,
+                "tailcall_failures": s.tailcall_failures, "stops": s.stops, "write_failures": s.write_failures,
+            },
+            "agent": &*counters,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(agent);
+    drop(probes);
+    drop(guardian.pipe);
+    cg.remove_if_empty();
+
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
