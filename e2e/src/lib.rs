@@ -1,1 +1,320 @@
+//! End-to-end harness: the `kloak` binary, a recording TLS server, real TLS
+//! clients. Tests assert on the bytes the server received.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// Root-only tests skip outside CI and fail inside it: a skipped data-path
+/// test in CI would be a test that cannot fail.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("end-to-end tests load BPF programs and must run as root under CI");
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+/// Data-path tests share two cores; running them one at a time keeps
+/// concurrency tests meaningful and timings sane.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e sits in the workspace").to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The kloak binary under test: $KLOAK_BIN, or the workspace's debug build.
+pub fn kloak_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KLOAK_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace_root().join("target/debug/kloak");
+    assert!(p.exists(), "{} is missing: run `cargo build -p kloak` first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// A random printable secret of `len` bytes, different on every run, so a
+/// leak check cannot pass by accident.
+pub fn random_secret(prefix: &str, len: usize) -> String {
+    let mut s = prefix.to_string();
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 ^ (std::process::id() as u64) << 32;
+    while s.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let c = b"abcdefghijklmnopqrstuvwxyz0123456789"[(seed % 36) as usize];
+        s.push(c as char);
+    }
+    s.truncate(len);
+    s
+}
+
+pub fn count(hay: &[u8], needle: &[u8]) -> usize {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return 0;
+    }
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// Finds `kloak:` placeholders of exactly `len` bytes in `hay`.
+pub fn placeholders_in(hay: &[u8], len: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + len <= hay.len() {
+        if hay[i..].starts_with(b"kloak:") {
+            out.push(String::from_utf8_lossy(&hay[i..i + len]).into_owned());
+            i += len;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A TLS server on 127.0.0.1 that records each request's bytes.
+pub struct TlsServer {
+    pub port: u16,
+    pub dir: TempDir,
+    child: Child,
+}
+
+impl TlsServer {
+    pub fn start() -> TlsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-keyout", "key.pem", "-out", "cert.pem", "-subj", "/CN=localhost", "-days", "2"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(st.success(), "openssl could not make a certificate");
+        let mut child = Command::new("python3")
+            .arg(fixtures().join("tls_server.py"))
+            .args(["--cert", "cert.pem", "--key", "key.pem", "--record", "record.jsonl"])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the TLS server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("server prints its port");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected server output {line:?}"));
+        TlsServer { port, dir, child }
+    }
+
+    pub fn cacert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn records(&self) -> Vec<Vec<u8>> {
+        let p = self.dir.path().join("record.jsonl");
+        let Ok(text) = std::fs::read_to_string(p) else {
+            return Vec::new();
+        };
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("record line is JSON");
+                b64(v["raw"].as_str().expect("raw"))
+            })
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        let _ = std::fs::remove_file(self.dir.path().join("record.jsonl"));
+    }
+
+    /// Waits until at least `n` requests have arrived.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        loop {
+            let r = self.records();
+            if r.len() >= n || Instant::now() > end {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        if c == b'=' {
+            break;
+        }
+        let v = T.iter().position(|&t| t == c).expect("base64 alphabet") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// A secrets file for `kloak run`.
+pub struct Secrets {
+    pub dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl Secrets {
+    /// `(name, value, env)` triples.
+    pub fn write(entries: &[(&str, &str, &str)]) -> Secrets {
+        let mut y = String::from("secrets:\n");
+        for (name, value, env) in entries {
+            y.push_str(&format!("  - name: {name}\n    value: \"{value}\"\n    env: {env}\n"));
+        }
+        Secrets::raw(&y)
+    }
+
+    pub fn raw(yaml: &str) -> Secrets {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secrets.yaml");
+        std::fs::write(&path, yaml).expect("write secrets");
+        Secrets { dir, path }
+    }
+}
+
+/// `kloak run` with stats, debug logging and a timeout.
+pub struct Run {
+    pub output: Output,
+    pub stats: serde_json::Value,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    /// Panics if `secret` shows in anything Kloak or the command printed.
+    pub fn assert_no_leak(&self, secret: &str) {
+        for (what, bytes) in [("stdout", &self.output.stdout), ("stderr", &self.output.stderr)] {
+            assert_eq!(count(bytes, secret.as_bytes()), 0, "secret value leaked to {what}");
+        }
+        let stats = self.stats.to_string();
+        assert!(!stats.contains(secret), "secret value leaked to the stats");
+    }
+}
+
+pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Command, PathBuf) {
+    let stats = secrets.dir.path().join("stats.json");
+    let mut c = Command::new(kloak_bin());
+    c.arg("run").arg("--secrets").arg(&secrets.path).arg("--stats-json").arg(&stats);
+    c.args(extra).arg("--").args(command);
+    c.env("RUST_LOG", "debug");
+    (c, stats)
+}
+
+pub fn run_kloak(secrets: &Secrets, extra: &[&str], command: &[&str], timeout: Duration) -> Run {
+    let (mut c, stats) = kloak_cmd(secrets, extra, command);
+    let _ = std::fs::remove_file(&stats);
+    let output = output_with_timeout(&mut c, timeout);
+    let stats = std::fs::read(&stats)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Run { output, stats }
+}
+
+pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let child = c.spawn().expect("command starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            panic!("command did not finish within {timeout:?}: {c:?}");
+        }
+    }
+}
+
+/// The Go client, built once per test process with the machine's Go.
+pub fn go_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = workspace_root().join("target/e2e-bin");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let bin = out.join("goclient");
+        let st = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&bin)
+            .arg("main.go")
+            .current_dir(fixtures().join("goclient"))
+            .env("CGO_ENABLED", "0")
+            .status()
+            .expect("go is installed");
+        assert!(st.success(), "building the Go client failed");
+        bin
+    })
+    .clone()
+}
+
+pub fn py_client() -> String {
+    fixtures().join("py_client.py").display().to_string()
+}
+
+/// State letter of a process, None once it is gone.
+pub fn proc_state(pid: u32) -> Option<u8> {
+    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = s.iter().rposition(|&c| c == b')')?;
+    s.get(close + 2).copied()
+}
+
+/// PIDs in a cgroup v2 directory and below.
+pub fn cgroup_pids(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for d in rd.flatten() {
+            if d.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(cgroup_pids(&d.path()));
+            }
+        }
+    }
+    out
+}
