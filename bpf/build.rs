@@ -16,8 +16,15 @@ fn main() {
         "x86_64" => "x86",
         other => panic!("kloak's BPF programs read x86_64 registers; {other} is not supported yet"),
     };
-    for (name, extra) in [("kloak", None), ("kloak_verify", Some("-DKLOAK_VERIFY_ONLY"))] {
-        let mut args = vec![format!("-D__TARGET_ARCH_{target}"), "-O2".to_string(), "-Wall".to_string()];
+    for (name, extra) in [
+        ("kloak", None),
+        ("kloak_verify", Some("-DKLOAK_VERIFY_ONLY")),
+    ] {
+        let mut args = vec![
+            format!("-D__TARGET_ARCH_{target}"),
+            "-O2".to_string(),
+            "-Wall".to_string(),
+        ];
         if let Some(e) = extra {
             args.push(e.to_string());
         }

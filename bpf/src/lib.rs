@@ -8,8 +8,8 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::TracepointCategory;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, UprobeOpts};
 
 mod skel {
@@ -203,7 +203,11 @@ impl EventKind {
     pub fn leaves_stopped(self) -> bool {
         matches!(
             self,
-            EventKind::Rewrite | EventKind::Scan | EventKind::Scrub | EventKind::Exec | EventKind::Mmap
+            EventKind::Rewrite
+                | EventKind::Scan
+                | EventKind::Scrub
+                | EventKind::Exec
+                | EventKind::Mmap
         )
     }
 }
@@ -249,12 +253,21 @@ impl Event {
             // SAFETY: tls_event is plain old data generated from the BPF
             // object's BTF, and `data` holds at least size_of bytes.
             unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), dst, std::mem::size_of::<types::tls_event>());
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    dst,
+                    std::mem::size_of::<types::tls_event>(),
+                );
                 raw.assume_init()
             }
         };
         let kind = EventKind::from_raw(e.kind)?;
-        let comm_bytes: Vec<u8> = e.comm.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let comm_bytes: Vec<u8> = e
+            .comm
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         let (hits, unknown) = if kind == EventKind::Unknown {
             (Vec::new(), e.nhits)
         } else {
@@ -368,15 +381,29 @@ impl Probes {
 
         let mut tracepoints = Vec::new();
         for (prog, cat, name) in [
-            (&skel.progs.on_exec, TracepointCategory::Sched, "sched_process_exec"),
-            (&skel.progs.on_mmap_enter, TracepointCategory::Syscalls, "sys_enter_mmap"),
-            (&skel.progs.on_mmap_exit, TracepointCategory::Syscalls, "sys_exit_mmap"),
+            (
+                &skel.progs.on_exec,
+                TracepointCategory::Sched,
+                "sched_process_exec",
+            ),
+            (
+                &skel.progs.on_mmap_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_mmap",
+            ),
+            (
+                &skel.progs.on_mmap_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_mmap",
+            ),
         ] {
             let cat_name = cat.as_ref().to_string();
-            let link = prog.attach_tracepoint(cat, name).map_err(|source| Error::Attach {
-                what: format!("tracepoint {cat_name}/{name}"),
-                source,
-            })?;
+            let link = prog
+                .attach_tracepoint(cat, name)
+                .map_err(|source| Error::Attach {
+                    what: format!("tracepoint {cat_name}/{name}"),
+                    source,
+                })?;
             tracepoints.push(link);
         }
         Ok(Probes {
@@ -392,7 +419,9 @@ impl Probes {
     }
 
     pub fn put_secret(&self, e: &SecretEntry<'_>) -> Result<()> {
-        let key = placeholder_key(e.placeholder).ok_or(Error::Entry("placeholder lacks the kloak: prefix or is too short"))?;
+        let key = placeholder_key(e.placeholder).ok_or(Error::Entry(
+            "placeholder lacks the kloak: prefix or is too short",
+        ))?;
         if e.placeholder.len() > MAX_SECRET_LEN {
             return Err(Error::Entry("placeholder is longer than a map entry holds"));
         }
@@ -404,7 +433,9 @@ impl Probes {
         };
         v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
         if self.backend == Backend::InPlace {
-            let value = e.value.ok_or(Error::Entry("the in-place backend needs the value"))?;
+            let value = e
+                .value
+                .ok_or(Error::Entry("the in-place backend needs the value"))?;
             if value.len() != e.placeholder.len() {
                 return Err(Error::Entry("value and placeholder differ in length"));
             }
@@ -450,7 +481,11 @@ impl Probes {
     }
 
     pub fn untrack_cgroup(&self, cgroup_id: u64) {
-        let _ = self.skel.maps.tracked_cgroups.delete(&cgroup_id.to_ne_bytes());
+        let _ = self
+            .skel
+            .maps
+            .tracked_cgroups
+            .delete(&cgroup_id.to_ne_bytes());
     }
 
     /// Tells the mmap hook that this file needs no look from the agent.
@@ -469,7 +504,12 @@ impl Probes {
     /// Attaches the write probes (and, where the ABI allows and scrub is on,
     /// the return probe) to `func_offset` in `binary`, for every process;
     /// the programs themselves filter by cgroup.
-    pub fn attach_tls_write(&self, binary: &Path, func_offset: usize, abi: WriteAbi) -> Result<Vec<Link>> {
+    pub fn attach_tls_write(
+        &self,
+        binary: &Path,
+        func_offset: usize,
+        abi: WriteAbi,
+    ) -> Result<Vec<Link>> {
         let what = |ret: bool| {
             format!(
                 "{} {} at {}+{:#x}",
@@ -490,7 +530,10 @@ impl Probes {
                 .progs
                 .tls_write_enter
                 .attach_uprobe_with_opts(-1, binary, func_offset, opts)
-                .map_err(|source| Error::Attach { what: what(false), source })?,
+                .map_err(|source| Error::Attach {
+                    what: what(false),
+                    source,
+                })?,
         );
         if self.scrub && abi.supports_return_probe() {
             let prog = match self.backend {
@@ -504,7 +547,10 @@ impl Probes {
             };
             links.push(
                 prog.attach_uprobe_with_opts(-1, binary, func_offset, opts)
-                    .map_err(|source| Error::Attach { what: what(true), source })?,
+                    .map_err(|source| Error::Attach {
+                        what: what(true),
+                        source,
+                    })?,
             );
         }
         Ok(links)
@@ -521,7 +567,10 @@ impl Probes {
             {
                 *slot = per_cpu
                     .iter()
-                    .filter_map(|b| b.get(..8).map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default())))
+                    .filter_map(|b| {
+                        b.get(..8)
+                            .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                    })
                     .sum();
             }
         }
@@ -621,7 +670,9 @@ pub fn ensure_tracefs() -> Result<()> {
         Some("tracefs"),
         TRACEFS,
         Some("tracefs"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(Error::Tracefs)
@@ -651,7 +702,10 @@ pub fn verify_inplace_programs() -> Result<()> {
 
 /// Kernel feature probes for `kloak doctor` and the backend choice.
 pub mod features {
-    fn helper(prog_type: libbpf_sys::bpf_prog_type, helper: libbpf_sys::bpf_func_id) -> Result<bool, i32> {
+    fn helper(
+        prog_type: libbpf_sys::bpf_prog_type,
+        helper: libbpf_sys::bpf_func_id,
+    ) -> Result<bool, i32> {
         // SAFETY: plain FFI call with a null options pointer, which libbpf accepts.
         let r = unsafe { libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null()) };
         if r < 0 { Err(r) } else { Ok(r == 1) }
@@ -667,7 +721,10 @@ pub mod features {
     /// counts as "supported", so this loads a real, valid program instead.
     pub fn probe_write_user() -> Result<bool, i32> {
         const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-            (code as u64) | (((dst | (src << 4)) as u64) << 8) | ((off as u16 as u64) << 16) | ((imm as u32 as u64) << 32)
+            (code as u64)
+                | (((dst | (src << 4)) as u64) << 8)
+                | ((off as u16 as u64) << 16)
+                | ((imm as u32 as u64) << 32)
         }
         let prog: [u64; 8] = [
             insn(0x7a, 10, 0, -8, 0), // *(u64 *)(r10 - 8) = 0
@@ -704,12 +761,20 @@ pub mod features {
     }
 
     pub fn send_signal_thread() -> Result<bool, i32> {
-        helper(libbpf_sys::BPF_PROG_TYPE_KPROBE, libbpf_sys::BPF_FUNC_send_signal_thread)
+        helper(
+            libbpf_sys::BPF_PROG_TYPE_KPROBE,
+            libbpf_sys::BPF_FUNC_send_signal_thread,
+        )
     }
 
     pub fn ringbuf() -> Result<bool, i32> {
         // SAFETY: plain FFI call with a null options pointer.
-        let r = unsafe { libbpf_sys::libbpf_probe_bpf_map_type(libbpf_sys::BPF_MAP_TYPE_RINGBUF, std::ptr::null()) };
+        let r = unsafe {
+            libbpf_sys::libbpf_probe_bpf_map_type(
+                libbpf_sys::BPF_MAP_TYPE_RINGBUF,
+                std::ptr::null(),
+            )
+        };
         if r < 0 { Err(r) } else { Ok(r == 1) }
     }
 }
@@ -729,6 +794,9 @@ mod tests {
     #[test]
     fn event_layout_matches_kernel_record() {
         // 7 u64 + 6 u32 + comm + 8 hits of 24 bytes
-        assert_eq!(std::mem::size_of::<types::tls_event>(), 56 + 24 + 16 + 8 * 24);
+        assert_eq!(
+            std::mem::size_of::<types::tls_event>(),
+            56 + 24 + 16 + 8 * 24
+        );
     }
 }

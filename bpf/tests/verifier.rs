@@ -41,7 +41,11 @@ fn inplace_backend_is_refused_under_lockdown_but_named_clearly() {
         backend: Backend::InPlace,
         ..Config::default()
     });
-    assert_eq!(r.is_ok(), allowed, "load result must follow the helper probe");
+    assert_eq!(
+        r.is_ok(),
+        allowed,
+        "load result must follow the helper probe"
+    );
 }
 
 #[test]

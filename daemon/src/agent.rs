@@ -44,15 +44,12 @@ impl SecretTable {
     pub fn new(secrets: impl IntoIterator<Item = Secret>) -> Self {
         let mut t = SecretTable::default();
         for s in secrets {
-            let key = kloak_bpf::placeholder_key(s.placeholder.as_bytes()).expect("minted placeholders have keys");
+            let key = kloak_bpf::placeholder_key(s.placeholder.as_bytes())
+                .expect("minted placeholders have keys");
             t.by_key.entry(key).or_default().push(s.id);
             t.by_id.insert(s.id, Arc::new(s));
         }
         t
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Secret>> {
-        self.by_id.values()
     }
 
     /// The secret whose placeholder starts at `bytes[0]`, if any.
@@ -85,6 +82,12 @@ pub struct Counters {
     pub attached_files: AtomicU64,
     pub attach_errors: AtomicU64,
     pub patch_errors: AtomicU64,
+    /// Batches of stopped processes handled, and where their time went:
+    /// kernel event to agent awake, waiting for the group stop, patch + SIGCONT.
+    pub pause_batches: AtomicU64,
+    pub wake_ns_total: AtomicU64,
+    pub stop_wait_ns_total: AtomicU64,
+    pub patch_ns_total: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -169,9 +172,9 @@ impl<'p> Agent<'p> {
         let mut state: HashMap<u32, GroupState> = HashMap::new();
         loop {
             for &tgid in stopped.keys() {
-                if !state.contains_key(&tgid) {
-                    state.insert(tgid, wait_group_stop(tgid, self.stop_timeout));
-                }
+                state
+                    .entry(tgid)
+                    .or_insert_with(|| wait_group_stop(tgid, self.stop_timeout));
             }
             // Threads that hit a probe while the group was stopping have
             // queued their events by now; they must be served before SIGCONT.
@@ -194,7 +197,10 @@ impl<'p> Agent<'p> {
                     // Patching a running thread could put half a value on
                     // the wire; the placeholder goes out unchanged instead.
                     inc(&self.counters.stop_timeouts);
-                    tracing::warn!(pid = tgid, "process did not stop in time; its placeholders go out unchanged");
+                    tracing::warn!(
+                        pid = tgid,
+                        "process did not stop in time; its placeholders go out unchanged"
+                    );
                 }
                 _ => {}
             }
@@ -202,9 +208,14 @@ impl<'p> Agent<'p> {
                 inc(&self.counters.continued);
             }
         }
-        if std::env::var_os("KLOAK_TIMING").is_some() && nstopped > 0 {
-            let t2 = mono_ns();
-            eprintln!("TIMING wake={} wait={} patch={}", (t0 - first_ts) / 1000, (t1 - t0) / 1000, (t2 - t1) / 1000);
+        if nstopped > 0 {
+            let c = &self.counters;
+            inc(&c.pause_batches);
+            c.wake_ns_total
+                .fetch_add(t0.saturating_sub(first_ts), Ordering::Relaxed);
+            c.stop_wait_ns_total.fetch_add(t1 - t0, Ordering::Relaxed);
+            c.patch_ns_total
+                .fetch_add(mono_ns() - t1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -212,14 +223,20 @@ impl<'p> Agent<'p> {
     fn note(&self, e: &Event) {
         match e.kind {
             EventKind::Unknown => {
-                self.counters.unknown_tokens.fetch_add(u64::from(e.unknown), Ordering::Relaxed);
+                self.counters
+                    .unknown_tokens
+                    .fetch_add(u64::from(e.unknown), Ordering::Relaxed);
                 tracing::debug!(pid = e.tgid, comm = %e.comm, tokens = e.unknown, "unknown kloak: token left unchanged");
             }
             EventKind::Rewritten => {
-                self.counters.rewrites.fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+                self.counters
+                    .rewrites
+                    .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
             }
             EventKind::Scrubbed => {
-                self.counters.scrubs.fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+                self.counters
+                    .scrubs
+                    .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -285,7 +302,11 @@ impl<'p> Agent<'p> {
     fn user_scan(&self, e: &Event) {
         inc(&self.counters.user_scans);
         if e.len > MAX_USER_SCAN {
-            tracing::warn!(pid = e.tgid, len = e.len, "write too large to scan; placeholders go out unchanged");
+            tracing::warn!(
+                pid = e.tgid,
+                len = e.len,
+                "write too large to scan; placeholders go out unchanged"
+            );
             return;
         }
         let data = match procmem::read(e.tgid, e.buf, e.len as usize) {
@@ -320,9 +341,16 @@ impl<'p> Agent<'p> {
         let scrubbable = e.abi.is_some_and(|a| a.supports_return_probe());
         if self.scrub && scrubbable && !done.is_empty() {
             if done.len() > MAX_HITS {
-                tracing::warn!(pid = e.tgid, placeholders = done.len(), "only the first {MAX_HITS} placeholders of this write are scrubbed");
+                tracing::warn!(
+                    pid = e.tgid,
+                    placeholders = done.len(),
+                    "only the first {MAX_HITS} placeholders of this write are scrubbed"
+                );
             }
-            if let Err(err) = self.probes.arm_scrub(e.tid, e.buf, &done[..done.len().min(MAX_HITS)]) {
+            if let Err(err) = self
+                .probes
+                .arm_scrub(e.tid, e.buf, &done[..done.len().min(MAX_HITS)])
+            {
                 tracing::warn!(error = %err, "arming the scrub failed");
             }
         }
@@ -349,7 +377,10 @@ impl<'p> Agent<'p> {
                 Ok(fns) => {
                     let mut links = Vec::new();
                     for f in &fns {
-                        match self.probes.attach_tls_write(&path, f.file_offset as usize, f.abi) {
+                        match self
+                            .probes
+                            .attach_tls_write(&path, f.file_offset as usize, f.abi)
+                        {
                             Ok(l) => links.extend(l),
                             Err(err) => {
                                 inc(&self.counters.attach_errors);
@@ -403,7 +434,12 @@ fn wait_group_stop(tgid: u32, timeout: Duration) -> GroupState {
             pending = all
                 .into_iter()
                 .filter(|t| !seen.contains(t))
-                .map(|t| (t, std::fs::File::open(format!("/proc/{tgid}/task/{t}/stat")).ok()))
+                .map(|t| {
+                    (
+                        t,
+                        std::fs::File::open(format!("/proc/{tgid}/task/{t}/stat")).ok(),
+                    )
+                })
                 .collect();
             if pending.is_empty() {
                 return GroupState::Stopped;
@@ -443,13 +479,21 @@ fn wait_group_stop(tgid: u32, timeout: Duration) -> GroupState {
 
 fn list_tasks(tgid: u32) -> Option<Vec<u32>> {
     let rd = std::fs::read_dir(format!("/proc/{tgid}/task")).ok()?;
-    Some(rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok()).collect())
+    Some(
+        rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+    )
 }
 
 /// The state letter of a /proc stat line; the command name may hold spaces and parentheses.
 pub fn proc_state(stat: &[u8]) -> Option<u8> {
     let close = stat.iter().rposition(|&c| c == b')')?;
     stat.get(close + 2).copied()
+}
+
+fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 #[cfg(test)]
@@ -474,7 +518,10 @@ mod tests {
         let t = SecretTable::new([secret(1, "kloak:AB"), secret(2, "kloak:CDEFGHJKMN")]);
         assert_eq!(t.match_at(b"kloak:AB\r\n").unwrap().id, 1);
         assert_eq!(t.match_at(b"kloak:CDEFGHJKMN").unwrap().id, 2);
-        assert!(t.match_at(b"kloak:CDEFGHJKMX").is_none(), "full bytes must match, not just the key");
+        assert!(
+            t.match_at(b"kloak:CDEFGHJKMX").is_none(),
+            "full bytes must match, not just the key"
+        );
         assert!(t.match_at(b"kloak:ZZ").is_none());
     }
 
@@ -486,11 +533,9 @@ mod tests {
 
     #[test]
     fn group_of_a_missing_process_is_gone() {
-        assert_eq!(wait_group_stop(u32::MAX - 1, Duration::from_millis(10)), GroupState::Gone);
+        assert_eq!(
+            wait_group_stop(u32::MAX - 1, Duration::from_millis(10)),
+            GroupState::Gone
+        );
     }
-}
-
-fn mono_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); Kloak tracks processes by cgroup v2 id")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); Kloak tracks processes by cgroup v2 id"
+    )]
     NoCgroup2,
     #[error("{what} {path}: {source}")]
     Io {
@@ -21,11 +23,12 @@ pub enum CgroupError {
 /// Where cgroup2 is mounted: /sys/fs/cgroup on unified hosts,
 /// /sys/fs/cgroup/unified on hybrid ones.
 pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
-        what: "reading",
-        path: "/proc/self/mountinfo".into(),
-        source,
-    })?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+            what: "reading",
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     info.lines()
         .filter_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
@@ -69,11 +72,14 @@ impl Cgroup {
 
     pub fn procs_file(&self) -> Result<File, CgroupError> {
         let p = self.path.join("cgroup.procs");
-        OpenOptions::new().write(true).open(&p).map_err(|source| CgroupError::Io {
-            what: "opening",
-            path: p,
-            source,
-        })
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|source| CgroupError::Io {
+                what: "opening",
+                path: p,
+                source,
+            })
     }
 
     /// Every process in this cgroup and below.

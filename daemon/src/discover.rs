@@ -36,7 +36,10 @@ pub struct Mapping {
 impl Mapping {
     /// A path that opens this very file from outside the process's mount namespace.
     pub fn open_path(&self, pid: u32) -> PathBuf {
-        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end))
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
     }
 }
 
@@ -70,7 +73,9 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 }
 
 pub fn read_maps(pid: u32) -> std::io::Result<Vec<Mapping>> {
-    Ok(parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps"))?))
+    Ok(parse_maps(&std::fs::read_to_string(format!(
+        "/proc/{pid}/maps"
+    ))?))
 }
 
 /// A probe point: the function's ABI and its offset in the file.
@@ -152,7 +157,10 @@ mod tests {
     fn finds_ssl_write_in_the_system_libssl() {
         let lib = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
         if !lib.exists() {
-            panic!("libssl3 is installed by the test command; missing {}", lib.display());
+            panic!(
+                "libssl3 is installed by the test command; missing {}",
+                lib.display()
+            );
         }
         let f = tls_write_functions(lib).unwrap();
         assert!(f.iter().any(|w| w.abi == WriteAbi::SslWrite));

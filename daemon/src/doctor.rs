@@ -42,7 +42,12 @@ fn mounted(fstype: &str) -> Option<String> {
     let m = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     m.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
-        (post.split_ascii_whitespace().next()? == fstype).then(|| pre.split_ascii_whitespace().nth(4).unwrap_or("?").to_string())
+        (post.split_ascii_whitespace().next()? == fstype).then(|| {
+            pre.split_ascii_whitespace()
+                .nth(4)
+                .unwrap_or("?")
+                .to_string()
+        })
     })
 }
 
@@ -85,7 +90,10 @@ pub fn run_checks() -> Report {
         "kernel",
         true,
         kv.is_some_and(|v| v >= MIN_KERNEL),
-        format!("{release}; Kloak needs {}.{} or later for bpf_loop", MIN_KERNEL.0, MIN_KERNEL.1),
+        format!(
+            "{release}; Kloak needs {}.{} or later for bpf_loop",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        ),
     ));
 
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
@@ -107,14 +115,23 @@ pub fn run_checks() -> Report {
         bpffs.is_some(),
         match &bpffs {
             Some(p) => format!("mounted at {p}"),
-            None => "not mounted; the agent pins nothing yet, `mount -t bpf bpf /sys/fs/bpf` adds it".into(),
+            None => {
+                "not mounted; the agent pins nothing yet, `mount -t bpf bpf /sys/fs/bpf` adds it"
+                    .into()
+            }
         },
     ));
 
     let root = nix::unistd::geteuid().is_root();
     let (ok, detail) = match features::bpf_loop() {
-        Ok(true) => (true, "the verifier accepts bpf_loop in uprobe programs".to_string()),
-        Ok(false) => (false, "the verifier does not know bpf_loop (kernel older than 5.17?)".to_string()),
+        Ok(true) => (
+            true,
+            "the verifier accepts bpf_loop in uprobe programs".to_string(),
+        ),
+        Ok(false) => (
+            false,
+            "the verifier does not know bpf_loop (kernel older than 5.17?)".to_string(),
+        ),
         Err(e) if !root => (false, format!("cannot probe without root (error {e})")),
         Err(e) => (false, format!("probe failed with error {e}")),
     };
@@ -128,8 +145,14 @@ pub fn run_checks() -> Report {
     checks.push(check("ringbuf", true, ok, detail));
 
     let (ok, detail) = match features::send_signal_thread() {
-        Ok(true) => (true, "bpf_send_signal_thread available (pause backend)".to_string()),
-        Ok(false) => (false, "bpf_send_signal_thread unsupported: the pause backend cannot work".to_string()),
+        Ok(true) => (
+            true,
+            "bpf_send_signal_thread available (pause backend)".to_string(),
+        ),
+        Ok(false) => (
+            false,
+            "bpf_send_signal_thread unsupported: the pause backend cannot work".to_string(),
+        ),
         Err(e) => (false, format!("probe failed with error {e}")),
     };
     checks.push(check("send_signal_thread", false, ok, detail));
@@ -142,7 +165,8 @@ pub fn run_checks() -> Report {
         if uprobe {
             "uprobe PMU present".to_string()
         } else {
-            "no uprobe PMU at /sys/bus/event_source/devices/uprobe: CONFIG_UPROBES is off".to_string()
+            "no uprobe PMU at /sys/bus/event_source/devices/uprobe: CONFIG_UPROBES is off"
+                .to_string()
         },
     ));
 
@@ -158,16 +182,26 @@ pub fn run_checks() -> Report {
         },
     ));
 
-    let tracefs = Path::new("/sys/kernel/tracing/events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists();
+    let tracefs = Path::new("/sys/kernel/tracing/events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists();
     let (ok, detail) = if tracefs {
         (true, "tracefs mounted".to_string())
     } else if root {
         match kloak_bpf::ensure_tracefs() {
-            Ok(()) => (true, format!("tracefs was not mounted; mounted it at {}", kloak_bpf::TRACEFS)),
+            Ok(()) => (
+                true,
+                format!(
+                    "tracefs was not mounted; mounted it at {}",
+                    kloak_bpf::TRACEFS
+                ),
+            ),
             Err(e) => (false, e.to_string()),
         }
     } else {
-        (false, "tracefs not mounted and mounting needs root".to_string())
+        (
+            false,
+            "tracefs not mounted and mounting needs root".to_string(),
+        )
     };
     checks.push(check("tracefs", true, ok, detail));
 
@@ -183,7 +217,8 @@ pub fn run_checks() -> Report {
             backend.as_str(),
             match backend {
                 Backend::InPlace => "bpf_probe_write_user allowed",
-                Backend::Pause => "bpf_probe_write_user refused, writers are paused and patched from user space",
+                Backend::Pause =>
+                    "bpf_probe_write_user refused, writers are paused and patched from user space",
             }
         ),
     ));
@@ -196,7 +231,11 @@ pub fn run_checks() -> Report {
         caps::Capability::CAP_KILL,
     ];
     let have = caps::read(None, caps::CapSet::Effective).unwrap_or_default();
-    let missing: Vec<String> = needed.iter().filter(|c| !have.contains(c)).map(|c| c.to_string()).collect();
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|c| !have.contains(c))
+        .map(|c| c.to_string())
+        .collect();
     checks.push(check(
         "capabilities",
         true,
@@ -240,7 +279,11 @@ pub fn print_text(r: &Report) {
     }
     println!(
         "{}: rewrite backend {}",
-        if r.ok { "node is ready" } else { "node is NOT ready" },
+        if r.ok {
+            "node is ready"
+        } else {
+            "node is NOT ready"
+        },
         r.backend
     );
 }

@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -20,9 +20,8 @@ use crate::cgroup::Cgroup;
 const SWEEP_FOR: Duration = Duration::from_secs(2);
 const SWEEP_EVERY: Duration = Duration::from_millis(10);
 
-/// The agent's handle: dropping `pipe` (or dying) sets the guardian off.
+/// The agent's end of the pipe: dropping it (or dying) sets the guardian off.
 pub struct Guardian {
-    pub child: Child,
     pub pipe: ChildStdin,
 }
 
@@ -38,7 +37,9 @@ pub fn spawn(cgroup: &Cgroup) -> std::io::Result<Guardian> {
         .process_group(0)
         .spawn()?;
     let pipe = child.stdin.take().expect("stdin was piped");
-    Ok(Guardian { child, pipe })
+    // Not waited for: it outlives this process when it must.
+    drop(child);
+    Ok(Guardian { pipe })
 }
 
 /// Body of `kloak __guardian`.
@@ -70,7 +71,8 @@ pub fn run(cgroup: PathBuf) -> i32 {
 pub fn sweep(cg: &Cgroup) -> u32 {
     let mut n = 0;
     for pid in cg.pids() {
-        let stopped = std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| proc_state(&s) == Some(b'T'));
+        let stopped =
+            std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| proc_state(&s) == Some(b'T'));
         if stopped && kill(Pid::from_raw(pid as i32), Signal::SIGCONT).is_ok() {
             n += 1;
         }

@@ -16,7 +16,11 @@ mod run;
 mod secrets;
 
 #[derive(Parser)]
-#[command(name = "kloak", version, about = "Keeps real secrets out of application processes")]
+#[command(
+    name = "kloak",
+    version,
+    about = "Keeps real secrets out of application processes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -58,8 +62,12 @@ enum Cmd {
 }
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -70,11 +78,18 @@ fn main() -> ExitCode {
             init_logging("warn");
             let r = doctor::run_checks();
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("report serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("report serialises")
+                );
             } else {
                 doctor::print_text(&r);
             }
-            if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Cmd::Run {
             secrets,

@@ -13,12 +13,18 @@ pub fn read(pid: u32, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
         base: addr as usize,
         len,
     }];
-    match process_vm_readv(Pid::from_raw(pid as i32), &mut [IoSliceMut::new(&mut buf)], &remote) {
+    match process_vm_readv(
+        Pid::from_raw(pid as i32),
+        &mut [IoSliceMut::new(&mut buf)],
+        &remote,
+    ) {
         Ok(n) if n == len => return Ok(buf),
         _ => {}
     }
     // /proc/PID/mem faults pages in where process_vm_readv gives up.
-    let f = OpenOptions::new().read(true).open(format!("/proc/{pid}/mem"))?;
+    let f = OpenOptions::new()
+        .read(true)
+        .open(format!("/proc/{pid}/mem"))?;
     f.read_exact_at(&mut buf, addr)?;
     Ok(buf)
 }
@@ -34,6 +40,8 @@ pub fn write(pid: u32, addr: u64, data: &[u8]) -> std::io::Result<()> {
         Ok(n) if n == data.len() => return Ok(()),
         _ => {}
     }
-    let f = OpenOptions::new().write(true).open(format!("/proc/{pid}/mem"))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))?;
     f.write_all_at(data, addr)
 }

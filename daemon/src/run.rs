@@ -60,6 +60,17 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         bail!(msg);
     }
     let backend = choose_backend(o.mode)?;
+    for s in secrets
+        .iter()
+        .filter(|s| !s.hosts.is_empty() || s.port.is_some())
+    {
+        tracing::warn!(
+            secret = %s.name,
+            hosts = ?s.hosts,
+            port = ?s.port,
+            "destination rules are accepted but not enforced yet: this build rewrites for any destination"
+        );
+    }
 
     let cg = Cgroup::create(&format!("run-{}", std::process::id()))?;
     let procs = cg.procs_file()?;
@@ -82,7 +93,10 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     probes.track_cgroup(cg.id)?;
     tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), "kloak run ready");
 
-    let env: Vec<(String, String)> = secrets.iter().map(|s| (s.env.clone(), s.placeholder.clone())).collect();
+    let env: Vec<(String, String)> = secrets
+        .iter()
+        .map(|s| (s.env.clone(), s.placeholder.clone()))
+        .collect();
     let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub);
     let counters = agent.counters.clone();
     let shutdown = AtomicBool::new(false);
@@ -113,7 +127,8 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 return Err(e).with_context(|| format!("starting {:?}", o.command[0]));
             }
         };
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).context("installing signal handlers")?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+            .context("installing signal handlers")?;
         let handle = signals.handle();
         let child_pid = Pid::from_raw(child.id() as i32);
         sc.spawn(move || {
@@ -143,7 +158,8 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             },
             "agent": &*counters,
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     drop(agent);
     drop(probes);
@@ -151,5 +167,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     cg.remove_if_empty();
 
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }

@@ -76,9 +76,6 @@ impl SecretValue {
     pub fn len(&self) -> usize {
         self.0.len()
     }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Debug for SecretValue {
@@ -109,7 +106,11 @@ pub fn load(path: &Path) -> Result<Vec<Secret>, SecretsError> {
     parse(path, &text, &|k| std::env::var_os(k))
 }
 
-fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Result<Vec<Secret>, SecretsError> {
+fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<Vec<Secret>, SecretsError> {
     if text.trim().is_empty() {
         return Err(SecretsError::Empty(path.to_path_buf()));
     }
@@ -138,17 +139,27 @@ fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<std::ffi::OsStrin
             rule,
         };
         if !names.insert(s.name.clone()) {
-            return Err(rule("the name is used by another secret in this file".into()));
+            return Err(rule(
+                "the name is used by another secret in this file".into(),
+            ));
         }
-        let var = s.env.clone().ok_or_else(|| rule("env is required: the variable that receives the placeholder".into()))?;
+        let var = s.env.clone().ok_or_else(|| {
+            rule("env is required: the variable that receives the placeholder".into())
+        })?;
         if !valid_env_name(&var) {
-            return Err(rule(format!("env {var:?} is not a valid environment variable name")));
+            return Err(rule(format!(
+                "env {var:?} is not a valid environment variable name"
+            )));
         }
         if let Some(other) = envs.insert(var.clone(), s.name.clone()) {
-            return Err(rule(format!("env {var} is already given to secret {other:?}")));
+            return Err(rule(format!(
+                "env {var} is already given to secret {other:?}"
+            )));
         }
         let value = match (&s.value, &s.value_from) {
-            (Some(_), Some(_)) => return Err(rule("give either value or valueFrom, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(rule("give either value or valueFrom, not both".into()));
+            }
             (None, None) => return Err(rule("needs value or valueFrom".into())),
             (Some(v), None) => v.as_bytes().to_vec(),
             (None, Some(from)) => match (&from.env, &from.file) {
@@ -159,8 +170,13 @@ fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<std::ffi::OsStrin
                     .ok_or_else(|| rule(format!("valueFrom.env names {k}, which is not set")))?
                     .into_encoded_bytes(),
                 (None, Some(f)) => {
-                    let p = if f.is_absolute() { f.clone() } else { base.join(f) };
-                    let mut v = std::fs::read(&p).map_err(|e| rule(format!("valueFrom.file {}: {e}", p.display())))?;
+                    let p = if f.is_absolute() {
+                        f.clone()
+                    } else {
+                        base.join(f)
+                    };
+                    let mut v = std::fs::read(&p)
+                        .map_err(|e| rule(format!("valueFrom.file {}: {e}", p.display())))?;
                     // Files written by editors and `echo` end in a newline that is not part of the secret.
                     if v.last() == Some(&b'\n') {
                         v.pop();
@@ -214,7 +230,8 @@ fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<std::ffi::OsStrin
 
 fn valid_env_name(s: &str) -> bool {
     let mut b = s.bytes();
-    matches!(b.next(), Some(c) if c == b'_' || c.is_ascii_alphabetic()) && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
+    matches!(b.next(), Some(c) if c == b'_' || c.is_ascii_alphabetic())
+        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
 }
 
 /// serde's messages quote the offending scalar, which may be a secret typed
@@ -247,7 +264,10 @@ pub struct Minted {
 
 impl Minted {
     pub fn mint(&mut self, len: usize) -> String {
-        assert!((MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&len), "validated before minting");
+        assert!(
+            (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&len),
+            "validated before minting"
+        );
         let mut rng = rand::rng();
         loop {
             let mut p = PREFIX.to_vec();
@@ -263,7 +283,12 @@ impl Minted {
         let Some(key) = kloak_bpf::placeholder_key(p) else {
             return false;
         };
-        if self.keys.contains(&key) || self.all.iter().any(|o| o.starts_with(p) || p.starts_with(o)) {
+        if self.keys.contains(&key)
+            || self
+                .all
+                .iter()
+                .any(|o| o.starts_with(p) || p.starts_with(o))
+        {
             return false;
         }
         self.keys.insert(key);
@@ -277,12 +302,15 @@ mod tests {
     use super::*;
 
     fn parse_str(y: &str) -> Result<Vec<Secret>, SecretsError> {
-        parse(Path::new("/tmp/s.yaml"), y, &|k| (k == "FROM_ENV").then(|| "env-value-123".into()))
+        parse(Path::new("/tmp/s.yaml"), y, &|k| {
+            (k == "FROM_ENV").then(|| "env-value-123".into())
+        })
     }
 
     #[test]
     fn placeholder_has_prefix_alphabet_and_length() {
-        let s = parse_str("secrets:\n  - name: a\n    value: \"0123456789abcdef\"\n    env: A\n").unwrap();
+        let s = parse_str("secrets:\n  - name: a\n    value: \"0123456789abcdef\"\n    env: A\n")
+            .unwrap();
         let p = &s[0].placeholder;
         assert_eq!(p.len(), 16);
         assert!(p.starts_with("kloak:"));
@@ -305,9 +333,16 @@ mod tests {
     #[test]
     fn errors_name_the_secret_and_rule_but_not_the_value() {
         let cases = [
-            ("secrets:\n  - name: short\n    value: \"abc\"\n    env: A\n", "short", "minimum is 8"),
             (
-                &format!("secrets:\n  - name: long\n    value: \"{}\"\n    env: A\n", "x".repeat(129)),
+                "secrets:\n  - name: short\n    value: \"abc\"\n    env: A\n",
+                "short",
+                "minimum is 8",
+            ),
+            (
+                &format!(
+                    "secrets:\n  - name: long\n    value: \"{}\"\n    env: A\n",
+                    "x".repeat(129)
+                ),
                 "long",
                 "maximum is 128",
             ),
@@ -316,22 +351,40 @@ mod tests {
                 "\"d\"",
                 "name is used",
             ),
-            ("secrets:\n  - name: e\n    value: \"aaaaaaaaaa\"\n    env: 1X\n", "\"e\"", "valid environment"),
-            ("secrets:\n  - name: p\n    value: \"aaaaaaaaaa\"\n    env: A\n    port: 70000\n", "\"p\"", "outside"),
-            ("secrets:\n  - name: m\n    valueFrom: {env: NOPE}\n    env: A\n", "\"m\"", "not set"),
+            (
+                "secrets:\n  - name: e\n    value: \"aaaaaaaaaa\"\n    env: 1X\n",
+                "\"e\"",
+                "valid environment",
+            ),
+            (
+                "secrets:\n  - name: p\n    value: \"aaaaaaaaaa\"\n    env: A\n    port: 70000\n",
+                "\"p\"",
+                "outside",
+            ),
+            (
+                "secrets:\n  - name: m\n    valueFrom: {env: NOPE}\n    env: A\n",
+                "\"m\"",
+                "not set",
+            ),
         ];
         for (y, name, rule) in cases {
             let e = parse_str(y).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
             assert!(e.contains(rule), "{e}");
-            assert!(!e.contains("aaaaaaaaaa") && !e.contains("xxxxxxxxx"), "value leaked: {e}");
+            assert!(
+                !e.contains("aaaaaaaaaa") && !e.contains("xxxxxxxxx"),
+                "value leaked: {e}"
+            );
         }
     }
 
     #[test]
     fn empty_and_bad_yaml_are_named() {
         assert!(matches!(parse_str("  \n"), Err(SecretsError::Empty(_))));
-        assert!(matches!(parse_str("secrets: []"), Err(SecretsError::NoSecrets(_))));
+        assert!(matches!(
+            parse_str("secrets: []"),
+            Err(SecretsError::NoSecrets(_))
+        ));
         let e = parse_str("secrets:\n  - name: x\n    value: \"super-secret-value\"\n    env: A\n    port: \"super-secret-value\"\n")
             .unwrap_err()
             .to_string();

@@ -30,7 +30,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e sits in the workspace")
+        .to_path_buf()
 }
 
 pub fn fixtures() -> PathBuf {
@@ -43,7 +46,11 @@ pub fn kloak_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = workspace_root().join("target/debug/kloak");
-    assert!(p.exists(), "{} is missing: run `cargo build -p kloak` first (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p kloak` first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -51,7 +58,11 @@ pub fn kloak_bin() -> PathBuf {
 /// leak check cannot pass by accident.
 pub fn random_secret(prefix: &str, len: usize) -> String {
     let mut s = prefix.to_string();
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 ^ (std::process::id() as u64) << 32;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (std::process::id() as u64) << 32;
     while s.len() < len {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -96,8 +107,25 @@ impl TlsServer {
     pub fn start() -> TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-            .args(["-keyout", "key.pem", "-out", "cert.pem", "-subj", "/CN=localhost", "-days", "2"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .args([
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-subj",
+                "/CN=localhost",
+                "-days",
+                "2",
+            ])
             .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
             .current_dir(dir.path())
             .stderr(Stdio::null())
@@ -106,13 +134,22 @@ impl TlsServer {
         assert!(st.success(), "openssl could not make a certificate");
         let mut child = Command::new("python3")
             .arg(fixtures().join("tls_server.py"))
-            .args(["--cert", "cert.pem", "--key", "key.pem", "--record", "record.jsonl"])
+            .args([
+                "--cert",
+                "cert.pem",
+                "--key",
+                "key.pem",
+                "--record",
+                "record.jsonl",
+            ])
             .current_dir(dir.path())
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3 runs the TLS server");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("server prints its port");
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server prints its port");
         let port = line
             .trim()
             .strip_prefix("LISTENING ")
@@ -198,7 +235,9 @@ impl Secrets {
     pub fn write(entries: &[(&str, &str, &str)]) -> Secrets {
         let mut y = String::from("secrets:\n");
         for (name, value, env) in entries {
-            y.push_str(&format!("  - name: {name}\n    value: \"{value}\"\n    env: {env}\n"));
+            y.push_str(&format!(
+                "  - name: {name}\n    value: \"{value}\"\n    env: {env}\n"
+            ));
         }
         Secrets::raw(&y)
     }
@@ -226,8 +265,15 @@ impl Run {
     }
     /// Panics if `secret` shows in anything Kloak or the command printed.
     pub fn assert_no_leak(&self, secret: &str) {
-        for (what, bytes) in [("stdout", &self.output.stdout), ("stderr", &self.output.stderr)] {
-            assert_eq!(count(bytes, secret.as_bytes()), 0, "secret value leaked to {what}");
+        for (what, bytes) in [
+            ("stdout", &self.output.stdout),
+            ("stderr", &self.output.stderr),
+        ] {
+            assert_eq!(
+                count(bytes, secret.as_bytes()),
+                0,
+                "secret value leaked to {what}"
+            );
         }
         let stats = self.stats.to_string();
         assert!(!stats.contains(secret), "secret value leaked to the stats");
@@ -237,7 +283,11 @@ impl Run {
 pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Command, PathBuf) {
     let stats = secrets.dir.path().join("stats.json");
     let mut c = Command::new(kloak_bin());
-    c.arg("run").arg("--secrets").arg(&secrets.path).arg("--stats-json").arg(&stats);
+    c.arg("run")
+        .arg("--secrets")
+        .arg(&secrets.path)
+        .arg("--stats-json")
+        .arg(&stats);
     c.args(extra).arg("--").args(command);
     c.env("RUST_LOG", "debug");
     (c, stats)
@@ -255,7 +305,9 @@ pub fn run_kloak(secrets: &Secrets, extra: &[&str], command: &[&str], timeout: D
 }
 
 pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     let child = c.spawn().expect("command starts");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -265,7 +317,10 @@ pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Output {
     match rx.recv_timeout(timeout) {
         Ok(out) => out.expect("wait"),
         Err(_) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             panic!("command did not finish within {timeout:?}: {c:?}");
         }
     }

@@ -24,7 +24,11 @@ fn assert_all_real(records: &[Vec<u8>], value: &str, per_request: usize) {
             "request {i} did not carry the real value {per_request} times: {}",
             String::from_utf8_lossy(r)
         );
-        assert_eq!(count(r, b"kloak:"), 0, "request {i} still holds a placeholder");
+        assert_eq!(
+            count(r, b"kloak:"),
+            0,
+            "request {i} still holds a placeholder"
+        );
     }
 }
 
@@ -60,7 +64,20 @@ fn python_urllib_and_http_client_send_the_real_value() {
     for mode in ["urllib", "httpclient"] {
         let port = srv.port.to_string();
         let ca = srv.cacert().display().to_string();
-        let run = run_kloak(&s, &[], &["python3", &py_client(), mode, "--port", &port, "--cacert", &ca], T);
+        let run = run_kloak(
+            &s,
+            &[],
+            &[
+                "python3",
+                &py_client(),
+                mode,
+                "--port",
+                &port,
+                "--cacert",
+                &ca,
+            ],
+            T,
+        );
         assert!(run.output.status.success(), "{mode}: {}", run.stderr());
         run.assert_no_leak(&value);
     }
@@ -81,7 +98,20 @@ fn go_net_http_sends_the_real_value() {
     let s = one_secret(&value);
     let ca = srv.cacert().display().to_string();
     let url = srv.url("/go");
-    let run = run_kloak(&s, &[], &[go.to_str().unwrap(), "-url", &url, "-cacert", &ca, "-n", "3"], T);
+    let run = run_kloak(
+        &s,
+        &[],
+        &[
+            go.to_str().unwrap(),
+            "-url",
+            &url,
+            "-cacert",
+            &ca,
+            "-n",
+            "3",
+        ],
+        T,
+    );
     assert!(run.output.status.success(), "{}", run.stderr());
     let rec = srv.records();
     assert_eq!(rec.len(), 3);
@@ -97,17 +127,32 @@ fn the_child_environment_holds_only_the_placeholder() {
     let _g = serial();
     let value = random_secret("env-", 20);
     let s = one_secret(&value);
-    let run = run_kloak(&s, &[], &["sh", "-c", "printf '%s' \"$API_TOKEN\"; cat /proc/self/environ"], T);
+    let run = run_kloak(
+        &s,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "printf '%s' \"$API_TOKEN\"; cat /proc/self/environ",
+        ],
+        T,
+    );
     assert!(run.output.status.success(), "{}", run.stderr());
     let out = run.output.stdout.clone();
     let placeholder = String::from_utf8_lossy(&out[..value.len()]).into_owned();
     assert!(placeholder.starts_with("kloak:"), "{placeholder}");
     assert_eq!(placeholder.len(), value.len());
     assert!(
-        placeholder[6..].bytes().all(|c| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&c)),
+        placeholder[6..]
+            .bytes()
+            .all(|c| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&c)),
         "not Crockford base32: {placeholder}"
     );
-    assert_eq!(count(&out, placeholder.as_bytes()), 2, "placeholder in $API_TOKEN and in environ");
+    assert_eq!(
+        count(&out, placeholder.as_bytes()),
+        2,
+        "placeholder in $API_TOKEN and in environ"
+    );
     run.assert_no_leak(&value);
 }
 
@@ -126,24 +171,49 @@ fn unknown_tokens_pass_unchanged_and_plain_writes_are_byte_identical() {
     let run = run_kloak(
         &s,
         &[],
-        &["python3", &py_client(), "unknown", "--port", &port, "--cacert", &ca, "--token", unknown],
+        &[
+            "python3",
+            &py_client(),
+            "unknown",
+            "--port",
+            &port,
+            "--cacert",
+            &ca,
+            "--token",
+            unknown,
+        ],
         T,
     );
     assert!(run.output.status.success(), "{}", run.stderr());
     let rec = srv.records();
-    assert_eq!(count(&rec[0], unknown.as_bytes()), 2, "unknown token must arrive untouched");
+    assert_eq!(
+        count(&rec[0], unknown.as_bytes()),
+        2,
+        "unknown token must arrive untouched"
+    );
     assert_eq!(count(&rec[0], value.as_bytes()), 0);
 
     // The same plain request with and without Kloak: identical bytes.
     srv.clear();
-    let plain = ["python3", &py_client(), "plain", "--port", &port, "--cacert", &ca];
+    let plain = [
+        "python3",
+        &py_client(),
+        "plain",
+        "--port",
+        &port,
+        "--cacert",
+        &ca,
+    ];
     let bare = output_with_timeout(std::process::Command::new(plain[0]).args(&plain[1..]), T);
     assert!(bare.status.success());
     let run = run_kloak(&s, &[], &plain, T);
     assert!(run.output.status.success(), "{}", run.stderr());
     let rec = srv.records();
     assert_eq!(rec.len(), 2);
-    assert_eq!(rec[0], rec[1], "a write without placeholders must be byte-identical");
+    assert_eq!(
+        rec[0], rec[1],
+        "a write without placeholders must be byte-identical"
+    );
 }
 
 /// Reads `len` bytes at `addr` in `pid`, and every readable mapping.
@@ -159,7 +229,10 @@ fn memory_of(pid: u32) -> Vec<u8> {
             continue;
         }
         let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
         let mut buf = vec![0u8; (b - a) as usize];
         if mem.read_exact_at(&mut buf, a).is_ok() {
             all.extend_from_slice(&buf);
@@ -190,23 +263,53 @@ fn scrub_puts_the_placeholder_back_into_the_application_buffer() {
             &srv.cacert().display().to_string(),
         ],
     );
-    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     // BUFFER pid=.. addr=.. len=.. intact=True
-    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{line}"));
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{line}"))
+    };
     let pid: u32 = field("pid=").parse().unwrap();
     let addr: u64 = field("addr=").parse().unwrap();
     let len: usize = field("len=").parse().unwrap();
-    assert_eq!(field("intact="), "True", "the client saw its buffer changed");
+    assert_eq!(
+        field("intact="),
+        "True",
+        "the client saw its buffer changed"
+    );
 
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; len];
-    std::fs::File::open(format!("/proc/{pid}/mem")).unwrap().read_exact_at(&mut buf, addr).unwrap();
-    assert_eq!(count(&buf, value.as_bytes()), 0, "real value left in the application buffer");
-    assert_eq!(placeholders_in(&buf, value.len()).len(), 2, "placeholders restored");
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .unwrap()
+        .read_exact_at(&mut buf, addr)
+        .unwrap();
+    assert_eq!(
+        count(&buf, value.as_bytes()),
+        0,
+        "real value left in the application buffer"
+    );
+    assert_eq!(
+        placeholders_in(&buf, value.len()).len(),
+        2,
+        "placeholders restored"
+    );
     let all = memory_of(pid);
-    assert_eq!(count(&all, value.as_bytes()), 0, "real value found somewhere in the client's memory");
+    assert_eq!(
+        count(&all, value.as_bytes()),
+        0,
+        "real value found somewhere in the client's memory"
+    );
 
     child.stdin.take().unwrap().write_all(b"\n").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -229,7 +332,19 @@ fn python_8_threads_x_200_requests_all_arrive_real() {
     let run = run_kloak(
         &s,
         &[],
-        &["python3", &py_client(), "threads", "--threads", "8", "--requests", "200", "--port", &port, "--cacert", &ca],
+        &[
+            "python3",
+            &py_client(),
+            "threads",
+            "--threads",
+            "8",
+            "--requests",
+            "200",
+            "--port",
+            &port,
+            "--cacert",
+            &ca,
+        ],
         T,
     );
     assert!(run.output.status.success(), "{}", run.stderr());
@@ -252,7 +367,22 @@ fn go_32_goroutines_x_50_requests_all_arrive_real() {
     let s = one_secret(&value);
     let ca = srv.cacert().display().to_string();
     let url = srv.url("/go");
-    let run = run_kloak(&s, &[], &[go.to_str().unwrap(), "-url", &url, "-cacert", &ca, "-c", "32", "-n", "50"], T);
+    let run = run_kloak(
+        &s,
+        &[],
+        &[
+            go.to_str().unwrap(),
+            "-url",
+            &url,
+            "-cacert",
+            &ca,
+            "-c",
+            "32",
+            "-n",
+            "50",
+        ],
+        T,
+    );
     assert!(run.output.status.success(), "{}", run.stderr());
     let rec = srv.records();
     assert_eq!(rec.len(), 1600);
@@ -284,9 +414,25 @@ fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged
     let (mut c, _) = kloak_cmd(
         &s,
         &[],
-        &["python3", &py_client(), "threads", "--threads", "4", "--requests", "600", "--port", &port, "--cacert", &ca],
+        &[
+            "python3",
+            &py_client(),
+            "threads",
+            "--threads",
+            "4",
+            "--requests",
+            "600",
+            "--port",
+            &port,
+            "--cacert",
+            &ca,
+        ],
     );
-    let mut agent = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut agent = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let before = srv.wait_for(200, T).len();
     assert!(before >= 200, "clients did not get going");
     let cg = cgroup_of_run(agent.id());
@@ -299,14 +445,20 @@ fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged
     // Watch the clients: none may stay stopped for a second.
     let mut stopped_since: Option<Instant> = None;
     let mut longest = Duration::ZERO;
-    while clients.iter().any(|&p| proc_state(p).is_some_and(|s| s != b'Z')) {
+    while clients
+        .iter()
+        .any(|&p| proc_state(p).is_some_and(|s| s != b'Z'))
+    {
         let any_stopped = clients.iter().any(|&p| proc_state(p) == Some(b'T'));
         match (any_stopped, stopped_since) {
             (true, None) => stopped_since = Some(Instant::now()),
             (true, Some(t)) => longest = longest.max(t.elapsed()),
             (false, _) => stopped_since = None,
         }
-        assert!(longest < Duration::from_secs(1), "a client stayed stopped for {longest:?} after the agent died");
+        assert!(
+            longest < Duration::from_secs(1),
+            "a client stayed stopped for {longest:?} after the agent died"
+        );
         assert!(killed_at.elapsed() < T, "clients did not finish");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -318,11 +470,18 @@ fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged
     for r in &rec {
         let v = count(r, value.as_bytes());
         let p = placeholders_in(r, value.len()).len();
-        assert!(v + p == 2, "request carried neither value nor placeholder: {}", String::from_utf8_lossy(r));
+        assert!(
+            v + p == 2,
+            "request carried neither value nor placeholder: {}",
+            String::from_utf8_lossy(r)
+        );
         real += usize::from(v == 2);
         placeholder += usize::from(p == 2);
     }
-    assert!(real >= 200 && placeholder > 0, "real={real} placeholder={placeholder}");
+    assert!(
+        real >= 200 && placeholder > 0,
+        "real={real} placeholder={placeholder}"
+    );
 }
 
 #[test]
@@ -339,9 +498,22 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     let (mut c, stats) = kloak_cmd(
         &s,
         &["--ring-bytes", "4096"],
-        &["python3", &py_client(), "flood", "--port", &port, "--cacert", &ca],
+        &[
+            "python3",
+            &py_client(),
+            "flood",
+            "--port",
+            &port,
+            "--cacert",
+            &ca,
+        ],
     );
-    let mut agent = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut agent = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(agent.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -353,7 +525,11 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     stdin.write_all(b"go\n").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "SENT", "the writer must not wait for a stopped agent when the ring is full");
+    assert_eq!(
+        line.trim(),
+        "SENT",
+        "the writer must not wait for a stopped agent when the ring is full"
+    );
     nix::sys::signal::kill(apid, nix::sys::signal::Signal::SIGCONT).unwrap();
     drop(stdin);
     let st = agent.wait().unwrap();
@@ -361,9 +537,16 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     let rec = srv.records();
     let last = rec.last().unwrap();
     assert_eq!(count(last, value.as_bytes()), 0);
-    assert_eq!(placeholders_in(last, value.len()).len(), 2, "placeholder went out unchanged");
+    assert_eq!(
+        placeholders_in(last, value.len()).len(),
+        2,
+        "placeholder went out unchanged"
+    );
     let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
-    assert!(stats["bpf"]["lost_events"].as_u64().unwrap() > 0, "lost events counted: {stats}");
+    assert!(
+        stats["bpf"]["lost_events"].as_u64().unwrap() > 0,
+        "lost events counted: {stats}"
+    );
 }
 
 #[test]

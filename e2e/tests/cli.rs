@@ -1,0 +1,131 @@
+//! `kloak run` input errors and `kloak doctor`, through the real binary.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kloak_e2e::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Runs `kloak run` with a bad file; the command must not run.
+fn refused(yaml: &str) -> String {
+    let s = Secrets::raw(yaml);
+    let marker = s.dir.path().join("ran");
+    let cmd = format!("touch {}", marker.display());
+    let run = run_kloak(&s, &[], &["sh", "-c", &cmd], T);
+    assert!(!run.output.status.success(), "kloak accepted:\n{yaml}");
+    assert!(
+        !marker.exists(),
+        "the command ran although the secrets file is bad"
+    );
+    run.stderr()
+}
+
+#[test]
+fn bad_secrets_files_are_refused_with_the_secret_and_rule_named() {
+    if !require_root() {
+        return;
+    }
+    let e = refused("secrets:\n  - name: tiny\n    value: \"abc\"\n    env: A\n");
+    assert!(e.contains("\"tiny\"") && e.contains("minimum is 8"), "{e}");
+    assert!(!e.contains("abc\""), "{e}");
+
+    let long = "q".repeat(200);
+    let e = refused(&format!(
+        "secrets:\n  - name: huge\n    value: \"{long}\"\n    env: A\n"
+    ));
+    assert!(
+        e.contains("\"huge\"") && e.contains("maximum is 128"),
+        "{e}"
+    );
+    assert!(!e.contains(&long));
+
+    let e = refused(
+        "secrets:\n  - name: twin\n    value: \"value-one-1\"\n    env: A\n  - name: twin\n    value: \"value-two-2\"\n    env: B\n",
+    );
+    assert!(e.contains("\"twin\"") && e.contains("name is used"), "{e}");
+    assert!(
+        !e.contains("value-one-1") && !e.contains("value-two-2"),
+        "{e}"
+    );
+
+    let e = refused("");
+    assert!(e.contains("is empty"), "{e}");
+
+    let e = refused("secrets:\n  - name: [unclosed\n");
+    assert!(e.contains("not valid"), "{e}");
+}
+
+#[test]
+fn doctor_json_reports_every_check_and_the_backend() {
+    if !require_root() {
+        return;
+    }
+    let out = output_with_timeout(Command::new(kloak_bin()).args(["doctor", "--json"]), T);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+    assert_eq!(v["ok"], true, "this machine is supported: {v}");
+    assert!(out.status.success());
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "kernel",
+        "btf",
+        "bpffs",
+        "bpf_loop",
+        "uprobes",
+        "kprobes",
+        "tracefs",
+        "lockdown",
+        "capabilities",
+    ] {
+        assert!(names.contains(&n), "missing check {n}: {names:?}");
+    }
+    for c in v["checks"].as_array().unwrap() {
+        assert!(c["ok"].is_boolean() && c["detail"].is_string(), "{c}");
+    }
+    // The backend follows the kernel: lockdown refuses the in-place write.
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]") {
+        assert_eq!(v["backend"], "pause");
+    }
+}
+
+#[test]
+fn inplace_mode_is_refused_clearly_where_the_kernel_forbids_it() {
+    if !require_root() {
+        return;
+    }
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if !(lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]")) {
+        eprintln!("kernel allows bpf_probe_write_user; nothing to refuse here");
+        return;
+    }
+    let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
+    let run = run_kloak(&s, &["--mode", "inplace"], &["true"], T);
+    assert!(!run.output.status.success());
+    let e = run.stderr();
+    assert!(
+        e.contains("bpf_probe_write_user") && e.contains("--mode pause"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_command_is_an_error_not_a_hang() {
+    if !require_root() {
+        return;
+    }
+    let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
+    let run = run_kloak(&s, &[], &["/nonexistent/binary"], T);
+    assert!(!run.output.status.success());
+    assert!(
+        run.stderr().contains("/nonexistent/binary"),
+        "{}",
+        run.stderr()
+    );
+}
