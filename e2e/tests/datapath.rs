@@ -559,3 +559,49 @@ fn the_exit_code_of_the_command_is_kloaks() {
     let run = run_kloak(&s, &[], &["sh", "-c", "exit 7"], T);
     assert_eq!(run.output.status.code(), Some(7));
 }
+
+fn raw_request_test(mode: &str, expected: usize) -> Run {
+    let srv = TlsServer::start();
+    let value = random_secret(&format!("{mode}-"), 30);
+    let s = one_secret(&value);
+    let port = srv.port.to_string();
+    let ca = srv.cacert().display().to_string();
+    let run = run_kloak(&s, &[], &["python3", &py_client(), mode, "--port", &port, "--cacert", &ca], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert!(run.stdout().contains(&format!("placeholders={expected}")), "{}", run.stdout());
+    let rec = srv.records();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(count(&rec[0], value.as_bytes()), expected, "every placeholder replaced");
+    assert_eq!(count(&rec[0], b"kloak:"), 0);
+    run.assert_no_leak(&value);
+    run
+}
+
+#[test]
+fn placeholders_across_scan_chunk_edges_and_deep_in_large_writes_are_found() {
+    if !require_root() {
+        return;
+    }
+    let _g = serial();
+    raw_request_test("edges", 5);
+}
+
+#[test]
+fn more_placeholders_than_the_kernel_tracks_are_all_replaced() {
+    if !require_root() {
+        return;
+    }
+    let _g = serial();
+    let run = raw_request_test("many", 12);
+    assert!(run.stats["bpf"]["overflow"].as_u64() >= Some(1), "the overflow path ran: {}", run.stats);
+}
+
+#[test]
+fn a_buffer_the_kernel_cannot_read_yet_is_scanned_by_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let _g = serial();
+    let run = raw_request_test("mmap", 3);
+    assert!(run.stats["bpf"]["unreadable"].as_u64() >= Some(1), "the unreadable path ran: {}", run.stats);
+}
