@@ -105,6 +105,8 @@ pub struct Agent<'p> {
     files: HashMap<(u64, u64), FileState>,
     scrub: bool,
     stop_timeout: Duration,
+    busy_poll: Duration,
+    groups: Groups,
     pub counters: Arc<Counters>,
 }
 
@@ -116,6 +118,13 @@ enum GroupState {
 }
 
 impl<'p> Agent<'p> {
+    /// After a batch with stops, poll the ring buffer this long before
+    /// sleeping again: the scrub stop and the next request usually follow.
+    pub fn with_busy_poll(mut self, d: Duration) -> Self {
+        self.busy_poll = d;
+        self
+    }
+
     pub fn new(probes: &'p Probes, secrets: SecretTable, scrub: bool) -> Self {
         Agent {
             probes,
@@ -123,6 +132,8 @@ impl<'p> Agent<'p> {
             files: HashMap::new(),
             scrub,
             stop_timeout: Duration::from_millis(500),
+            busy_poll: Duration::ZERO,
+            groups: Groups::default(),
             counters: Arc::default(),
         }
     }
@@ -131,19 +142,35 @@ impl<'p> Agent<'p> {
     pub fn run(&mut self, shutdown: &AtomicBool) -> Result<(), AgentError> {
         let probes = self.probes;
         // Default timer slack (50 us) would stretch every short sleep in
-        // wait_group_stop well past the time a group needs to stop.
+        // wait_group well past the time a group needs to stop.
         let _ = nix::sys::prctl::set_timerslack(1);
         let queue = RefCell::new(Vec::new());
         let reader = probes.event_reader(|e| queue.borrow_mut().push(e))?;
+        let mut busy_until = Instant::now();
         loop {
             let done = shutdown.load(Ordering::Acquire);
-            reader.poll(Duration::from_millis(50))?;
+            // Right after a stop, the next one (the scrub, the next request)
+            // tends to follow within a few hundred microseconds; polling the
+            // ring for that long saves the wake-up of a sleeping thread.
+            if Instant::now() < busy_until {
+                reader.drain()?;
+                if queue.borrow().is_empty() {
+                    std::thread::yield_now();
+                    continue;
+                }
+            } else {
+                reader.poll(Duration::from_millis(50))?;
+            }
             let batch = queue.take();
+            let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
                 self.process(batch, &|| {
                     reader.drain()?;
                     Ok(queue.take())
                 })?;
+            }
+            if stops && !self.busy_poll.is_zero() {
+                busy_until = Instant::now() + self.busy_poll;
             }
             if done {
                 return Ok(());
@@ -157,12 +184,13 @@ impl<'p> Agent<'p> {
         drain: &dyn Fn() -> Result<Vec<Event>, kloak_bpf::Error>,
     ) -> Result<(), AgentError> {
         let mut stopped: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
+        let counters = self.counters.clone();
         let sort = |evs: Vec<Event>, stopped: &mut BTreeMap<u32, Vec<Event>>| {
             for e in evs {
                 if e.kind.leaves_stopped() {
                     stopped.entry(e.tgid).or_default().push(e);
                 } else {
-                    self.note(&e);
+                    note(&counters, &e);
                 }
             }
         };
@@ -174,7 +202,7 @@ impl<'p> Agent<'p> {
             for &tgid in stopped.keys() {
                 state
                     .entry(tgid)
-                    .or_insert_with(|| wait_group_stop(tgid, self.stop_timeout));
+                    .or_insert_with(|| self.groups.wait_stopped(tgid, self.stop_timeout));
             }
             // Threads that hit a probe while the group was stopping have
             // queued their events by now; they must be served before SIGCONT.
@@ -219,29 +247,32 @@ impl<'p> Agent<'p> {
         }
         Ok(())
     }
+}
 
-    fn note(&self, e: &Event) {
-        match e.kind {
-            EventKind::Unknown => {
-                self.counters
-                    .unknown_tokens
-                    .fetch_add(u64::from(e.unknown), Ordering::Relaxed);
-                tracing::debug!(pid = e.tgid, comm = %e.comm, tokens = e.unknown, "unknown kloak: token left unchanged");
-            }
-            EventKind::Rewritten => {
-                self.counters
-                    .rewrites
-                    .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
-            }
-            EventKind::Scrubbed => {
-                self.counters
-                    .scrubs
-                    .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
-            }
-            _ => {}
+/// Events that left nothing stopped: only counted and logged.
+fn note(counters: &Counters, e: &Event) {
+    match e.kind {
+        EventKind::Unknown => {
+            counters
+                .unknown_tokens
+                .fetch_add(u64::from(e.unknown), Ordering::Relaxed);
+            tracing::debug!(pid = e.tgid, comm = %e.comm, tokens = e.unknown, "unknown kloak: token left unchanged");
         }
+        EventKind::Rewritten => {
+            counters
+                .rewrites
+                .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+        }
+        EventKind::Scrubbed => {
+            counters
+                .scrubs
+                .fetch_add(e.hits.len() as u64, Ordering::Relaxed);
+        }
+        _ => {}
     }
+}
 
+impl Agent<'_> {
     fn handle_stopped(&mut self, e: &Event) {
         match e.kind {
             EventKind::Rewrite => {
@@ -418,71 +449,134 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Waits until every thread of `tgid` is in group stop. Stat files stay open
-/// while polling: re-reading an open /proc file skips the path walk.
-fn wait_group_stop(tgid: u32, timeout: Duration) -> GroupState {
+/// Polls of a stopping group that yield the CPU instead of sleeping.
+const YIELD_SPINS: u32 = 400;
+/// Thread groups whose /proc files stay open between stops.
+const MAX_CACHED_GROUPS: usize = 1024;
+
+/// Open /proc stat files of the thread groups the agent stops. Re-reading an
+/// open /proc file skips the path walk, and keeping the thread list avoids a
+/// directory read per stop; the group's thread count tells when it is stale.
+#[derive(Default)]
+struct Groups {
+    map: HashMap<u32, Group>,
+}
+
+struct Group {
+    stat: std::fs::File,
+    tasks: Vec<(u32, std::fs::File)>,
+}
+
+impl Group {
+    fn open(tgid: u32) -> Option<Group> {
+        let stat = std::fs::File::open(format!("/proc/{tgid}/stat")).ok()?;
+        let mut g = Group {
+            stat,
+            tasks: Vec::new(),
+        };
+        g.refresh(tgid)?;
+        Some(g)
+    }
+
+    fn refresh(&mut self, tgid: u32) -> Option<()> {
+        let rd = std::fs::read_dir(format!("/proc/{tgid}/task")).ok()?;
+        self.tasks = rd
+            .filter_map(|d| d.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|t| {
+                Some((
+                    t,
+                    std::fs::File::open(format!("/proc/{tgid}/task/{t}/stat")).ok()?,
+                ))
+            })
+            .collect();
+        Some(())
+    }
+}
+
+fn read_stat<'b>(f: &std::fs::File, buf: &'b mut [u8; 1024]) -> Option<&'b [u8]> {
+    let n = std::os::unix::fs::FileExt::read_at(f, buf, 0).ok()?;
+    (n > 0).then_some(&buf[..n])
+}
+
+/// Field 20 of /proc/PID/stat.
+fn num_threads(stat: &[u8]) -> Option<usize> {
+    let close = stat.iter().rposition(|&c| c == b')')?;
+    std::str::from_utf8(&stat[close + 2..])
+        .ok()?
+        .split_ascii_whitespace()
+        .nth(17)?
+        .parse()
+        .ok()
+}
+
+impl Groups {
+    /// Waits until every thread of `tgid` is in group stop.
+    fn wait_stopped(&mut self, tgid: u32, timeout: Duration) -> GroupState {
+        if self.map.len() > MAX_CACHED_GROUPS {
+            self.map.clear();
+        }
+        let g = match self.map.entry(tgid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match Group::open(tgid) {
+                Some(g) => v.insert(g),
+                None => return GroupState::Gone,
+            },
+        };
+        let r = wait_group(tgid, g, timeout);
+        if r == GroupState::Gone {
+            self.map.remove(&tgid);
+        }
+        r
+    }
+}
+
+fn wait_group(tgid: u32, g: &mut Group, timeout: Duration) -> GroupState {
     let deadline = Instant::now() + timeout;
-    let mut seen: Vec<u32> = Vec::new();
-    let mut pending: Vec<(u32, Option<std::fs::File>)> = Vec::new();
+    let mut buf = [0u8; 1024];
     let mut spins = 0u32;
-    let mut buf = [0u8; 512];
     loop {
-        if pending.is_empty() {
-            let Some(all) = list_tasks(tgid) else {
-                return GroupState::Gone;
-            };
-            pending = all
-                .into_iter()
-                .filter(|t| !seen.contains(t))
-                .map(|t| {
-                    (
-                        t,
-                        std::fs::File::open(format!("/proc/{tgid}/task/{t}/stat")).ok(),
-                    )
-                })
-                .collect();
-            if pending.is_empty() {
-                return GroupState::Stopped;
+        let mut all_stopped = true;
+        let mut live = 0usize;
+        let mut stale = false;
+        for (_, f) in &g.tasks {
+            match read_stat(f, &mut buf).and_then(proc_state) {
+                // Gone since the list was made.
+                None => stale = true,
+                Some(b'Z' | b'X' | b'x') => {}
+                Some(b'T') => live += 1,
+                Some(_) => {
+                    live += 1;
+                    all_stopped = false;
+                    break;
+                }
             }
         }
-        pending.retain(|(tid, f)| {
-            let stopped = match f {
-                // A thread that is gone no longer matters.
-                None => true,
-                Some(f) => match std::os::unix::fs::FileExt::read_at(f, &mut buf, 0) {
-                    Ok(n) => matches!(proc_state(&buf[..n]), Some(b'T' | b'Z' | b'X' | b'x')),
-                    Err(_) => true,
-                },
+        if all_stopped {
+            let Some(n) = read_stat(&g.stat, &mut buf).and_then(num_threads) else {
+                return GroupState::Gone;
             };
-            if stopped {
-                seen.push(*tid);
+            // Every live thread is one we saw stopped: the whole group is.
+            if !stale && n == live {
+                return GroupState::Stopped;
             }
-            !stopped
-        });
-        if pending.is_empty() {
+            if g.refresh(tgid).is_none() {
+                return GroupState::Gone;
+            }
             continue;
         }
         if Instant::now() > deadline {
             return GroupState::TimedOut;
         }
         // The threads we wait for need a CPU to reach their stop; a busy
-        // agent on a small node would only delay them. Short sleeps, with
-        // timer slack at its minimum (set in `run`), keep reaction fast.
+        // agent on a small node would only delay them. Yield first, then
+        // short sleeps, with timer slack at its minimum (set in `run`).
         spins += 1;
-        if spins < 4 {
+        if spins < YIELD_SPINS {
             std::thread::yield_now();
         } else {
             std::thread::sleep(Duration::from_micros(10));
         }
     }
-}
-
-fn list_tasks(tgid: u32) -> Option<Vec<u32>> {
-    let rd = std::fs::read_dir(format!("/proc/{tgid}/task")).ok()?;
-    Some(
-        rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
-            .collect(),
-    )
 }
 
 /// The state letter of a /proc stat line; the command name may hold spaces and parentheses.
@@ -533,9 +627,37 @@ mod tests {
 
     #[test]
     fn group_of_a_missing_process_is_gone() {
+        let mut g = Groups::default();
         assert_eq!(
-            wait_group_stop(u32::MAX - 1, Duration::from_millis(10)),
+            g.wait_stopped(u32::MAX - 1, Duration::from_millis(10)),
             GroupState::Gone
         );
+    }
+
+    #[test]
+    fn a_running_group_times_out_and_a_stopped_one_is_seen() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut g = Groups::default();
+        assert_eq!(
+            g.wait_stopped(pid, Duration::from_millis(20)),
+            GroupState::TimedOut
+        );
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        assert_eq!(
+            g.wait_stopped(pid, Duration::from_secs(2)),
+            GroupState::Stopped
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn num_threads_is_field_20() {
+        let stat = b"42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 7 0 123 456";
+        assert_eq!(num_threads(stat), Some(7));
     }
 }

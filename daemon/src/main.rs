@@ -42,6 +42,10 @@ enum Cmd {
         /// Size of the tls_events ring buffer in bytes (a power of two).
         #[arg(long, default_value_t = kloak_bpf::DEFAULT_RING_BYTES)]
         ring_bytes: u32,
+        /// After a stop, poll for the next event this many microseconds
+        /// before sleeping: lower latency per placeholder, some CPU. 0 = off.
+        #[arg(long, default_value_t = 200)]
+        busy_poll_us: u64,
         /// Write counters (never values) as JSON here when the command exits.
         #[arg(long)]
         stats_json: Option<PathBuf>,
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             mode,
             scrub,
             ring_bytes,
+            busy_poll_us,
             stats_json,
             command,
         } => {
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
                 mode,
                 scrub,
                 ring_bytes,
+                busy_poll_us,
                 stats_json,
                 command,
             }) {

@@ -30,6 +30,7 @@ pub struct RunOpts {
     pub mode: Mode,
     pub scrub: bool,
     pub ring_bytes: u32,
+    pub busy_poll_us: u64,
     pub stats_json: Option<PathBuf>,
     pub command: Vec<OsString>,
 }
@@ -97,7 +98,8 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         .iter()
         .map(|s| (s.env.clone(), s.placeholder.clone()))
         .collect();
-    let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub);
+    let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub)
+        .with_busy_poll(std::time::Duration::from_micros(o.busy_poll_us));
     let counters = agent.counters.clone();
     let shutdown = AtomicBool::new(false);
 

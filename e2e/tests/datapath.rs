@@ -566,12 +566,33 @@ fn raw_request_test(mode: &str, expected: usize) -> Run {
     let s = one_secret(&value);
     let port = srv.port.to_string();
     let ca = srv.cacert().display().to_string();
-    let run = run_kloak(&s, &[], &["python3", &py_client(), mode, "--port", &port, "--cacert", &ca], T);
+    let run = run_kloak(
+        &s,
+        &[],
+        &[
+            "python3",
+            &py_client(),
+            mode,
+            "--port",
+            &port,
+            "--cacert",
+            &ca,
+        ],
+        T,
+    );
     assert!(run.output.status.success(), "{}", run.stderr());
-    assert!(run.stdout().contains(&format!("placeholders={expected}")), "{}", run.stdout());
+    assert!(
+        run.stdout().contains(&format!("placeholders={expected}")),
+        "{}",
+        run.stdout()
+    );
     let rec = srv.records();
     assert_eq!(rec.len(), 1);
-    assert_eq!(count(&rec[0], value.as_bytes()), expected, "every placeholder replaced");
+    assert_eq!(
+        count(&rec[0], value.as_bytes()),
+        expected,
+        "every placeholder replaced"
+    );
     assert_eq!(count(&rec[0], b"kloak:"), 0);
     run.assert_no_leak(&value);
     run
@@ -593,7 +614,11 @@ fn more_placeholders_than_the_kernel_tracks_are_all_replaced() {
     }
     let _g = serial();
     let run = raw_request_test("many", 12);
-    assert!(run.stats["bpf"]["overflow"].as_u64() >= Some(1), "the overflow path ran: {}", run.stats);
+    assert!(
+        run.stats["bpf"]["overflow"].as_u64() >= Some(1),
+        "the overflow path ran: {}",
+        run.stats
+    );
 }
 
 #[test]
@@ -603,5 +628,9 @@ fn a_buffer_the_kernel_cannot_read_yet_is_scanned_by_the_agent() {
     }
     let _g = serial();
     let run = raw_request_test("mmap", 3);
-    assert!(run.stats["bpf"]["unreadable"].as_u64() >= Some(1), "the unreadable path ran: {}", run.stats);
+    assert!(
+        run.stats["bpf"]["unreadable"].as_u64() >= Some(1),
+        "the unreadable path ran: {}",
+        run.stats
+    );
 }

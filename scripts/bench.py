@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Data-path benchmark: added latency per request, measured side by side with
+"no agent" in the same run, and the BPF scan cost per KiB.
+
+Writes target/bench/datapath.json and prints a Markdown table.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KLOAK = os.path.join(ROOT, "target/release/kloak")
+FIX = os.path.join(ROOT, "e2e/fixtures")
+N = int(os.environ.get("BENCH_REQUESTS", "1000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+WARMUP = 50
+
+
+def sh(*a, **kw):
+    return subprocess.run(a, check=True, **kw)
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def main():
+    out_dir = os.path.join(ROOT, "target/bench")
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp()
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+       "-keyout", f"{work}/key.pem", "-out", f"{work}/cert.pem", "-subj", "/CN=localhost", "-days", "1",
+       "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(["python3", f"{FIX}/tls_server.py", "--cert", f"{work}/cert.pem", "--key",
+                            f"{work}/key.pem", "--record", "/dev/null"], stdout=subprocess.PIPE, text=True)
+    port = srv.stdout.readline().split()[1]
+    goclient = os.path.join(ROOT, "target/e2e-bin/goclient")
+    os.makedirs(os.path.dirname(goclient), exist_ok=True)
+    sh("go", "build", "-o", goclient, "main.go", cwd=f"{FIX}/goclient", env={**os.environ, "CGO_ENABLED": "0"})
+    value = "sk-bench-" + "v" * 23
+    with open(f"{work}/secrets.yaml", "w") as f:
+        f.write(f'secrets:\n  - name: bench\n    value: "{value}"\n    env: API_TOKEN\n')
+    env = {**os.environ, "API_TOKEN": "kloak:" + "B" * (len(value) - 6)}
+
+    def client_cmd(client, plain, out):
+        if client == "go":
+            c = [goclient, "-url", f"https://localhost:{port}/bench", "-cacert", f"{work}/cert.pem",
+                 "-n", str(N + WARMUP), "-latencies", out]
+            return c + (["-plain"] if plain else [])
+        c = ["python3", f"{FIX}/py_client.py", "bench", "--port", port, "--cacert", f"{work}/cert.pem",
+             "--requests", str(N + WARMUP), "--out", out]
+        return c + (["--plain"] if plain else [])
+
+    def measure(client, config):
+        out = f"{work}/{client}-{config}.json"
+        plain = config != "agent_placeholder"
+        cmd = client_cmd(client, plain, out)
+        stats = f"{work}/stats-{client}-{config}.json"
+        if config != "no_agent":
+            cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--stats-json", stats, "--"] + cmd
+        sh(*cmd, env=env, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            lat = json.load(f)[WARMUP:]
+        st = None
+        if config != "no_agent":
+            with open(stats) as f:
+                st = json.load(f)
+        return lat, st
+
+    results = {"requests_per_run": N, "rounds": ROUNDS, "clients": {}}
+    for client in ["go", "python"]:
+        lat = {"no_agent": [], "agent_no_placeholder": [], "agent_placeholder": []}
+        pause = {"batches": 0, "wake_ns": 0, "wait_ns": 0, "patch_ns": 0}
+        for _ in range(ROUNDS):
+            # Interleaved, so drift on the VM hits every configuration alike.
+            for config in lat:
+                l, st = measure(client, config)
+                lat[config] += l
+                if st and config == "agent_placeholder":
+                    a = st["agent"]
+                    pause["batches"] += a["pause_batches"]
+                    pause["wake_ns"] += a["wake_ns_total"]
+                    pause["wait_ns"] += a["stop_wait_ns_total"]
+                    pause["patch_ns"] += a["patch_ns_total"]
+        base_med = statistics.median(lat["no_agent"])
+        base_p99 = pct(lat["no_agent"], 0.99)
+        r = {}
+        for config, xs in lat.items():
+            r[config] = {"median_us": round(statistics.median(xs), 1), "p99_us": round(pct(xs, 0.99), 1),
+                         "added_median_us": round(statistics.median(xs) - base_med, 1),
+                         "added_p99_us": round(pct(xs, 0.99) - base_p99, 1)}
+        b = max(pause["batches"], 1)
+        r["pause_breakdown_us"] = {"wake": round(pause["wake_ns"] / b / 1000, 1),
+                                   "group_stop_wait": round(pause["wait_ns"] / b / 1000, 1),
+                                   "patch_and_continue": round(pause["patch_ns"] / b / 1000, 1)}
+        results["clients"][client] = r
+
+    # Cost of one TLS write without a placeholder: uprobe, scan, scrub
+    # uretprobe. Raw writes in a loop, interleaved with and without the agent.
+    per_write = {"no_agent": [], "agent": []}
+    for _ in range(ROUNDS * 3):
+        for config in per_write:
+            cmd = ["python3", f"{FIX}/py_client.py", "writes", "--port", port, "--cacert", f"{work}/cert.pem",
+                   "--requests", "20000", "--size", "256"]
+            if config == "agent":
+                cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--"] + cmd
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            per_write[config].append(float(out.split("NS_PER_WRITE")[1].split()[0]))
+    results["write_without_placeholder"] = {
+        "no_agent_ns": round(statistics.median(per_write["no_agent"])),
+        "agent_ns": round(statistics.median(per_write["agent"])),
+        "added_ns": round(statistics.median(per_write["agent"]) - statistics.median(per_write["no_agent"])),
+        "runs": per_write,
+    }
+
+    # BPF scan cost: kernel run-time statistics of the entry program (its
+    # tail call included) for writes of growing size without placeholders.
+    scan = {}
+    with open("/proc/sys/kernel/bpf_stats_enabled", "r+") as f:
+        prev = f.read().strip()
+        f.seek(0)
+        f.write("1")
+    try:
+        for kib in [1, 4, 16, 64]:
+            out = f"{work}/scan.json"
+            cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--", "sh", "-c",
+                   f"python3 {FIX}/py_client.py bench --plain --size {kib * 1024} --port {port} "
+                   f"--cacert {work}/cert.pem --requests 300 --out {out} & "
+                   f"sleep 0.7; bpftool prog show --json > {work}/progs.json; wait"]
+            sh(*cmd, env=env, stdout=subprocess.DEVNULL)
+            with open(f"{work}/progs.json") as f:
+                progs = json.load(f)
+            p = [p for p in progs if p.get("name") == "tls_write_enter" and p.get("run_cnt")]
+            if p:
+                ns = p[-1]["run_time_ns"] / p[-1]["run_cnt"]
+                scan[f"{kib}KiB"] = {"ns_per_write": round(ns), "ns_per_KiB": round(ns / kib)}
+    finally:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write(prev)
+    results["bpf_scan"] = scan
+    results["machine"] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
+                          "date": time.strftime("%Y-%m-%d")}
+    srv.kill()
+    with open(os.path.join(out_dir, "datapath.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    print(f"| client | configuration | median µs | p99 µs | added median µs | added p99 µs |")
+    print("|---|---|---|---|---|---|")
+    for client, r in results["clients"].items():
+        for config in ["no_agent", "agent_no_placeholder", "agent_placeholder"]:
+            x = r[config]
+            print(f"| {client} | {config} | {x['median_us']} | {x['p99_us']} | {x['added_median_us']} | {x['added_p99_us']} |")
+    for client, r in results["clients"].items():
+        print(client, "pause breakdown (mean µs):", r["pause_breakdown_us"])
+    print("BPF scan:", json.dumps(scan))
+    w = results["write_without_placeholder"]
+    print(f"write without placeholder: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
