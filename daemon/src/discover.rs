@@ -104,7 +104,7 @@ pub fn tls_write_functions(path: &Path) -> Result<Vec<WriteFn>, DiscoverError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut found: Vec<WriteFn> = Vec::new();
+    let mut entries: Vec<(WriteAbi, u64)> = Vec::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.address() == 0 {
             continue;
@@ -115,14 +115,124 @@ pub fn tls_write_functions(path: &Path) -> Result<Vec<WriteFn>, DiscoverError> {
         let Some(&(_, abi)) = TARGETS.iter().find(|(n, _)| *n == base) else {
             continue;
         };
-        if found.iter().any(|f| f.abi == abi) {
+        if entries.iter().any(|(a, _)| *a == abi) {
             continue;
         }
-        if let Some(file_offset) = vaddr_to_offset(&file, sym.address()) {
-            found.push(WriteFn { abi, file_offset });
+        if let Some(off) = vaddr_to_offset(&file, sym.address()) {
+            entries.push((abi, off));
         }
     }
-    Ok(found)
+    Ok(plan_probes(&data, &entries))
+}
+
+/// Where to put the probes. The kernel emulates a probed call, jump or push
+/// but single-steps most other instructions out of line, a second trap that
+/// costs about 10 µs per call on a VM; so where a known prologue allows, the
+/// probe moves to an emulated instruction that sees the same arguments.
+fn plan_probes(data: &[u8], entries: &[(WriteAbi, u64)]) -> Vec<WriteFn> {
+    let at = |abi| entries.iter().find(|(a, _)| *a == abi).map(|&(_, o)| o);
+    let code = |off: u64| data.get(off as usize..).unwrap_or(&[]);
+    let mut out = Vec::new();
+
+    if let Some(go) = at(WriteAbi::GoTlsWrite) {
+        out.push(WriteFn {
+            abi: WriteAbi::GoTlsWrite,
+            file_offset: go + go_stack_check_len(code(go)),
+        });
+    }
+
+    let write = at(WriteAbi::SslWrite);
+    let write_ex = at(WriteAbi::SslWriteEx);
+    // OpenSSL 3: SSL_write_ex is `sub $N,%rsp; call <internal>` and SSL_write
+    // calls the same internal function with the same registers (its length
+    // widened to 64 bits). Probing that function's entry catches both, and a
+    // return probe there still sees its caller's return address.
+    if let Some(ex) = write_ex
+        && let Some(internal) = openssl_internal_write(code(ex), ex)
+        && starts_with_emulated(code(internal))
+    {
+        out.push(WriteFn {
+            abi: WriteAbi::SslWriteEx,
+            file_offset: internal,
+        });
+        if let Some(w) = write
+            && !calls(code(w), w, internal, 96)
+        {
+            out.push(WriteFn {
+                abi: WriteAbi::SslWrite,
+                file_offset: w,
+            });
+        }
+        return out;
+    }
+    for abi in [WriteAbi::SslWrite, WriteAbi::SslWriteEx] {
+        if let Some(off) = at(abi) {
+            out.push(WriteFn {
+                abi,
+                file_offset: off,
+            });
+        }
+    }
+    out
+}
+
+/// `sub $imm8,%rsp; call rel32` at `off`: the file offset of the call's target.
+fn openssl_internal_write(code: &[u8], off: u64) -> Option<u64> {
+    match code {
+        [0x48, 0x83, 0xec, _, 0xe8, r0, r1, r2, r3, ..] => {
+            let rel = i64::from(i32::from_le_bytes([*r0, *r1, *r2, *r3]));
+            u64::try_from(off as i64 + 9 + rel).ok()
+        }
+        _ => None,
+    }
+}
+
+/// Whether the first instruction is a push of a register, which the kernel emulates.
+fn starts_with_emulated(code: &[u8]) -> bool {
+    matches!(code, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
+}
+
+/// Whether a `call rel32` to `target` appears in the first `window` bytes at `off`.
+fn calls(code: &[u8], off: u64, target: u64, window: usize) -> bool {
+    code.iter().take(window).enumerate().any(|(i, &b)| {
+        b == 0xe8
+            && code.get(i + 1..i + 5).is_some_and(|r| {
+                let rel = i64::from(i32::from_le_bytes([r[0], r[1], r[2], r[3]]));
+                off as i64 + i as i64 + 5 + rel == target as i64
+            })
+    })
+}
+
+/// Length of Go's stack-bound check at a function's entry, if `code` starts
+/// with one, so the probe can sit on the conditional jump after it.
+///
+/// The kernel emulates a probed conditional jump but single-steps most other
+/// instructions out of line, which costs a second trap on every call. The
+/// check touches neither the argument registers (RAX, RBX, RCX) nor the stack,
+/// so a probe on the jump sees exactly what a probe on the entry would; when
+/// the stack must grow, the function restarts from its entry and the probe
+/// fires again, on a buffer it has already handled.
+fn go_stack_check_len(code: &[u8]) -> u64 {
+    // lea -N(%rsp),%r12 (disp8 or disp32), then cmp 0x10(%r14),%r12
+    let after_lea = match code {
+        [0x4c, 0x8d, 0x64, 0x24, _, ..] => 5,
+        [0x4c, 0x8d, 0xa4, 0x24, _, _, _, _, ..] => 8,
+        // small frames compare the stack pointer itself: cmp 0x10(%r14),%rsp
+        [0x49, 0x3b, 0x66, 0x10, ..] => 0,
+        _ => return 0,
+    };
+    let cmp_len = if after_lea == 0 {
+        4
+    } else if code.get(after_lea..after_lea + 4) == Some(&[0x4d, 0x3b, 0x66, 0x10]) {
+        after_lea + 4
+    } else {
+        return 0;
+    };
+    // followed by jbe rel32 or jbe rel8
+    match code.get(cmp_len..cmp_len + 2) {
+        Some([0x0f, 0x86]) | Some([0x76, _]) => cmp_len as u64,
+        _ => 0,
+    }
 }
 
 /// Uprobes take file offsets; symbols give virtual addresses.
@@ -163,9 +273,59 @@ mod tests {
             );
         }
         let f = tls_write_functions(lib).unwrap();
-        assert!(f.iter().any(|w| w.abi == WriteAbi::SslWrite));
+        assert!(!f.is_empty());
         assert!(f.iter().any(|w| w.abi == WriteAbi::SslWriteEx));
         assert!(f.iter().all(|w| w.file_offset > 0));
+    }
+
+    #[test]
+    fn go_probe_skips_the_stack_check_only_when_it_is_one() {
+        let big = [
+            0x4c, 0x8d, 0x64, 0x24, 0xb8, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x93, 0x07, 0, 0,
+        ];
+        assert_eq!(go_stack_check_len(&big), 9);
+        let small = [0x49, 0x3b, 0x66, 0x10, 0x76, 0x20];
+        assert_eq!(go_stack_check_len(&small), 4);
+        let other = [0x55, 0x48, 0x89, 0xe5];
+        assert_eq!(go_stack_check_len(&other), 0);
+        let no_jump = [0x49, 0x3b, 0x66, 0x10, 0x90, 0x90];
+        assert_eq!(go_stack_check_len(&no_jump), 0);
+    }
+
+    #[test]
+    fn openssl_probe_moves_to_the_shared_internal_write_when_the_prologue_is_known() {
+        // SSL_write_ex at 0x100: sub $8,%rsp; call 0x40 (rel = 0x40 - 0x109)
+        let mut data = vec![0xccu8; 0x200];
+        let rel = (0x40i32 - 0x109).to_le_bytes();
+        data[0x100..0x109]
+            .copy_from_slice(&[0x48, 0x83, 0xec, 0x08, 0xe8, rel[0], rel[1], rel[2], rel[3]]);
+        data[0x40..0x42].copy_from_slice(&[0x41, 0x56]); // push %r14
+        // SSL_write at 0x180 calls it too, after some setup
+        let rel2 = (0x40i32 - (0x18a + 5)).to_le_bytes();
+        data[0x18a..0x18f].copy_from_slice(&[0xe8, rel2[0], rel2[1], rel2[2], rel2[3]]);
+        let plan = plan_probes(
+            &data,
+            &[(WriteAbi::SslWrite, 0x180), (WriteAbi::SslWriteEx, 0x100)],
+        );
+        assert_eq!(
+            plan,
+            vec![WriteFn {
+                abi: WriteAbi::SslWriteEx,
+                file_offset: 0x40
+            }]
+        );
+
+        // An unknown callee prologue: both entries, unchanged.
+        data[0x40] = 0x48;
+        let plan = plan_probes(
+            &data,
+            &[(WriteAbi::SslWrite, 0x180), (WriteAbi::SslWriteEx, 0x100)],
+        );
+        assert_eq!(plan.len(), 2);
+        assert!(plan.contains(&WriteFn {
+            abi: WriteAbi::SslWrite,
+            file_offset: 0x180
+        }));
     }
 
     #[test]

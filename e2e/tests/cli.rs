@@ -96,23 +96,37 @@ fn doctor_json_reports_every_check_and_the_backend() {
 }
 
 #[test]
-fn inplace_mode_is_refused_clearly_where_the_kernel_forbids_it() {
+fn inplace_mode_rewrites_where_allowed_and_is_refused_clearly_where_not() {
     if !require_root() {
         return;
     }
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
-    if !(lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]")) {
-        eprintln!("kernel allows bpf_probe_write_user; nothing to refuse here");
+    let locked = lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]");
+    let value = random_secret("inplace-", 24);
+    let s = Secrets::write(&[("t", &value, "T")]);
+    if locked {
+        let run = run_kloak(&s, &["--mode", "inplace"], &["true"], T);
+        assert!(!run.output.status.success());
+        let e = run.stderr();
+        assert!(
+            e.contains("bpf_probe_write_user") && e.contains("--mode pause"),
+            "{e}"
+        );
         return;
     }
-    let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
-    let run = run_kloak(&s, &["--mode", "inplace"], &["true"], T);
-    assert!(!run.output.status.success());
-    let e = run.stderr();
-    assert!(
-        e.contains("bpf_probe_write_user") && e.contains("--mode pause"),
-        "{e}"
+    // A kernel without lockdown: the BPF program writes the value itself.
+    let srv = TlsServer::start();
+    let cmd = format!(
+        "curl -sS --cacert {} -H \"Authorization: Bearer $T\" -d \"token=$T\" {}",
+        srv.cacert().display(),
+        srv.url("/inplace")
     );
+    let run = run_kloak(&s, &["--mode", "inplace"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_eq!(run.stats["backend"], "inplace");
+    let rec = srv.records();
+    assert_eq!(count(&rec[0], value.as_bytes()), 2);
+    run.assert_no_leak(&value);
 }
 
 #[test]
