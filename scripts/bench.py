@@ -102,21 +102,27 @@ def main():
 
     # Cost of one TLS write without a placeholder: uprobe, scan, scrub
     # uretprobe. Raw writes in a loop, interleaved with and without the agent.
-    per_write = {"no_agent": [], "agent": []}
-    for _ in range(ROUNDS * 3):
-        for config in per_write:
-            cmd = ["python3", f"{FIX}/py_client.py", "writes", "--port", port, "--cacert", f"{work}/cert.pem",
-                   "--requests", "20000", "--size", "256"]
-            if config == "agent":
-                cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--"] + cmd
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-            per_write[config].append(float(out.split("NS_PER_WRITE")[1].split()[0]))
-    results["write_without_placeholder"] = {
-        "no_agent_ns": round(statistics.median(per_write["no_agent"])),
-        "agent_ns": round(statistics.median(per_write["agent"])),
-        "added_ns": round(statistics.median(per_write["agent"]) - statistics.median(per_write["no_agent"])),
-        "runs": per_write,
-    }
+    results["write_without_placeholder"] = {}
+    for client in ["python", "go"]:
+        per_write = {"no_agent": [], "agent": []}
+        for _ in range(ROUNDS * 3):
+            for config in per_write:
+                if client == "go":
+                    cmd = [goclient, "-url", f"https://localhost:{port}/", "-cacert", f"{work}/cert.pem",
+                           "-writes", "20000", "-size", "256"]
+                else:
+                    cmd = ["python3", f"{FIX}/py_client.py", "writes", "--port", port, "--cacert",
+                           f"{work}/cert.pem", "--requests", "20000", "--size", "256"]
+                if config == "agent":
+                    cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--"] + cmd
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                per_write[config].append(float(out.split("NS_PER_WRITE")[1].split()[0]))
+        results["write_without_placeholder"][client] = {
+            "no_agent_ns": round(statistics.median(per_write["no_agent"])),
+            "agent_ns": round(statistics.median(per_write["agent"])),
+            "added_ns": round(statistics.median(per_write["agent"]) - statistics.median(per_write["no_agent"])),
+            "runs": per_write,
+        }
 
     # BPF scan cost: kernel run-time statistics of the entry program (its
     # tail call included) for writes of growing size without placeholders.
@@ -158,8 +164,8 @@ def main():
     for client, r in results["clients"].items():
         print(client, "pause breakdown (mean µs):", r["pause_breakdown_us"])
     print("BPF scan:", json.dumps(scan))
-    w = results["write_without_placeholder"]
-    print(f"write without placeholder: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
+    for client, w in results["write_without_placeholder"].items():
+        print(f"{client} write without placeholder: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
 
 
 if __name__ == "__main__":
