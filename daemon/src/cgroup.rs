@@ -95,6 +95,28 @@ impl Cgroup {
     }
 }
 
+/// Cgroups of earlier `kloak run`s whose agent is gone: `(path, agent pid)`.
+/// A guardian normally cleans these up; if it died too, they are found here.
+pub fn stale_runs() -> Vec<Cgroup> {
+    let Ok(root) = cgroup2_root() else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(root.join("kloak")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|d| {
+            let name = d.file_name().into_string().ok()?;
+            let pid: u32 = name.strip_prefix("run-")?.parse().ok()?;
+            let alive = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| {
+                e.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("kloak"))
+            });
+            (!alive).then(|| Cgroup::open(&d.path()).ok()).flatten()
+        })
+        .collect()
+}
+
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) {
     if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));

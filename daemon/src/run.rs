@@ -73,6 +73,15 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         );
     }
 
+    // An earlier run whose agent and guardian both died may have left a
+    // process stopped: continue it before anything else.
+    for stale in crate::cgroup::stale_runs() {
+        let n = guardian::sweep(&stale);
+        if n > 0 {
+            tracing::warn!(cgroup = %stale.path.display(), continued = n, "continued processes an earlier run left stopped");
+        }
+        stale.remove_if_empty();
+    }
     let cg = Cgroup::create(&format!("run-{}", std::process::id()))?;
     let procs = cg.procs_file()?;
     let guardian = guardian::spawn(&cg).context("starting the guardian process")?;
@@ -149,6 +158,13 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     // Descendants the command left behind keep running untracked.
     probes.untrack_cgroup(cg.id);
     guardian::sweep(&cg);
+    let lost = probes.stats().lost_events;
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            "the tls_events ring buffer was full {lost} time(s); those placeholders went out unchanged (raise --ring-bytes)"
+        );
+    }
     if let Some(path) = &o.stats_json {
         let s = probes.stats();
         let j = serde_json::json!({

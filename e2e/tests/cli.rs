@@ -26,6 +26,7 @@ fn bad_secrets_files_are_refused_with_the_secret_and_rule_named() {
     if !require_root() {
         return;
     }
+    let _g = serial();
     let e = refused("secrets:\n  - name: tiny\n    value: \"abc\"\n    env: A\n");
     assert!(e.contains("\"tiny\"") && e.contains("minimum is 8"), "{e}");
     assert!(!e.contains("abc\""), "{e}");
@@ -61,6 +62,7 @@ fn doctor_json_reports_every_check_and_the_backend() {
     if !require_root() {
         return;
     }
+    let _g = serial();
     let out = output_with_timeout(Command::new(kloak_bin()).args(["doctor", "--json"]), T);
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
@@ -100,6 +102,7 @@ fn inplace_mode_rewrites_where_allowed_and_is_refused_clearly_where_not() {
     if !require_root() {
         return;
     }
+    let _g = serial();
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     let locked = lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]");
     let value = random_secret("inplace-", 24);
@@ -134,6 +137,7 @@ fn a_missing_command_is_an_error_not_a_hang() {
     if !require_root() {
         return;
     }
+    let _g = serial();
     let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
     let run = run_kloak(&s, &[], &["/nonexistent/binary"], T);
     assert!(!run.output.status.success());
@@ -142,4 +146,42 @@ fn a_missing_command_is_an_error_not_a_hang() {
         "{}",
         run.stderr()
     );
+}
+
+#[test]
+fn processes_left_stopped_by_a_dead_run_are_continued_at_the_next_start() {
+    if !require_root() {
+        return;
+    }
+    let _g = serial();
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| {
+            p.join("cgroup.procs").exists()
+                && std::fs::read_to_string(p.join("cgroup.controllers")).is_ok()
+        })
+        .expect("a cgroup v2 hierarchy");
+    // Agent and guardian both gone (pid 4194303 is beyond pid_max defaults), one process stopped.
+    let dead = root.join("kloak/run-4194303");
+    std::fs::create_dir_all(&dead).unwrap();
+    let mut victim = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(dead.join("cgroup.procs"), victim.id().to_string()).unwrap();
+    let pid = nix::unistd::Pid::from_raw(victim.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(proc_state(victim.id()), Some(b'T'));
+
+    let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
+    let run = run_kloak(&s, &[], &["true"], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_ne!(
+        proc_state(victim.id()),
+        Some(b'T'),
+        "the stopped process was not continued"
+    );
+
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let _ = std::fs::remove_dir(&dead);
 }

@@ -634,3 +634,34 @@ fn a_buffer_the_kernel_cannot_read_yet_is_scanned_by_the_agent() {
         run.stats
     );
 }
+
+#[test]
+fn programs_started_later_and_libraries_loaded_later_are_followed() {
+    if !require_root() {
+        return;
+    }
+    let _g = serial();
+    let go = go_client();
+    let srv = TlsServer::start();
+    let value = random_secret("later-", 27);
+    let s = one_secret(&value);
+    let ca = srv.cacert().display().to_string();
+    // A shell that execs a static Go binary and a Python whose libssl arrives
+    // by dlopen only when it imports ssl, both well after the start.
+    let cmd = format!(
+        "sleep 0.3; {go} -url {url} -cacert {ca} -n 1; \
+         python3 -c 'import time; time.sleep(0.3); import runpy, sys; \
+         sys.argv = [\"c\", \"httpclient\", \"--port\", \"{port}\", \"--cacert\", \"{ca}\"]; \
+         runpy.run_path(\"{py}\", run_name=\"__main__\")'",
+        go = go.display(),
+        url = srv.url("/later"),
+        port = srv.port,
+        py = py_client(),
+    );
+    let run = run_kloak(&s, &[], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.records();
+    assert_eq!(rec.len(), 2);
+    assert_all_real(&rec, &value, 2);
+    run.assert_no_leak(&value);
+}
