@@ -203,14 +203,12 @@ impl EventKind {
     pub fn leaves_stopped(self) -> bool {
         matches!(
             self,
-            EventKind::Rewrite | EventKind::Scan | EventKind::Exec | EventKind::Mmap
+            EventKind::Rewrite
+                | EventKind::Scan
+                | EventKind::Scrub
+                | EventKind::Exec
+                | EventKind::Mmap
         )
-    }
-
-    /// The agent must act on the process while it is stopped; for `Scrub`
-    /// the agent stops it itself, unless a stop of its own is already due.
-    pub fn needs_stopped_process(self) -> bool {
-        self.leaves_stopped() || self == EventKind::Scrub
     }
 }
 

@@ -162,7 +162,7 @@ impl<'p> Agent<'p> {
                 reader.poll(Duration::from_millis(50))?;
             }
             let batch = queue.take();
-            let stops = batch.iter().any(|e| e.kind.needs_stopped_process());
+            let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
                 self.process(batch, &|| {
                     reader.drain()?;
@@ -187,7 +187,7 @@ impl<'p> Agent<'p> {
         let counters = self.counters.clone();
         let sort = |evs: Vec<Event>, stopped: &mut BTreeMap<u32, Vec<Event>>| {
             for e in evs {
-                if e.kind.needs_stopped_process() {
+                if e.kind.leaves_stopped() {
                     stopped.entry(e.tgid).or_default().push(e);
                 } else {
                     note(&counters, &e);
@@ -199,19 +199,10 @@ impl<'p> Agent<'p> {
         sort(batch, &mut stopped);
         let mut state: HashMap<u32, GroupState> = HashMap::new();
         loop {
-            for (&tgid, events) in &stopped {
-                if state.contains_key(&tgid) {
-                    continue;
-                }
-                // Only scrubs: nothing stopped this process yet, so we do.
-                if !events.iter().any(|e| e.kind.leaves_stopped())
-                    && kill(Pid::from_raw(tgid as i32), Signal::SIGSTOP).is_err()
-                {
-                    state.insert(tgid, GroupState::Gone);
-                    continue;
-                }
-                let st = self.groups.wait_stopped(tgid, self.stop_timeout);
-                state.insert(tgid, st);
+            for &tgid in stopped.keys() {
+                state
+                    .entry(tgid)
+                    .or_insert_with(|| self.groups.wait_stopped(tgid, self.stop_timeout));
             }
             // Threads that hit a probe while the group was stopping have
             // queued their events by now; they must be served before SIGCONT.

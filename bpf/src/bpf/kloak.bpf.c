@@ -532,9 +532,8 @@ int tls_write_return_pause(struct pt_regs *ctx)
 		bpf_ringbuf_submit(e, 0);
 	}
 	bpf_map_delete_elem(&pending_scrub, &tid);
-	/* No stop here: the library is done with the buffer, so the agent can
-	 * stop the process a moment later (or fold this into the thread's next
-	 * stop) and put the placeholder back where the real value still is. */
+	if (e)
+		stop_self();
 	return 0;
 }
 

@@ -21,7 +21,7 @@
 enum event_kind {
 	EV_REWRITE = 1,      /* STOP: patch the listed hits, then continue */
 	EV_SCAN = 2,         /* STOP: the kernel could not read (part of) the buffer or hit overflow; scan it from user space */
-	EV_SCRUB = 3,        /* the library returned; the agent stops the process and puts the placeholders back */
+	EV_SCRUB = 3,        /* STOP: the library returned; put the placeholders back */
 	EV_EXEC = 4,         /* STOP: a tracked process exec'd; look at its image */
 	EV_MMAP = 5,         /* STOP: a tracked process mapped an unknown file executable */
 	EV_REWRITTEN = 6,    /* in-place backend replaced the hits itself */
