@@ -58,11 +58,13 @@ def main():
 
     def measure(client, config):
         out = f"{work}/{client}-{config}.json"
-        plain = config != "agent_placeholder"
+        plain = not config.startswith("agent_placeholder")
         cmd = client_cmd(client, plain, out)
         stats = f"{work}/stats-{client}-{config}.json"
         if config != "no_agent":
-            cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--stats-json", stats, "--"] + cmd
+            scrub = "false" if config.endswith("no_scrub") else "true"
+            cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--stats-json", stats,
+                   "--scrub", scrub, "--"] + cmd
         sh(*cmd, env=env, stdout=subprocess.DEVNULL)
         with open(out) as f:
             lat = json.load(f)[WARMUP:]
@@ -74,7 +76,8 @@ def main():
 
     results = {"requests_per_run": N, "rounds": ROUNDS, "clients": {}}
     for client in ["go", "python"]:
-        lat = {"no_agent": [], "agent_no_placeholder": [], "agent_placeholder": []}
+        lat = {"no_agent": [], "agent_no_placeholder": [], "agent_placeholder": [],
+               "agent_placeholder_no_scrub": []}
         pause = {"batches": 0, "wake_ns": 0, "wait_ns": 0, "patch_ns": 0}
         for _ in range(ROUNDS):
             # Interleaved, so drift on the VM hits every configuration alike.
@@ -158,7 +161,7 @@ def main():
     print(f"| client | configuration | median µs | p99 µs | added median µs | added p99 µs |")
     print("|---|---|---|---|---|---|")
     for client, r in results["clients"].items():
-        for config in ["no_agent", "agent_no_placeholder", "agent_placeholder"]:
+        for config in ["no_agent", "agent_no_placeholder", "agent_placeholder", "agent_placeholder_no_scrub"]:
             x = r[config]
             print(f"| {client} | {config} | {x['median_us']} | {x['p99_us']} | {x['added_median_us']} | {x['added_p99_us']} |")
     for client, r in results["clients"].items():
