@@ -1,10 +1,9 @@
 //! The `kloak` binary. Thin: parse arguments, set up logging, hand over.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 mod agent;
 mod cgroup;
@@ -29,30 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command whose environment holds placeholders; its TLS writes carry the real values.
-    Run {
-        /// YAML file listing the secrets.
-        #[arg(long)]
-        secrets: PathBuf,
-        /// Rewrite backend: in-place needs bpf_probe_write_user, pause works under kernel lockdown.
-        #[arg(long, value_enum, default_value = "auto")]
-        mode: run::Mode,
-        /// Put placeholders back into the application's buffer after each write.
-        #[arg(long, default_value_t = true, action = ArgAction::Set)]
-        scrub: bool,
-        /// Size of the tls_events ring buffer in bytes (a power of two).
-        #[arg(long, default_value_t = kloak_bpf::DEFAULT_RING_BYTES)]
-        ring_bytes: u32,
-        /// After a stop, poll for the next event this many microseconds
-        /// before sleeping: lower latency per placeholder, some CPU. 0 = off.
-        #[arg(long, default_value_t = 200)]
-        busy_poll_us: u64,
-        /// Write counters (never values) as JSON here when the command exits.
-        #[arg(long)]
-        stats_json: Option<PathBuf>,
-        /// The command and its arguments, after `--`.
-        #[arg(last = true, required = true)]
-        command: Vec<OsString>,
-    },
+    Run(run::RunOpts),
     /// Check whether this node can run Kloak.
     Doctor {
         #[arg(long)]
@@ -95,25 +71,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Cmd::Run {
-            secrets,
-            mode,
-            scrub,
-            ring_bytes,
-            busy_poll_us,
-            stats_json,
-            command,
-        } => {
+        Cmd::Run(opts) => {
             init_logging("warn");
-            match run::run(run::RunOpts {
-                secrets,
-                mode,
-                scrub,
-                ring_bytes,
-                busy_poll_us,
-                stats_json,
-                command,
-            }) {
+            match run::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("kloak: {e:#}");

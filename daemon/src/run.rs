@@ -25,13 +25,30 @@ pub enum Mode {
     Pause,
 }
 
+/// `kloak run`'s options.
+#[derive(clap::Args)]
 pub struct RunOpts {
+    /// YAML file listing the secrets.
+    #[arg(long)]
     pub secrets: PathBuf,
+    /// Rewrite backend: in-place needs bpf_probe_write_user, pause works under kernel lockdown.
+    #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
+    /// Put placeholders back into the application's buffer after each write.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scrub: bool,
+    /// Size of the tls_events ring buffer in bytes (a power of two).
+    #[arg(long, default_value_t = kloak_bpf::DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
+    /// After a stop, poll for the next event this many microseconds
+    /// before sleeping: lower latency per placeholder, some CPU. 0 = off.
+    #[arg(long, default_value_t = 200)]
     pub busy_poll_us: u64,
+    /// Write counters (never values) as JSON here when the command exits.
+    #[arg(long)]
     pub stats_json: Option<PathBuf>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
 }
 

@@ -29,6 +29,12 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Start of a root-only test: None (skip) without root outside CI, otherwise
+/// the serial lock, held for the test's length.
+pub fn root_test() -> Option<MutexGuard<'static, ()>> {
+    require_root().then(serial)
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

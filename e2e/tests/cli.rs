@@ -23,10 +23,7 @@ fn refused(yaml: &str) -> String {
 
 #[test]
 fn bad_secrets_files_are_refused_with_the_secret_and_rule_named() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let e = refused("secrets:\n  - name: tiny\n    value: \"abc\"\n    env: A\n");
     assert!(e.contains("\"tiny\"") && e.contains("minimum is 8"), "{e}");
     assert!(!e.contains("abc\""), "{e}");
@@ -59,10 +56,7 @@ fn bad_secrets_files_are_refused_with_the_secret_and_rule_named() {
 
 #[test]
 fn doctor_json_reports_every_check_and_the_backend() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let out = output_with_timeout(Command::new(kloak_bin()).args(["doctor", "--json"]), T);
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
@@ -99,10 +93,7 @@ fn doctor_json_reports_every_check_and_the_backend() {
 
 #[test]
 fn inplace_mode_rewrites_where_allowed_and_is_refused_clearly_where_not() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     let locked = lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]");
     let value = random_secret("inplace-", 24);
@@ -134,10 +125,7 @@ fn inplace_mode_rewrites_where_allowed_and_is_refused_clearly_where_not() {
 
 #[test]
 fn a_missing_command_is_an_error_not_a_hang() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
     let run = run_kloak(&s, &[], &["/nonexistent/binary"], T);
     assert!(!run.output.status.success());
@@ -150,10 +138,7 @@ fn a_missing_command_is_an_error_not_a_hang() {
 
 #[test]
 fn processes_left_stopped_by_a_dead_run_are_continued_at_the_next_start() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
         .map(std::path::PathBuf::from)

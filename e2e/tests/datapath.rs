@@ -34,10 +34,7 @@ fn assert_all_real(records: &[Vec<u8>], value: &str, per_request: usize) {
 
 #[test]
 fn curl_sends_the_real_value_in_header_and_body() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("sk-curl-", 40);
     let s = one_secret(&value);
@@ -54,10 +51,7 @@ fn curl_sends_the_real_value_in_header_and_body() {
 
 #[test]
 fn python_urllib_and_http_client_send_the_real_value() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("py-", 24);
     let s = one_secret(&value);
@@ -86,45 +80,44 @@ fn python_urllib_and_http_client_send_the_real_value() {
     assert_all_real(&rec, &value, 2);
 }
 
-#[test]
-fn go_net_http_sends_the_real_value() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+/// Runs the Go client under Kloak: `workers` goroutines × `each` requests,
+/// each carrying the secret's placeholder twice; every request must arrive real.
+fn go_clients_send_real_values(prefix: &str, workers: u32, each: u32) {
     let go = go_client();
     let srv = TlsServer::start();
-    let value = random_secret("go-", 33);
+    let value = random_secret(prefix, 33);
     let s = one_secret(&value);
     let ca = srv.cacert().display().to_string();
     let url = srv.url("/go");
-    let run = run_kloak(
-        &s,
-        &[],
-        &[
-            go.to_str().unwrap(),
-            "-url",
-            &url,
-            "-cacert",
-            &ca,
-            "-n",
-            "3",
-        ],
-        T,
-    );
+    let (c, n) = (workers.to_string(), each.to_string());
+    let args = [
+        go.to_str().unwrap(),
+        "-url",
+        &url,
+        "-cacert",
+        &ca,
+        "-c",
+        &c,
+        "-n",
+        &n,
+    ];
+    let run = run_kloak(&s, &[], &args, T);
     assert!(run.output.status.success(), "{}", run.stderr());
     let rec = srv.records();
-    assert_eq!(rec.len(), 3);
+    assert_eq!(rec.len(), (workers * each) as usize);
     assert_all_real(&rec, &value, 2);
     run.assert_no_leak(&value);
 }
 
 #[test]
+fn go_net_http_sends_the_real_value() {
+    let Some(_g) = root_test() else { return };
+    go_clients_send_real_values("go-", 1, 3);
+}
+
+#[test]
 fn the_child_environment_holds_only_the_placeholder() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let value = random_secret("env-", 20);
     let s = one_secret(&value);
     let run = run_kloak(
@@ -158,10 +151,7 @@ fn the_child_environment_holds_only_the_placeholder() {
 
 #[test]
 fn unknown_tokens_pass_unchanged_and_plain_writes_are_byte_identical() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("known-", 30);
     let s = one_secret(&value);
@@ -243,10 +233,7 @@ fn memory_of(pid: u32) -> Vec<u8> {
 
 #[test]
 fn scrub_puts_the_placeholder_back_into_the_application_buffer() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("scrub-", 32);
     let s = one_secret(&value);
@@ -320,10 +307,7 @@ fn scrub_puts_the_placeholder_back_into_the_application_buffer() {
 
 #[test]
 fn python_8_threads_x_200_requests_all_arrive_real() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("thr-", 28);
     let s = one_secret(&value);
@@ -357,37 +341,8 @@ fn python_8_threads_x_200_requests_all_arrive_real() {
 
 #[test]
 fn go_32_goroutines_x_50_requests_all_arrive_real() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
-    let go = go_client();
-    let srv = TlsServer::start();
-    let value = random_secret("gor-", 36);
-    let s = one_secret(&value);
-    let ca = srv.cacert().display().to_string();
-    let url = srv.url("/go");
-    let run = run_kloak(
-        &s,
-        &[],
-        &[
-            go.to_str().unwrap(),
-            "-url",
-            &url,
-            "-cacert",
-            &ca,
-            "-c",
-            "32",
-            "-n",
-            "50",
-        ],
-        T,
-    );
-    assert!(run.output.status.success(), "{}", run.stderr());
-    let rec = srv.records();
-    assert_eq!(rec.len(), 1600);
-    assert_all_real(&rec, &value, 2);
-    run.assert_no_leak(&value);
+    let Some(_g) = root_test() else { return };
+    go_clients_send_real_values("gor-", 32, 50);
 }
 
 fn cgroup_of_run(kloak_pid: u32) -> PathBuf {
@@ -402,10 +357,7 @@ fn cgroup_of_run(kloak_pid: u32) -> PathBuf {
 
 #[test]
 fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("kill-", 30);
     let s = one_secret(&value);
@@ -486,10 +438,7 @@ fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged
 
 #[test]
 fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("ring-", 26);
     let s = one_secret(&value);
@@ -551,16 +500,15 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
 
 #[test]
 fn the_exit_code_of_the_command_is_kloaks() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let s = one_secret(&random_secret("exit-", 12));
     let run = run_kloak(&s, &[], &["sh", "-c", "exit 7"], T);
     assert_eq!(run.output.status.code(), Some(7));
 }
 
-fn raw_request_test(mode: &str, expected: usize) -> Run {
+/// One raw request in `mode` with `expected` placeholders, all of which must
+/// arrive real; `path` names the kernel counter that proves which path ran.
+fn raw_request_test(mode: &str, expected: usize, path: Option<&str>) {
     let srv = TlsServer::start();
     let value = random_secret(&format!("{mode}-"), 30);
     let s = one_secret(&value);
@@ -595,52 +543,36 @@ fn raw_request_test(mode: &str, expected: usize) -> Run {
     );
     assert_eq!(count(&rec[0], b"kloak:"), 0);
     run.assert_no_leak(&value);
-    run
+    if let Some(counter) = path {
+        assert!(
+            run.stats["bpf"][counter].as_u64() >= Some(1),
+            "the {counter} path did not run: {}",
+            run.stats
+        );
+    }
 }
 
 #[test]
 fn placeholders_across_scan_chunk_edges_and_deep_in_large_writes_are_found() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
-    raw_request_test("edges", 5);
+    let Some(_g) = root_test() else { return };
+    raw_request_test("edges", 5, None);
 }
 
 #[test]
 fn more_placeholders_than_the_kernel_tracks_are_all_replaced() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
-    let run = raw_request_test("many", 12);
-    assert!(
-        run.stats["bpf"]["overflow"].as_u64() >= Some(1),
-        "the overflow path ran: {}",
-        run.stats
-    );
+    let Some(_g) = root_test() else { return };
+    raw_request_test("many", 12, Some("overflow"));
 }
 
 #[test]
 fn a_buffer_the_kernel_cannot_read_yet_is_scanned_by_the_agent() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
-    let run = raw_request_test("mmap", 3);
-    assert!(
-        run.stats["bpf"]["unreadable"].as_u64() >= Some(1),
-        "the unreadable path ran: {}",
-        run.stats
-    );
+    let Some(_g) = root_test() else { return };
+    raw_request_test("mmap", 3, Some("unreadable"));
 }
 
 #[test]
 fn programs_started_later_and_libraries_loaded_later_are_followed() {
-    if !require_root() {
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = root_test() else { return };
     let go = go_client();
     let srv = TlsServer::start();
     let value = random_secret("later-", 27);
