@@ -238,29 +238,78 @@ pub struct Event {
     /// Verified placeholders (or, for `Unknown`, the count in `unknown`).
     pub hits: Vec<Hit>,
     pub unknown: u32,
+    /// The socket the write goes to, when the SSL*/conn → fd mapping knows it.
+    pub fd: Option<i32>,
+}
+
+/// A DNS answer a tracked process read: UDP from port 53.
+#[derive(Debug, Clone)]
+pub struct DnsEvent {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub source: std::net::SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+impl DnsEvent {
+    fn parse(data: &[u8]) -> Option<DnsEvent> {
+        let e: types::dns_event = read_pod(data)?;
+        let port = u16::from_be(e.port);
+        let ip = ip_from(e.family, &e.addr)?;
+        let n = (e.len as usize).min(e.payload.len());
+        Some(DnsEvent {
+            ts_ns: e.ts_ns,
+            tgid: e.tgid,
+            source: std::net::SocketAddr::new(ip, port),
+            payload: e.payload[..n].to_vec(),
+        })
+    }
+}
+
+/// Where a tracked socket was connected to, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conn {
+    pub dest: std::net::SocketAddr,
+    pub connected_ns: u64,
+}
+
+fn ip_from(family: u16, addr: &[u8; 16]) -> Option<std::net::IpAddr> {
+    match family {
+        2 => Some(std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])),
+        10 => {
+            let v6 = std::net::Ipv6Addr::from(*addr);
+            // A v4-mapped destination is the v4 host.
+            Some(
+                v6.to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Copies a plain-old-data record out of a ring-buffer sample.
+fn read_pod<T: Copy>(data: &[u8]) -> Option<T> {
+    if data.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    let mut raw = MaybeUninit::<T>::uninit();
+    // SAFETY: only used with #[repr(C)] skeleton types generated from the BPF
+    // object's BTF (integers and byte arrays, valid for any bit pattern), and
+    // `data` holds at least size_of::<T>() bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            data.as_ptr(),
+            raw.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of::<T>(),
+        );
+        Some(raw.assume_init())
+    }
 }
 
 impl Event {
     fn parse(data: &[u8]) -> Option<Event> {
-        if data.len() < std::mem::size_of::<types::tls_event>() {
-            return None;
-        }
-        // The ring buffer hands out 8-byte aligned records, but copying keeps
-        // this independent of that guarantee.
-        let mut raw = MaybeUninit::<types::tls_event>::uninit();
-        let e = {
-            let dst = raw.as_mut_ptr().cast::<u8>();
-            // SAFETY: tls_event is plain old data generated from the BPF
-            // object's BTF, and `data` holds at least size_of bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    dst,
-                    std::mem::size_of::<types::tls_event>(),
-                );
-                raw.assume_init()
-            }
-        };
+        let e: types::tls_event = read_pod(data)?;
         let kind = EventKind::from_raw(e.kind)?;
         let comm_bytes: Vec<u8> = e
             .comm
@@ -298,6 +347,7 @@ impl Event {
             comm: String::from_utf8_lossy(&comm_bytes).into_owned(),
             hits,
             unknown,
+            fd: (e.fd >= 0).then_some(e.fd),
         })
     }
 }
@@ -395,6 +445,66 @@ impl Probes {
                 &skel.progs.on_mmap_exit,
                 TracepointCategory::Syscalls,
                 "sys_exit_mmap",
+            ),
+            (
+                &skel.progs.on_write_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_write",
+            ),
+            (
+                &skel.progs.on_sendto_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_sendto",
+            ),
+            (
+                &skel.progs.on_sendmsg_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_sendmsg",
+            ),
+            (
+                &skel.progs.on_connect_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_connect",
+            ),
+            (
+                &skel.progs.on_connect_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_connect",
+            ),
+            (
+                &skel.progs.on_close,
+                TracepointCategory::Syscalls,
+                "sys_enter_close",
+            ),
+            (
+                &skel.progs.on_recvfrom_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_recvfrom",
+            ),
+            (
+                &skel.progs.on_recvfrom_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_recvfrom",
+            ),
+            (
+                &skel.progs.on_recvmsg_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_recvmsg",
+            ),
+            (
+                &skel.progs.on_recvmsg_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_recvmsg",
+            ),
+            (
+                &skel.progs.on_read_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_read",
+            ),
+            (
+                &skel.progs.on_read_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_read",
             ),
         ] {
             let cat_name = cat.as_ref().to_string();
@@ -588,10 +698,16 @@ impl Probes {
         }
     }
 
-    /// A consumer of `tls_events` that hands each parsed event to `on_event`.
-    pub fn event_reader<'a, F>(&'a self, mut on_event: F) -> Result<EventReader<'a>>
+    /// A consumer of `tls_events` and `dns_events`, handing each parsed record
+    /// to its callback.
+    pub fn event_reader<'a, F, D>(
+        &'a self,
+        mut on_event: F,
+        mut on_dns: D,
+    ) -> Result<EventReader<'a>>
     where
         F: FnMut(Event) + 'a,
+        D: FnMut(DnsEvent) + 'a,
     {
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&self.skel.maps.tls_events, move |data: &[u8]| {
@@ -601,9 +717,82 @@ impl Probes {
             0
         })
         .map_err(Error::Poll)?;
+        b.add(&self.skel.maps.dns_events, move |data: &[u8]| {
+            if let Some(e) = DnsEvent::parse(data) {
+                on_dns(e);
+            }
+            0
+        })
+        .map_err(Error::Poll)?;
         Ok(EventReader {
             rb: b.build().map_err(Error::Poll)?,
         })
+    }
+
+    /// The destination `connect(2)` gave socket `fd` of `tgid`, if tracked.
+    pub fn conn(&self, tgid: u32, fd: i32) -> Option<Conn> {
+        let key = types::conn_key { tgid, fd };
+        let v = self
+            .skel
+            .maps
+            .conn_ip_map
+            .lookup(pod_bytes(&key), MapFlags::ANY)
+            .ok()??;
+        let c: types::conn_val = read_pod(&v)?;
+        Some(Conn {
+            dest: std::net::SocketAddr::new(ip_from(c.family, &c.addr)?, u16::from_be(c.port)),
+            connected_ns: c.ts_ns,
+        })
+    }
+
+    /// Attaches the hooks that tell which socket an SSL* writes to:
+    /// `SSL_set_fd`, and `SSL_connect`/`SSL_do_handshake` (entry and return)
+    /// for libraries that bring their own BIO.
+    pub fn attach_ssl_fd_hooks(
+        &self,
+        binary: &Path,
+        set_fd: Option<usize>,
+        handshakes: &[usize],
+    ) -> Result<Vec<Link>> {
+        let mut links = Vec::new();
+        let attach = |prog: &libbpf_rs::ProgramMut<'_>, off: usize, ret: bool, what: &str| {
+            prog.attach_uprobe_with_opts(
+                -1,
+                binary,
+                off,
+                UprobeOpts {
+                    retprobe: ret,
+                    ..Default::default()
+                },
+            )
+            .map_err(|source| Error::Attach {
+                what: format!("{what} at {}+{off:#x}", binary.display()),
+                source,
+            })
+        };
+        if let Some(off) = set_fd {
+            links.push(attach(
+                &self.skel.progs.ssl_set_fd,
+                off,
+                false,
+                "SSL_set_fd",
+            )?);
+        }
+        for &off in handshakes {
+            links.push(attach(
+                &self.skel.progs.ssl_handshake_enter,
+                off,
+                false,
+                "handshake",
+            )?);
+            links.push(attach(
+                &self.skel.progs.ssl_handshake_exit,
+                off,
+                true,
+                "handshake return",
+            )?);
+        }
+        Ok(links)
     }
 
     /// Arms the scrub for a write the agent patched on its own (after a

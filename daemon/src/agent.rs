@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kloak_bpf::{Event, EventKind, Hit, KEY_LEN, MAX_HITS, PREFIX, PREFIX_LEN, Probes};
+use kloak_bpf::{DnsEvent, Event, EventKind, Hit, KEY_LEN, MAX_HITS, PREFIX, PREFIX_LEN, Probes};
 use libbpf_rs::Link;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
 
 use crate::discover;
+use crate::dns::DnsCache;
 use crate::procmem;
 use crate::secrets::Secret;
 
@@ -82,6 +83,10 @@ pub struct Counters {
     pub attached_files: AtomicU64,
     pub attach_errors: AtomicU64,
     pub patch_errors: AtomicU64,
+    /// Placeholders left unchanged because the destination is not allowed.
+    pub blocked: AtomicU64,
+    pub dns_answers: AtomicU64,
+    pub dns_untrusted: AtomicU64,
     /// Batches of stopped processes handled, and where their time went:
     /// kernel event to agent awake, waiting for the group stop, patch + SIGCONT.
     pub pause_batches: AtomicU64,
@@ -107,6 +112,7 @@ pub struct Agent<'p> {
     stop_timeout: Duration,
     busy_poll: Duration,
     groups: Groups,
+    dns: DnsCache,
     pub counters: Arc<Counters>,
 }
 
@@ -125,6 +131,12 @@ impl<'p> Agent<'p> {
         self
     }
 
+    /// The cache of trusted DNS answers destination checks consult.
+    pub fn with_dns(mut self, dns: DnsCache) -> Self {
+        self.dns = dns;
+        self
+    }
+
     pub fn new(probes: &'p Probes, secrets: SecretTable, scrub: bool) -> Self {
         Agent {
             probes,
@@ -134,6 +146,7 @@ impl<'p> Agent<'p> {
             stop_timeout: Duration::from_millis(500),
             busy_poll: Duration::ZERO,
             groups: Groups::default(),
+            dns: DnsCache::new(Vec::new(), 1024),
             counters: Arc::default(),
         }
     }
@@ -145,7 +158,11 @@ impl<'p> Agent<'p> {
         // wait_group well past the time a group needs to stop.
         let _ = nix::sys::prctl::set_timerslack(1);
         let queue = RefCell::new(Vec::new());
-        let reader = probes.event_reader(|e| queue.borrow_mut().push(e))?;
+        let dns_queue: RefCell<Vec<DnsEvent>> = RefCell::new(Vec::new());
+        let reader = probes.event_reader(
+            |e| queue.borrow_mut().push(e),
+            |d| dns_queue.borrow_mut().push(d),
+        )?;
         let mut busy_until = Instant::now();
         loop {
             let done = shutdown.load(Ordering::Acquire);
@@ -161,12 +178,13 @@ impl<'p> Agent<'p> {
             } else {
                 reader.poll(Duration::from_millis(50))?;
             }
+            self.record_dns(dns_queue.take());
             let batch = queue.take();
             let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
                 self.process(batch, &|| {
                     reader.drain()?;
-                    Ok(queue.take())
+                    Ok((queue.take(), dns_queue.take()))
                 })?;
             }
             if stops && !self.busy_poll.is_zero() {
@@ -178,10 +196,24 @@ impl<'p> Agent<'p> {
         }
     }
 
+    fn record_dns(&mut self, answers: Vec<DnsEvent>) {
+        for d in answers {
+            let before = self.dns.stats;
+            self.dns.record(d.source, d.ts_ns, &d.payload);
+            let after = self.dns.stats;
+            if after.untrusted > before.untrusted {
+                inc(&self.counters.dns_untrusted);
+                tracing::warn!(pid = d.tgid, source = %d.source, "DNS answer from an untrusted source ignored");
+            } else if after.answers > before.answers {
+                inc(&self.counters.dns_answers);
+            }
+        }
+    }
+
     fn process(
         &mut self,
         batch: Vec<Event>,
-        drain: &dyn Fn() -> Result<Vec<Event>, kloak_bpf::Error>,
+        drain: &dyn Fn() -> Result<(Vec<Event>, Vec<DnsEvent>), kloak_bpf::Error>,
     ) -> Result<(), AgentError> {
         let mut stopped: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
         let counters = self.counters.clone();
@@ -206,7 +238,8 @@ impl<'p> Agent<'p> {
             }
             // Threads that hit a probe while the group was stopping have
             // queued their events by now; they must be served before SIGCONT.
-            let more = drain()?;
+            let (more, answers) = drain()?;
+            self.record_dns(answers);
             if more.is_empty() {
                 break;
             }
@@ -291,41 +324,79 @@ impl Agent<'_> {
         }
     }
 
-    fn patch(&self, e: &Event, h: &Hit, dir: Direction) {
+    /// Writes the value (or, scrubbing, the placeholder) at one hit; true if it did.
+    fn patch(&self, e: &Event, h: &Hit, dir: Direction) -> bool {
         let Some(s) = self.secrets.by_id.get(&h.secret_id) else {
-            return;
+            return false;
         };
         let (from, to) = match dir {
             Direction::ToValue => (s.placeholder.as_bytes(), s.value.expose()),
             Direction::ToPlaceholder => (s.value.expose(), s.placeholder.as_bytes()),
         };
+        if matches!(dir, Direction::ToValue) && !self.destination_allowed(e, s) {
+            return false;
+        }
         let addr = e.buf + h.offset;
         // Check the bytes are still what the kernel saw; never write over anything else.
         match procmem::read(e.tgid, addr, from.len()) {
             Ok(cur) if cur == from => {}
             Ok(_) => {
                 inc(&self.counters.mismatched);
-                return;
+                return false;
             }
             Err(err) => {
                 inc(&self.counters.patch_errors);
                 tracing::warn!(pid = e.tgid, secret = %s.name, error = %err, "reading the write buffer failed");
-                return;
+                return false;
             }
         }
         match procmem::write(e.tgid, addr, to) {
-            Ok(()) => match dir {
-                Direction::ToValue => {
-                    inc(&self.counters.rewrites);
-                    tracing::debug!(pid = e.tgid, comm = %e.comm, secret = %s.name, "placeholder rewritten");
+            Ok(()) => {
+                match dir {
+                    Direction::ToValue => {
+                        inc(&self.counters.rewrites);
+                        tracing::debug!(pid = e.tgid, comm = %e.comm, secret = %s.name, "placeholder rewritten");
+                    }
+                    Direction::ToPlaceholder => inc(&self.counters.scrubs),
                 }
-                Direction::ToPlaceholder => inc(&self.counters.scrubs),
-            },
+                true
+            }
             Err(err) => {
                 inc(&self.counters.patch_errors);
                 tracing::warn!(pid = e.tgid, secret = %s.name, error = %err, "patching the write buffer failed");
+                false
             }
         }
+    }
+
+    /// Whether the socket this write goes to may receive `s`: its destination
+    /// from connect(2), named by a trusted DNS answer valid when the
+    /// connection was made, checked against the secret's rules. Anything
+    /// unknown blocks; a block is counted and logged, never the value.
+    fn destination_allowed(&self, e: &Event, s: &Secret) -> bool {
+        if s.rules.unrestricted() {
+            return true;
+        }
+        let conn = e.fd.and_then(|fd| self.probes.conn(e.tgid, fd));
+        let (dest, names) = match conn {
+            Some(c) => (Some(c.dest), self.dns.names_at(c.dest.ip(), c.connected_ns)),
+            None => (None, Vec::new()),
+        };
+        if let Some(d) = dest
+            && s.rules.allows(d, &names)
+        {
+            return true;
+        }
+        inc(&self.counters.blocked);
+        tracing::warn!(
+            pid = e.tgid,
+            comm = %e.comm,
+            secret = %s.name,
+            destination = %dest.map_or_else(|| "unknown".to_string(), |d| d.to_string()),
+            verified_names = ?names,
+            "blocked: destination not allowed for this secret; the placeholder went out unchanged"
+        );
+        false
     }
 
     /// The kernel could not read the buffer (or found more prefixes than it
@@ -359,8 +430,9 @@ impl Agent<'_> {
                         secret_id: s.id,
                         len: s.placeholder.len() as u32,
                     };
-                    self.patch(e, &h, Direction::ToValue);
-                    done.push((h, s.placeholder.as_bytes()));
+                    if self.patch(e, &h, Direction::ToValue) {
+                        done.push((h, s.placeholder.as_bytes()));
+                    }
                     i = at + s.placeholder.len();
                 }
                 None => {
@@ -403,11 +475,26 @@ impl Agent<'_> {
                 continue;
             }
             let path = m.open_path(e.tgid);
-            let state = match discover::tls_write_functions(&path) {
-                Ok(fns) if fns.is_empty() => FileState::NotTls,
-                Ok(fns) => {
+            let state = match discover::tls_library(&path) {
+                Ok(lib) if lib.writes.is_empty() => FileState::NotTls,
+                Ok(lib) => {
+                    let fns = &lib.writes;
                     let mut links = Vec::new();
-                    for f in &fns {
+                    match self.probes.attach_ssl_fd_hooks(
+                        &path,
+                        lib.set_fd.map(|o| o as usize),
+                        &lib.handshakes
+                            .iter()
+                            .map(|&o| o as usize)
+                            .collect::<Vec<_>>(),
+                    ) {
+                        Ok(l) => links.extend(l),
+                        Err(err) => {
+                            inc(&self.counters.attach_errors);
+                            tracing::warn!(file = %m.path, error = %err, "attaching the socket hooks failed; writes through it will be blocked");
+                        }
+                    }
+                    for f in fns {
                         match self
                             .probes
                             .attach_tls_write(&path, f.file_offset as usize, f.abi)
@@ -602,8 +689,7 @@ mod tests {
             env: "X".into(),
             value: SecretValue::new(vec![b'v'; placeholder.len()]),
             placeholder: placeholder.into(),
-            hosts: vec![],
-            port: None,
+            rules: crate::rules::Rules::default(),
         }
     }
 

@@ -92,19 +92,30 @@ const TARGETS: &[(&str, WriteAbi)] = &[
 ];
 
 /// The TLS write functions an ELF file defines; empty for anything else.
-pub fn tls_write_functions(path: &Path) -> Result<Vec<WriteFn>, DiscoverError> {
+/// What a TLS library offers the probes: where its writes are, and the
+/// functions that tell which socket an `SSL*` writes to.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TlsLib {
+    pub writes: Vec<WriteFn>,
+    pub set_fd: Option<u64>,
+    pub handshakes: Vec<u64>,
+}
+
+/// Finds the TLS functions in an ELF file; an empty `writes` for anything else.
+pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
     let data = std::fs::read(path).map_err(|source| DiscoverError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     if !data.starts_with(b"\x7fELF") {
-        return Ok(Vec::new());
+        return Ok(TlsLib::default());
     }
     let file = object::File::parse(&*data).map_err(|source| DiscoverError::Elf {
         path: path.to_path_buf(),
         source,
     })?;
     let mut entries: Vec<(WriteAbi, u64)> = Vec::new();
+    let mut lib = TlsLib::default();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.address() == 0 {
             continue;
@@ -112,6 +123,19 @@ pub fn tls_write_functions(path: &Path) -> Result<Vec<WriteFn>, DiscoverError> {
         let Ok(name) = sym.name() else { continue };
         // Versioned dynamic names look like SSL_write@@OPENSSL_3.0.0.
         let base = name.split('@').next().unwrap_or(name);
+        match base {
+            "SSL_set_fd" if lib.set_fd.is_none() => {
+                lib.set_fd = vaddr_to_offset(&file, sym.address())
+            }
+            "SSL_do_handshake" | "SSL_connect" => {
+                if let Some(off) = vaddr_to_offset(&file, sym.address())
+                    && !lib.handshakes.contains(&off)
+                {
+                    lib.handshakes.push(off);
+                }
+            }
+            _ => {}
+        }
         let Some(&(_, abi)) = TARGETS.iter().find(|(n, _)| *n == base) else {
             continue;
         };
@@ -122,7 +146,11 @@ pub fn tls_write_functions(path: &Path) -> Result<Vec<WriteFn>, DiscoverError> {
             entries.push((abi, off));
         }
     }
-    Ok(plan_probes(&data, &entries))
+    lib.writes = plan_probes(&data, &entries);
+    if lib.writes.is_empty() {
+        return Ok(TlsLib::default());
+    }
+    Ok(lib)
 }
 
 /// Where to put the probes. The kernel emulates a probed call, jump or push
@@ -272,7 +300,9 @@ mod tests {
                 lib.display()
             );
         }
-        let f = tls_write_functions(lib).unwrap();
+        let tls = tls_library(lib).unwrap();
+        assert!(tls.set_fd.is_some() && tls.handshakes.len() == 2, "{tls:?}");
+        let f = tls.writes;
         assert!(!f.is_empty());
         assert!(f.iter().any(|w| w.abi == WriteAbi::SslWriteEx));
         assert!(f.iter().all(|w| w.file_offset > 0));
@@ -333,6 +363,6 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x");
         std::fs::write(&p, "#!/bin/sh\n").unwrap();
-        assert!(tls_write_functions(&p).unwrap().is_empty());
+        assert_eq!(tls_library(&p).unwrap(), TlsLib::default());
     }
 }

@@ -8,9 +8,11 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod cgroup;
 mod discover;
+mod dns;
 mod doctor;
 mod guardian;
 mod procmem;
+mod rules;
 mod run;
 mod secrets;
 

@@ -44,6 +44,14 @@ pub struct RunOpts {
     /// before sleeping: lower latency per placeholder, some CPU. 0 = off.
     #[arg(long, default_value_t = 200)]
     pub busy_poll_us: u64,
+    /// A resolver whose answers verify destinations (repeatable). Default:
+    /// the nameservers in /etc/resolv.conf. Answers from anywhere else
+    /// authorise nothing.
+    #[arg(long = "trusted-dns", value_name = "IP")]
+    pub trusted_dns: Vec<std::net::IpAddr>,
+    /// Addresses the DNS cache remembers before evicting the oldest.
+    #[arg(long, default_value_t = 1024)]
+    pub dns_cache_entries: usize,
     /// Write counters (never values) as JSON here when the command exits.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -78,15 +86,22 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         bail!(msg);
     }
     let backend = choose_backend(o.mode)?;
-    for s in secrets
-        .iter()
-        .filter(|s| !s.hosts.is_empty() || s.port.is_some())
-    {
+    for s in secrets.iter().filter(|s| s.rules.unrestricted()) {
+        tracing::warn!(secret = %s.name, "secret has no hosts or port: any destination receives it");
+    }
+    if backend == Backend::InPlace && secrets.iter().any(|s| !s.rules.unrestricted()) {
+        bail!(
+            "destination rules (hosts, port) are enforced by the pause backend only in this version; use --mode pause, or drop the rules"
+        );
+    }
+    let trusted = if o.trusted_dns.is_empty() {
+        crate::dns::resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
+    } else {
+        o.trusted_dns.clone()
+    };
+    if trusted.is_empty() && secrets.iter().any(|s| !s.rules.unrestricted()) {
         tracing::warn!(
-            secret = %s.name,
-            hosts = ?s.hosts,
-            port = ?s.port,
-            "destination rules are accepted but not enforced yet: this build rewrites for any destination"
+            "no trusted DNS resolver (none in /etc/resolv.conf, no --trusted-dns): only IP and CIDR rules can match"
         );
     }
 
@@ -118,14 +133,15 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         })?;
     }
     probes.track_cgroup(cg.id)?;
-    tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), "kloak run ready");
+    tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), trusted_dns = ?trusted, "kloak run ready");
 
     let env: Vec<(String, String)> = secrets
         .iter()
         .map(|s| (s.env.clone(), s.placeholder.clone()))
         .collect();
     let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub)
-        .with_busy_poll(std::time::Duration::from_micros(o.busy_poll_us));
+        .with_busy_poll(std::time::Duration::from_micros(o.busy_poll_us))
+        .with_dns(crate::dns::DnsCache::new(trusted, o.dns_cache_entries));
     let counters = agent.counters.clone();
     let shutdown = AtomicBool::new(false);
 

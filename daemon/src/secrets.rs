@@ -12,6 +12,8 @@ use rand::Rng;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::rules::Rules;
+
 /// Crockford base32: no I, L, O or U, so placeholders survive being read aloud
 /// and never contain characters that need quoting in headers, URLs, JSON or shell.
 pub const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -52,7 +54,14 @@ struct SecretSpec {
     env: Option<String>,
     #[serde(default)]
     hosts: Vec<String>,
-    port: Option<u32>,
+    port: Option<Ports>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Ports {
+    One(i64),
+    Many(Vec<i64>),
 }
 
 #[derive(Deserialize)]
@@ -92,8 +101,8 @@ pub struct Secret {
     pub env: String,
     pub value: SecretValue,
     pub placeholder: String,
-    pub hosts: Vec<String>,
-    pub port: Option<u16>,
+    /// Where the value may go; empty means anywhere.
+    pub rules: Rules,
 }
 
 /// Reads and validates a secrets file, then mints a placeholder per secret.
@@ -201,24 +210,28 @@ fn parse(
                 value.len()
             )));
         }
-        let port = match s.port {
-            None => None,
-            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
-            Some(p) => return Err(rule(format!("port {p} is outside 1-65535"))),
+        let ports = match s.port {
+            None => Vec::new(),
+            Some(Ports::One(p)) => vec![p],
+            Some(Ports::Many(ps)) => ps,
         };
-        for h in &s.hosts {
-            if h.trim().is_empty() || h.contains(char::is_whitespace) {
-                return Err(rule(format!("host {h:?} is empty or contains white space")));
-            }
-        }
+        let ports = ports
+            .into_iter()
+            .map(|p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| rule(format!("port {p} is outside 1-65535")))
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        let rules = Rules::parse(&s.hosts, &ports).map_err(rule)?;
         out.push(Secret {
             id: index as u32 + 1,
             name: s.name,
             env: var,
             value,
             placeholder: String::new(),
-            hosts: s.hosts,
-            port,
+            rules,
         });
     }
     let mut minted = Minted::default();
@@ -400,6 +413,29 @@ mod tests {
             for b in &ps[i + 1..] {
                 assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()));
             }
+        }
+    }
+
+    #[test]
+    fn hosts_and_one_or_many_ports_become_rules() {
+        let s = parse_str(
+            "secrets:\n  - name: a\n    value: \"0123456789\"\n    env: A\n    hosts: [allowed.test, \"*.svc.test\", 10.0.0.0/8]\n    port: 443\n  - name: b\n    value: \"0123456789\"\n    env: B\n    port: [443, 8443]\n",
+        )
+        .unwrap();
+        assert!(s[0].rules.allows("10.1.2.3:443".parse().unwrap(), &[]));
+        assert!(!s[0].rules.allows("10.1.2.3:8443".parse().unwrap(), &[]));
+        assert!(s[1].rules.allows("1.1.1.1:8443".parse().unwrap(), &[]));
+        for (y, rule) in [
+            ("hosts: [\"bad host\"]", "not a DNS name"),
+            ("port: [443, 0]", "outside 1-65535"),
+            ("port: 70000", "outside 1-65535"),
+        ] {
+            let e = parse_str(&format!(
+                "secrets:\n  - name: r\n    value: \"aaaaaaaaaa\"\n    env: A\n    {y}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("\"r\"") && e.contains(rule), "{e}");
         }
     }
 

@@ -66,7 +66,7 @@ struct scan_ctx {
 	__u32 nmatch;
 	__u32 nunknown;
 	__u32 flags;
-	__u32 _pad;
+	__s32 fd;
 	struct hit hits[MAX_HITS];   /* prefix positions */
 	struct hit match[MAX_HITS];  /* verified placeholders */
 	__u8 chunk[CHUNK_BUF] __attribute__((aligned(8)));
@@ -121,8 +121,80 @@ struct {
 	__type(value, __u32);
 } phase2_progs SEC(".maps");
 
-/* Gives the skeleton a Rust type for the event layout. */
+/* ---- destinations ---- */
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_UDP 17
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define EINPROGRESS 115
+#define DNS_PORT_BE 0x3500 /* htons(53) */
+
+/* (tgid, fd) -> where connect(2) pointed the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct conn_key);
+	__type(value, struct conn_val);
+} conn_ip_map SEC(".maps");
+
+struct connect_arg {
+	__u64 addr;
+	__s32 fd;
+	__u32 len;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct connect_arg);
+} connect_args SEC(".maps");
+
+/* SSL* -> socket fd, from SSL_set_fd or the first socket write of a handshake. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __s32);
+} ssl_fd SEC(".maps");
+
+/* tid -> SSL* whose handshake the thread is running. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} hs_ssl SEC(".maps");
+
+struct recv_arg {
+	__u64 buf;   /* payload buffer (recvfrom, read) */
+	__u64 addr;  /* sockaddr the kernel fills (recvfrom), or the msghdr (recvmsg) */
+	__s32 fd;
+	__u32 kind;
+};
+
+#define RECV_FROM 1
+#define RECV_MSG 2
+#define RECV_READ 3
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct recv_arg);
+} recv_args SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} dns_events SEC(".maps");
+
+/* Give the skeleton Rust types for the event layouts. */
 struct tls_event _event_type = {};
+struct dns_event _dns_event_type = {};
+struct conn_val _conn_val_type = {};
 
 static __always_inline void stat_add(__u32 idx, __u64 n)
 {
@@ -142,6 +214,28 @@ static __always_inline bool tracked(void)
 /* ------------------------------------------------------------------ */
 /* Phase 1                                                             */
 
+static __always_inline __s32 ssl_to_fd(__u64 ssl)
+{
+	__s32 *fd = bpf_map_lookup_elem(&ssl_fd, &ssl);
+	return fd ? *fd : -1;
+}
+
+/* Go: *tls.Conn -> conn net.Conn (itab, data) -> *net.TCPConn -> conn.fd
+ * *netFD -> pfd.Sysfd, after pfd.fdmu (16 bytes). These layouts have held
+ * since Go 1.9; a failed read gives -1 (unknown), which blocks. */
+static __always_inline __s32 go_conn_fd(__u64 tls_conn)
+{
+	__u64 iface[2], netfd;
+	__s64 sysfd;
+	if (bpf_probe_read_user(iface, sizeof(iface), (void *)tls_conn) < 0 || !iface[1])
+		return -1;
+	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)iface[1]) < 0 || !netfd)
+		return -1;
+	if (bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) < 0)
+		return -1;
+	return sysfd >= 0 && sysfd < 0x7fffffff ? (__s32)sysfd : -1;
+}
+
 SEC("uprobe")
 int tls_write_enter(struct pt_regs *ctx)
 {
@@ -151,7 +245,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	/* Read every candidate register up front with fixed offsets: the
 	 * verifier refuses loads through a ctx pointer clang has offset. */
-	__u64 si = ctx->si, dx = ctx->dx, bx = ctx->bx, cx = ctx->cx;
+	__u64 di = ctx->di, si = ctx->si, dx = ctx->dx, ax = ctx->ax, bx = ctx->bx, cx = ctx->cx;
 	__u64 buf, len;
 	switch (cookie & ABI_MASK) {
 	case ABI_SSL_WRITE: /* SysV: rdi ssl, rsi buf, edx num */
@@ -186,6 +280,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->nmatch = 0;
 	c->nunknown = 0;
 	c->flags = 0;
+	c->fd = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE ? go_conn_fd(ax) : ssl_to_fd(di);
 
 	bpf_tail_call(ctx, &phase2_progs, 0);
 	stat_add(ST_TAILCALL_FAIL, 1);
@@ -378,7 +473,7 @@ static __always_inline struct tls_event *new_event(__u32 kind)
 	e->ino = 0;
 	e->nhits = 0;
 	e->flags = 0;
-	e->_pad = 0;
+	e->fd = -1;
 	__builtin_memset(e->hits, 0, sizeof(e->hits));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	return e;
@@ -401,6 +496,7 @@ static __always_inline void emit_unknown(struct scan_ctx *c)
 	e->buf = c->buf;
 	e->len = c->len;
 	e->cookie = c->cookie;
+	e->fd = c->fd;
 	e->nhits = c->nunknown;
 	bpf_ringbuf_submit(e, 0);
 }
@@ -446,6 +542,7 @@ int tls_write_scan_pause(struct pt_regs *ctx)
 	e->buf = c->buf;
 	e->len = c->len;
 	e->cookie = c->cookie;
+	e->fd = c->fd;
 	e->flags = c->flags;
 	e->nhits = c->nmatch;
 	copy_hits(e->hits, c->match, c->nmatch);
@@ -507,6 +604,7 @@ int tls_write_scan_inplace(struct pt_regs *ctx)
 	e->buf = c->buf;
 	e->len = c->len;
 	e->cookie = c->cookie;
+	e->fd = c->fd;
 	e->flags = c->flags;
 	e->nhits = c->nmatch;
 	copy_hits(e->hits, c->match, c->nmatch);
@@ -642,4 +740,283 @@ int on_mmap_exit(struct trace_event_raw_sys_exit *ctx)
 	bpf_ringbuf_submit(e, 0);
 	stop_self();
 	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Which socket an SSL* writes to                                      */
+
+SEC("uprobe")
+int ssl_set_fd(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di;
+	__s32 fd = (__s32)ctx->si;
+	bpf_map_update_elem(&ssl_fd, &ssl, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int ssl_handshake_enter(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di;
+	if (bpf_map_lookup_elem(&ssl_fd, &ssl))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&hs_ssl, &tid, &ssl, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int ssl_handshake_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_delete_elem(&hs_ssl, &tid);
+	return 0;
+}
+
+/* A handshake's first socket write (custom BIOs such as curl's) names the fd. */
+static __always_inline void handshake_write(long fd)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *ssl = bpf_map_lookup_elem(&hs_ssl, &tid);
+	if (!ssl)
+		return;
+	__u64 key = *ssl;
+	__s32 v = (__s32)fd;
+	bpf_map_update_elem(&ssl_fd, &key, &v, BPF_NOEXIST);
+	bpf_map_delete_elem(&hs_ssl, &tid);
+}
+
+SEC("tp/syscalls/sys_enter_write")
+int on_write_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_sendto")
+int on_sendto_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_sendmsg")
+int on_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* connect / close                                                     */
+
+static __always_inline bool read_sockaddr(__u64 uaddr, struct conn_val *v)
+{
+	__u8 sa[24] = {};
+	if (!uaddr || bpf_probe_read_user(sa, sizeof(sa), (void *)uaddr) < 0)
+		return false;
+	__u16 family = sa[0] | (sa[1] << 8);
+	v->family = family;
+	v->port = sa[2] | (sa[3] << 8); /* stays in network order */
+	if (family == AF_INET) {
+		__builtin_memcpy(v->addr, &sa[4], 4);
+		return true;
+	}
+	if (family == AF_INET6) {
+		__builtin_memcpy(v->addr, &sa[8], 16);
+		return true;
+	}
+	return false;
+}
+
+SEC("tp/syscalls/sys_enter_connect")
+int on_connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!tracked())
+		return 0;
+	struct connect_arg a = { .fd = (__s32)ctx->args[0], .addr = ctx->args[1], .len = (__u32)ctx->args[2] };
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&connect_args, &tid, &a, BPF_ANY);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_connect")
+int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct connect_arg *a = bpf_map_lookup_elem(&connect_args, &tid);
+	if (!a)
+		return 0;
+	struct connect_arg arg = *a;
+	bpf_map_delete_elem(&connect_args, &tid);
+	if (ctx->ret != 0 && ctx->ret != -EINPROGRESS)
+		return 0;
+	struct conn_val v = {};
+	if (!read_sockaddr(arg.addr, &v))
+		return 0;
+	v.ts_ns = bpf_ktime_get_ns();
+	struct conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = arg.fd };
+	bpf_map_update_elem(&conn_ip_map, &k, &v, BPF_ANY);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_close")
+int on_close(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!tracked())
+		return 0;
+	struct conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = (__s32)ctx->args[0] };
+	bpf_map_delete_elem(&conn_ip_map, &k);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* DNS answers: UDP datagrams from port 53 that tracked processes read */
+
+static __always_inline struct sock *udp_sock_of(long fd)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = 0;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) < 0 || !f)
+		return 0;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+	struct sock *sk = so ? BPF_CORE_READ(so, sk) : 0;
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP)
+		return 0;
+	return sk;
+}
+
+static __always_inline void recv_enter(long fd, __u64 buf, __u64 addr, __u32 kind)
+{
+	if (!tracked() || !udp_sock_of(fd))
+		return;
+	struct recv_arg a = { .buf = buf, .addr = addr, .fd = (__s32)fd, .kind = kind };
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&recv_args, &tid, &a, BPF_ANY);
+}
+
+SEC("tp/syscalls/sys_enter_recvfrom")
+int on_recvfrom_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	recv_enter((long)ctx->args[0], ctx->args[1], ctx->args[4], RECV_FROM);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_recvmsg")
+int on_recvmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	recv_enter((long)ctx->args[0], 0, ctx->args[1], RECV_MSG);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_read")
+int on_read_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	recv_enter((long)ctx->args[0], ctx->args[1], 0, RECV_READ);
+	return 0;
+}
+
+/* struct user_msghdr / iovec as user space lays them out on x86_64. */
+struct umsg {
+	__u64 name;
+	__u32 namelen;
+	__u32 _pad;
+	__u64 iov;
+	__u64 iovlen;
+};
+
+static __always_inline int recv_exit(long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct recv_arg *ap = bpf_map_lookup_elem(&recv_args, &tid);
+	if (!ap)
+		return 0;
+	struct recv_arg a = *ap;
+	bpf_map_delete_elem(&recv_args, &tid);
+	if (ret <= 12) /* shorter than a DNS header */
+		return 0;
+
+	struct conn_val src = {};
+	__u64 payload = a.buf;
+	__u64 from = 0;
+	if (a.kind == RECV_FROM) {
+		from = a.addr;
+	} else if (a.kind == RECV_MSG) {
+		struct umsg m;
+		__u64 iov[2];
+		if (bpf_probe_read_user(&m, sizeof(m), (void *)a.addr) < 0 || !m.iovlen)
+			return 0;
+		if (bpf_probe_read_user(iov, sizeof(iov), (void *)m.iov) < 0)
+			return 0;
+		from = m.name;
+		payload = iov[0];
+		if (ret > iov[1])
+			ret = iov[1];
+	}
+	if (!from || !read_sockaddr(from, &src)) {
+		/* A connected socket (read, or recvfrom without an address): its peer. */
+		struct sock *sk = udp_sock_of(a.fd);
+		if (!sk)
+			return 0;
+		src.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+		src.port = BPF_CORE_READ(sk, __sk_common.skc_dport);
+		if (src.family == AF_INET) {
+			__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+			__builtin_memcpy(src.addr, &d, 4);
+		} else if (src.family == AF_INET6) {
+			BPF_CORE_READ_INTO(&src.addr, sk, __sk_common.skc_v6_daddr);
+		} else {
+			return 0;
+		}
+	}
+	if (src.port != DNS_PORT_BE)
+		return 0;
+
+	struct dns_event *e = bpf_ringbuf_reserve(&dns_events, sizeof(*e), 0);
+	if (!e) {
+		stat_add(ST_LOST, 1);
+		return 0;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->tgid = bpf_get_current_pid_tgid() >> 32;
+	e->family = src.family;
+	e->port = src.port;
+	__builtin_memcpy(e->addr, src.addr, 16);
+	__u32 n = ret > DNS_MAX_PAYLOAD ? DNS_MAX_PAYLOAD : (__u32)ret;
+	e->len = n;
+	e->_pad = 0;
+	if (bpf_probe_read_user(e->payload, n, (void *)payload) < 0) {
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_recvfrom")
+int on_recvfrom_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return recv_exit(ctx->ret);
+}
+
+SEC("tp/syscalls/sys_exit_recvmsg")
+int on_recvmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return recv_exit(ctx->ret);
+}
+
+SEC("tp/syscalls/sys_exit_read")
+int on_read_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return recv_exit(ctx->ret);
 }

@@ -16,6 +16,9 @@
 #define ABI_SSL_WRITE 1       /* int SSL_write(SSL *, const void *, int) */
 #define ABI_SSL_WRITE_EX 2    /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
 #define ABI_GO_TLS_WRITE 3    /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
+/* Hooks that map an SSL* to its socket. */
+#define ABI_SSL_SET_FD 16     /* int SSL_set_fd(SSL *, int fd) */
+#define ABI_SSL_HANDSHAKE 17  /* SSL_connect / SSL_do_handshake(SSL *): the thread's next socket write names the fd */
 
 /* Event kinds on tls_events. STOP kinds leave the writing thread stopped. */
 enum event_kind {
@@ -27,6 +30,34 @@ enum event_kind {
 	EV_REWRITTEN = 6,    /* in-place backend replaced the hits itself */
 	EV_SCRUBBED = 7,     /* in-place backend restored the placeholders itself */
 	EV_UNKNOWN = 8,      /* a kloak: token matched no secret; it went out unchanged */
+};
+
+#define DNS_MAX_PAYLOAD 512
+
+/* A DNS answer a tracked process received (UDP, source port 53). */
+struct dns_event {
+	__u64 ts_ns;
+	__u32 tgid;
+	__u16 family;       /* AF_INET or AF_INET6 */
+	__be16 port;        /* source port, network order */
+	__u8 addr[16];      /* source address */
+	__u32 len;          /* bytes of payload captured */
+	__u32 _pad;
+	__u8 payload[DNS_MAX_PAYLOAD];
+};
+
+struct conn_key {
+	__u32 tgid;
+	__s32 fd;
+};
+
+/* Destination of a connected socket, from connect(2). */
+struct conn_val {
+	__u64 ts_ns;        /* when connect(2) returned */
+	__u16 family;
+	__be16 port;
+	__u32 _pad;
+	__u8 addr[16];
 };
 
 enum stat_idx {
@@ -81,7 +112,7 @@ struct tls_event {
 	__u32 tid;
 	__u32 nhits;
 	__u32 flags;
-	__u32 _pad;
+	__s32 fd;           /* socket the write goes to; -1 when unknown */
 	char comm[16];
 	struct hit hits[MAX_HITS];
 };
