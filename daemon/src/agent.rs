@@ -199,7 +199,7 @@ impl<'p> Agent<'p> {
     fn record_dns(&mut self, answers: Vec<DnsEvent>) {
         for d in answers {
             let before = self.dns.stats;
-            self.dns.record(d.source, d.ts_ns, &d.payload);
+            self.dns.record(d.tgid, d.source, d.ts_ns, &d.payload);
             let after = self.dns.stats;
             if after.untrusted > before.untrusted {
                 inc(&self.counters.dns_untrusted);
@@ -379,7 +379,10 @@ impl Agent<'_> {
         }
         let conn = e.fd.and_then(|fd| self.probes.conn(e.tgid, fd));
         let (dest, names) = match conn {
-            Some(c) => (Some(c.dest), self.dns.names_at(c.dest.ip(), c.connected_ns)),
+            Some(c) => (
+                Some(c.dest),
+                self.dns.names_at(e.tgid, c.dest.ip(), c.connected_ns),
+            ),
             None => (None, Vec::new()),
         };
         if let Some(d) = dest

@@ -4,6 +4,11 @@
 //! The kernel hands over every UDP datagram from port 53 that a tracked
 //! process reads; answers from any source other than a trusted resolver are
 //! dropped here and authorise nothing.
+//!
+//! Answers are scoped to the process that received them: an address counts as
+//! `allowed.test` for a process only if that process itself was told so. A
+//! process that connects to a bare address, or pins a name to an address
+//! (`curl --resolve`), is not verified by another process's lookup.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -43,9 +48,9 @@ pub struct DnsStats {
 /// Address → names, with the window in which each answer was valid.
 pub struct DnsCache {
     trusted: Vec<IpAddr>,
-    by_ip: HashMap<IpAddr, Vec<Entry>>,
+    by_ip: HashMap<(u32, IpAddr), Vec<Entry>>,
     /// Insertion order, for evicting the oldest address past `capacity`.
-    order: VecDeque<IpAddr>,
+    order: VecDeque<(u32, IpAddr)>,
     capacity: usize,
     pub stats: DnsStats,
 }
@@ -63,8 +68,9 @@ impl DnsCache {
         }
     }
 
-    /// Records an answer received at `ts_ns` (kernel monotonic clock) from `source`.
-    pub fn record(&mut self, source: SocketAddr, ts_ns: u64, payload: &[u8]) {
+    /// Records an answer process `tgid` received at `ts_ns` (kernel monotonic
+    /// clock) from `source`.
+    pub fn record(&mut self, tgid: u32, source: SocketAddr, ts_ns: u64, payload: &[u8]) {
         if !self.trusted.contains(&source.ip()) {
             self.stats.untrusted += 1;
             return;
@@ -111,13 +117,13 @@ impl DnsCache {
             };
             let ttl = u64::from(rr.ttl.min(chain_ttl));
             for (name, _) in chain.iter().filter(|(n, _)| *n == asked || *n == owner) {
-                self.insert(ip, name.clone(), ts_ns, ts_ns + ttl * NS);
+                self.insert((tgid, ip), name.clone(), ts_ns, ts_ns + ttl * NS);
             }
         }
     }
 
-    fn insert(&mut self, ip: IpAddr, name: String, seen_ns: u64, expires_ns: u64) {
-        let entries = match self.by_ip.get_mut(&ip) {
+    fn insert(&mut self, key: (u32, IpAddr), name: String, seen_ns: u64, expires_ns: u64) {
+        let entries = match self.by_ip.get_mut(&key) {
             Some(e) => e,
             None => {
                 if self.by_ip.len() >= self.capacity
@@ -125,9 +131,9 @@ impl DnsCache {
                 {
                     self.by_ip.remove(&old);
                 }
-                self.order.push_back(ip);
+                self.order.push_back(key);
                 self.stats.addresses += 1;
-                self.by_ip.entry(ip).or_default()
+                self.by_ip.entry(key).or_default()
             }
         };
         // A fresh answer for the same name extends its window; older windows
@@ -149,10 +155,10 @@ impl DnsCache {
         }
     }
 
-    /// Names a trusted answer gave `ip` at the instant `at_ns`.
-    pub fn names_at(&self, ip: IpAddr, at_ns: u64) -> Vec<&str> {
+    /// Names a trusted answer to process `tgid` gave `ip` at the instant `at_ns`.
+    pub fn names_at(&self, tgid: u32, ip: IpAddr, at_ns: u64) -> Vec<&str> {
         self.by_ip
-            .get(&ip)
+            .get(&(tgid, ip))
             .into_iter()
             .flatten()
             .filter(|e| e.seen_ns <= at_ns && at_ns < e.expires_ns)
@@ -205,9 +211,19 @@ mod tests {
             &answer("Allowed.Test.", vec![a("allowed.test", [127, 0, 0, 2], 5)]),
         );
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        assert_eq!(c.names_at(ip, 12 * NS), vec!["allowed.test"]);
-        assert!(c.names_at(ip, 16 * NS).is_empty(), "expired after the TTL");
-        assert!(c.names_at(ip, 9 * NS).is_empty(), "not before it was seen");
+        assert_eq!(c.names_at(7, ip, 12 * NS), vec!["allowed.test"]);
+        assert!(
+            c.names_at(7, ip, 16 * NS).is_empty(),
+            "expired after the TTL"
+        );
+        assert!(
+            c.names_at(7, ip, 9 * NS).is_empty(),
+            "not before it was seen"
+        );
+        assert!(
+            c.names_at(8, ip, 12 * NS).is_empty(),
+            "another process's lookup verifies nothing here"
+        );
     }
 
     #[test]
@@ -227,13 +243,14 @@ mod tests {
                 vec![cname, a("lb.svc.test", [127, 0, 0, 4], 60)],
             ),
         );
-        let names = c.names_at("127.0.0.4".parse().unwrap(), 2 * NS);
+        let names = c.names_at(7, "127.0.0.4".parse().unwrap(), 2 * NS);
         assert!(
             names.contains(&"api.svc.test") && names.contains(&"lb.svc.test"),
             "{names:?}"
         );
         assert!(
-            c.names_at("127.0.0.4".parse().unwrap(), 35 * NS).is_empty(),
+            c.names_at(7, "127.0.0.4".parse().unwrap(), 35 * NS)
+                .is_empty(),
             "the chain's shortest TTL bounds it"
         );
     }
@@ -246,9 +263,9 @@ mod tests {
             NS,
             &answer("allowed.test", vec![a("allowed.test", [6, 6, 6, 6], 60)]),
         );
-        assert!(c.names_at("6.6.6.6".parse().unwrap(), 2 * NS).is_empty());
+        assert!(c.names_at(7, "6.6.6.6".parse().unwrap(), 2 * NS).is_empty());
         assert_eq!(c.stats.untrusted, 1);
-        c.record(RESOLVER.parse().unwrap(), NS, b"garbage that is not dns");
+        c.record(7, RESOLVER.parse().unwrap(), NS, b"garbage that is not dns");
         assert_eq!(c.stats.malformed, 1);
     }
 
@@ -262,9 +279,12 @@ mod tests {
                 &answer("x.test", vec![a("x.test", [10, 0, 0, i], 60)]),
             );
         }
-        assert!(c.names_at("10.0.0.1".parse().unwrap(), 2 * NS).is_empty());
+        assert!(
+            c.names_at(7, "10.0.0.1".parse().unwrap(), 2 * NS)
+                .is_empty()
+        );
         assert_eq!(
-            c.names_at("10.0.0.3".parse().unwrap(), 2 * NS),
+            c.names_at(7, "10.0.0.3".parse().unwrap(), 2 * NS),
             vec!["x.test"]
         );
     }

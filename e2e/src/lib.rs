@@ -109,8 +109,22 @@ pub struct TlsServer {
     child: Child,
 }
 
+/// Names the test certificate covers, for the DNS-verified destination tests.
+pub const TEST_NAMES: &[&str] = &[
+    "localhost",
+    "allowed.test",
+    "other.test",
+    "api.svc.test",
+    "evil.test",
+];
+
 impl TlsServer {
     pub fn start() -> TlsServer {
+        TlsServer::start_on(&["127.0.0.1"])
+    }
+
+    /// One port on each of `addrs`, one certificate for all of them and every test name.
+    pub fn start_on(addrs: &[&str]) -> TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = Command::new("openssl")
             .args([
@@ -132,7 +146,7 @@ impl TlsServer {
                 "-days",
                 "2",
             ])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .args(["-addext", &san(addrs)])
             .current_dir(dir.path())
             .stderr(Stdio::null())
             .status()
@@ -148,6 +162,7 @@ impl TlsServer {
                 "--record",
                 "record.jsonl",
             ])
+            .args(["--bind", &addrs.join(",")])
             .current_dir(dir.path())
             .stdout(Stdio::piped())
             .spawn()
@@ -208,6 +223,117 @@ impl Drop for TlsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn san(addrs: &[&str]) -> String {
+    let names = TEST_NAMES.iter().map(|n| format!("DNS:{n}"));
+    let ips = std::iter::once("127.0.0.1")
+        .chain(addrs.iter().copied())
+        .map(|a| format!("IP:{a}"));
+    format!(
+        "subjectAltName={}",
+        names.chain(ips).collect::<Vec<_>>().join(",")
+    )
+}
+
+/// A real DNS server (dnsmasq) on `addr`:53 answering only the given
+/// `(name, address, ttl)` records.
+pub struct DnsServer {
+    pub addr: String,
+    child: Child,
+}
+
+impl DnsServer {
+    pub fn start(addr: &str, records: &[(&str, &str, u32)]) -> DnsServer {
+        let mut c = Command::new("dnsmasq");
+        c.args([
+            "-k",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file=",
+        ])
+        .arg(format!("--listen-address={addr}"))
+        .arg("--port=53")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        for (name, ip, ttl) in records {
+            c.arg(format!("--host-record={name},{ip},{ttl}"));
+        }
+        let child = c
+            .spawn()
+            .expect("dnsmasq runs (scripts/install-deps.sh installs dnsmasq-base)");
+        // Ready once it answers.
+        let end = Instant::now() + Duration::from_secs(5);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let query = [
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'x', 0, 0, 1, 0, 1,
+        ];
+        loop {
+            let _ = sock.send_to(&query, (addr, 53));
+            let mut buf = [0u8; 512];
+            if sock.recv_from(&mut buf).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < end, "dnsmasq on {addr} did not come up");
+        }
+        DnsServer {
+            addr: addr.to_string(),
+            child,
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kloak run` in a private mount namespace whose /etc/resolv.conf names
+/// only `resolver`: the command resolves through it, and Kloak trusts it.
+pub fn run_kloak_resolving_via(
+    resolver: &str,
+    secrets: &Secrets,
+    extra: &[&str],
+    command: &[&str],
+    timeout: Duration,
+) -> Run {
+    let resolv = secrets.dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {resolver}\noptions attempts:1 timeout:2\n"),
+    )
+    .unwrap();
+    let (inner, stats) = kloak_cmd(secrets, extra, command);
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+    ])
+    .arg(&resolv)
+    .arg(inner.get_program())
+    .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    let _ = std::fs::remove_file(&stats);
+    let output = output_with_timeout(&mut c, timeout);
+    let stats = std::fs::read(&stats)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Run { output, stats }
 }
 
 fn b64(s: &str) -> Vec<u8> {
