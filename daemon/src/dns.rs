@@ -206,6 +206,7 @@ mod tests {
     fn a_records_verify_their_name_for_the_ttl() {
         let mut c = DnsCache::new(vec!["127.0.0.153".parse().unwrap()], 16);
         c.record(
+            7,
             RESOLVER.parse().unwrap(),
             10 * NS,
             &answer("Allowed.Test.", vec![a("allowed.test", [127, 0, 0, 2], 5)]),
@@ -236,6 +237,7 @@ mod tests {
             RData::CNAME(CNAME(Name::new_unchecked("lb.svc.test"))),
         );
         c.record(
+            7,
             RESOLVER.parse().unwrap(),
             NS,
             &answer(
@@ -259,6 +261,7 @@ mod tests {
     fn answers_from_untrusted_sources_authorise_nothing() {
         let mut c = DnsCache::new(vec!["127.0.0.153".parse().unwrap()], 16);
         c.record(
+            7,
             "127.0.0.99:53".parse().unwrap(),
             NS,
             &answer("allowed.test", vec![a("allowed.test", [6, 6, 6, 6], 60)]),
@@ -274,6 +277,7 @@ mod tests {
         let mut c = DnsCache::new(vec!["127.0.0.153".parse().unwrap()], 2);
         for i in 1..=3u8 {
             c.record(
+                7,
                 RESOLVER.parse().unwrap(),
                 NS,
                 &answer("x.test", vec![a("x.test", [10, 0, 0, i], 60)]),
