@@ -127,6 +127,33 @@ def main():
             "runs": per_write,
         }
 
+    # The destination hooks: cost per TCP connect and per DNS answer received.
+    dns = subprocess.Popen(["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                            "--bind-interfaces", "--pid-file=", "--listen-address=127.0.0.153", "--port=53",
+                            "--host-record=allowed.test,127.0.0.2,60"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    results["destination_hooks"] = {}
+    try:
+        for op in ["connects", "dnsq"]:
+            runs = {"no_agent": [], "agent": []}
+            for _ in range(ROUNDS * 2):
+                for config in runs:
+                    cmd = ["python3", f"{FIX}/py_client.py", op, "--port", port, "--cacert", f"{work}/cert.pem",
+                           "--requests", "3000", "--dns", "127.0.0.153", "--host", "allowed.test"]
+                    if config == "agent":
+                        cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--trusted-dns", "127.0.0.153",
+                               "--"] + cmd
+                    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                    runs[config].append(float(out.split("NS_PER_OP")[1].split()[0]))
+            results["destination_hooks"][op] = {
+                "no_agent_ns": round(statistics.median(runs["no_agent"])),
+                "agent_ns": round(statistics.median(runs["agent"])),
+                "added_ns": round(statistics.median(runs["agent"]) - statistics.median(runs["no_agent"])),
+            }
+    finally:
+        dns.kill()
+
     # BPF scan cost: kernel run-time statistics of the entry program (its
     # tail call included) for writes of growing size without placeholders.
     scan = {}
@@ -167,6 +194,8 @@ def main():
     for client, r in results["clients"].items():
         print(client, "pause breakdown (mean µs):", r["pause_breakdown_us"])
     print("BPF scan:", json.dumps(scan))
+    for op, w in results["destination_hooks"].items():
+        print(f"{op}: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
     for client, w in results["write_without_placeholder"].items():
         print(f"{client} write without placeholder: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
 
