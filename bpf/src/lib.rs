@@ -151,6 +151,25 @@ impl Default for Config {
     }
 }
 
+/// File offsets of the functions that bind an `SSL*` to a socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketHooks {
+    /// `SSL_set_fd(ssl, fd)` (Python's `ssl`).
+    pub set_fd: Option<usize>,
+    /// `SSL_set_bio(ssl, rbio, wbio)`, with `BIO_new_socket(fd)` naming the BIO's fd.
+    pub set_bio: Option<usize>,
+    pub bio_new_socket: Option<usize>,
+    /// `SSL_connect`/`SSL_do_handshake`: the thread's first socket write during
+    /// them names the fd (curl's own BIO).
+    pub handshakes: Vec<usize>,
+}
+
+impl SocketHooks {
+    pub fn is_empty(&self) -> bool {
+        *self == SocketHooks::default()
+    }
+}
+
 /// What a map entry holds for one secret.
 pub struct SecretEntry<'a> {
     pub id: u32,
@@ -497,6 +516,26 @@ impl Probes {
                 "sys_exit_recvmsg",
             ),
             (
+                &skel.progs.on_recvmmsg_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_recvmmsg",
+            ),
+            (
+                &skel.progs.on_recvmmsg_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_recvmmsg",
+            ),
+            (
+                &skel.progs.on_readv_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_readv",
+            ),
+            (
+                &skel.progs.on_readv_exit,
+                TracepointCategory::Syscalls,
+                "sys_exit_readv",
+            ),
+            (
                 &skel.progs.on_read_enter,
                 TracepointCategory::Syscalls,
                 "sys_enter_read",
@@ -745,15 +784,8 @@ impl Probes {
         })
     }
 
-    /// Attaches the hooks that tell which socket an SSL* writes to:
-    /// `SSL_set_fd`, and `SSL_connect`/`SSL_do_handshake` (entry and return)
-    /// for libraries that bring their own BIO.
-    pub fn attach_ssl_fd_hooks(
-        &self,
-        binary: &Path,
-        set_fd: Option<usize>,
-        handshakes: &[usize],
-    ) -> Result<Vec<Link>> {
+    /// Attaches the hooks that tell which socket an SSL* writes to.
+    pub fn attach_socket_hooks(&self, binary: &Path, hooks: &SocketHooks) -> Result<Vec<Link>> {
         let mut links = Vec::new();
         let attach = |prog: &libbpf_rs::ProgramMut<'_>, off: usize, ret: bool, what: &str| {
             prog.attach_uprobe_with_opts(
@@ -770,23 +802,31 @@ impl Probes {
                 source,
             })
         };
-        if let Some(off) = set_fd {
+        let p = &self.skel.progs;
+        if let Some(off) = hooks.set_fd {
+            links.push(attach(&p.ssl_set_fd, off, false, "SSL_set_fd")?);
+        }
+        if let Some(off) = hooks.set_bio {
+            links.push(attach(&p.ssl_set_bio, off, false, "SSL_set_bio")?);
+        }
+        if let Some(off) = hooks.bio_new_socket {
             links.push(attach(
-                &self.skel.progs.ssl_set_fd,
+                &p.bio_new_socket_enter,
                 off,
                 false,
-                "SSL_set_fd",
+                "BIO_new_socket",
+            )?);
+            links.push(attach(
+                &p.bio_new_socket_exit,
+                off,
+                true,
+                "BIO_new_socket return",
             )?);
         }
-        for &off in handshakes {
+        for &off in &hooks.handshakes {
+            links.push(attach(&p.ssl_handshake_enter, off, false, "handshake")?);
             links.push(attach(
-                &self.skel.progs.ssl_handshake_enter,
-                off,
-                false,
-                "handshake",
-            )?);
-            links.push(attach(
-                &self.skel.progs.ssl_handshake_exit,
+                &p.ssl_handshake_exit,
                 off,
                 true,
                 "handshake return",

@@ -20,7 +20,7 @@ fn pause_backend_loads_and_attaches_tracepoints() {
     }
     let p = Probes::load(&Config::default()).expect("pause backend loads");
     assert_eq!(p.backend(), Backend::Pause);
-    assert_eq!(p.tracepoint_count(), 15);
+    assert_eq!(p.tracepoint_count(), 19);
 }
 
 #[test]

@@ -479,18 +479,11 @@ impl Agent<'_> {
             }
             let path = m.open_path(e.tgid);
             let state = match discover::tls_library(&path) {
-                Ok(lib) if lib.writes.is_empty() => FileState::NotTls,
+                Ok(lib) if lib.is_empty() => FileState::NotTls,
                 Ok(lib) => {
                     let fns = &lib.writes;
                     let mut links = Vec::new();
-                    match self.probes.attach_ssl_fd_hooks(
-                        &path,
-                        lib.set_fd.map(|o| o as usize),
-                        &lib.handshakes
-                            .iter()
-                            .map(|&o| o as usize)
-                            .collect::<Vec<_>>(),
-                    ) {
+                    match self.probes.attach_socket_hooks(&path, &lib.sockets) {
                         Ok(l) => links.extend(l),
                         Err(err) => {
                             inc(&self.counters.attach_errors);

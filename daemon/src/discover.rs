@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kloak_bpf::WriteAbi;
+use kloak_bpf::{SocketHooks, WriteAbi};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +97,14 @@ const TARGETS: &[(&str, WriteAbi)] = &[
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TlsLib {
     pub writes: Vec<WriteFn>,
-    pub set_fd: Option<u64>,
-    pub handshakes: Vec<u64>,
+    pub sockets: SocketHooks,
+}
+
+impl TlsLib {
+    /// Nothing here for the probes.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.sockets.is_empty()
+    }
 }
 
 /// Finds the TLS functions in an ELF file; an empty `writes` for anything else.
@@ -123,15 +129,17 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
         let Ok(name) = sym.name() else { continue };
         // Versioned dynamic names look like SSL_write@@OPENSSL_3.0.0.
         let base = name.split('@').next().unwrap_or(name);
+        let off = || vaddr_to_offset(&file, sym.address()).map(|o| o as usize);
+        let h = &mut lib.sockets;
         match base {
-            "SSL_set_fd" if lib.set_fd.is_none() => {
-                lib.set_fd = vaddr_to_offset(&file, sym.address())
-            }
+            "SSL_set_fd" if h.set_fd.is_none() => h.set_fd = off(),
+            "SSL_set_bio" if h.set_bio.is_none() => h.set_bio = off(),
+            "BIO_new_socket" if h.bio_new_socket.is_none() => h.bio_new_socket = off(),
             "SSL_do_handshake" | "SSL_connect" => {
-                if let Some(off) = vaddr_to_offset(&file, sym.address())
-                    && !lib.handshakes.contains(&off)
+                if let Some(o) = off()
+                    && !h.handshakes.contains(&o)
                 {
-                    lib.handshakes.push(off);
+                    h.handshakes.push(o);
                 }
             }
             _ => {}
@@ -147,9 +155,6 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
         }
     }
     lib.writes = plan_probes(&data, &entries);
-    if lib.writes.is_empty() {
-        return Ok(TlsLib::default());
-    }
     Ok(lib)
 }
 
@@ -301,7 +306,11 @@ mod tests {
             );
         }
         let tls = tls_library(lib).unwrap();
-        assert!(tls.set_fd.is_some() && tls.handshakes.len() == 2, "{tls:?}");
+        let s = &tls.sockets;
+        assert!(
+            s.set_fd.is_some() && s.set_bio.is_some() && s.handshakes.len() == 2,
+            "{tls:?}"
+        );
         let f = tls.writes;
         assert!(!f.is_empty());
         assert!(f.iter().any(|w| w.abi == WriteAbi::SslWriteEx));

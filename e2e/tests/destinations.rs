@@ -290,3 +290,27 @@ fn a_forged_answer_from_an_untrusted_server_authorises_nothing() {
         run.stats
     );
 }
+
+#[test]
+fn openssl_s_client_with_a_socket_bio_is_filtered_too() {
+    let Some(_g) = root_test() else { return };
+    let _dns = zone(60);
+    let srv = TlsServer::start_on(ADDRS);
+    let f = Fixture::new(&[("A", "    hosts: [allowed.test]\n")]);
+    // s_client binds its SSL* with BIO_new_socket + SSL_set_bio.
+    let s_client = |host: &str, path: &str| {
+        format!(
+            "printf 'POST {path} HTTP/1.1\\r\\nHost: {host}\\r\\nAuthorization: Bearer %s\\r\\nContent-Length: %d\\r\\n\\r\\ntoken=%s' \"$A\" $((6+${{#A}})) \"$A\" \
+             | openssl s_client -quiet -no_ign_eof -connect {host}:{port} -servername {host} -CAfile {ca} >/dev/null 2>&1",
+            port = srv.port,
+            ca = srv.cacert().display()
+        )
+    };
+    let script = format!("{} ; {} ; sleep 0.3", s_client("allowed.test", "/sc-allowed"), s_client("other.test", "/sc-other"));
+    let run = run_kloak_resolving_via(RESOLVER, &f.secrets, &[], &["sh", "-c", &script], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    srv.wait_for(2, Duration::from_secs(5));
+    assert!(arrived_real(&srv, "/sc-allowed", f.value("A")), "s_client to allowed.test: value");
+    assert!(!arrived_real(&srv, "/sc-other", f.value("A")), "s_client to other.test: placeholder");
+    run.assert_no_leak(f.value("A"));
+}

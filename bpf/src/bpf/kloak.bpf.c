@@ -178,6 +178,8 @@ struct recv_arg {
 #define RECV_FROM 1
 #define RECV_MSG 2
 #define RECV_READ 3
+#define RECV_MMSG 4
+#define RECV_READV 5
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -777,6 +779,62 @@ int ssl_handshake_exit(struct pt_regs *ctx)
 	return 0;
 }
 
+/* BIO* -> fd, for socket BIOs made with BIO_new_socket (openssl s_client). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __s32);
+} bio_fd SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __s32);
+} bio_args SEC(".maps");
+
+SEC("uprobe")
+int bio_new_socket_enter(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 fd = (__s32)ctx->di;
+	bpf_map_update_elem(&bio_args, &tid, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int bio_new_socket_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 *fd = bpf_map_lookup_elem(&bio_args, &tid);
+	if (!fd)
+		return 0;
+	__s32 v = *fd;
+	__u64 bio = ctx->ax;
+	bpf_map_delete_elem(&bio_args, &tid);
+	if (bio)
+		bpf_map_update_elem(&bio_fd, &bio, &v, BPF_ANY);
+	return 0;
+}
+
+/* SSL_set_bio(ssl, rbio, wbio): the write BIO's socket is the SSL*'s. */
+SEC("uprobe")
+int ssl_set_bio(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di, wbio = ctx->dx;
+	__s32 *fd = bpf_map_lookup_elem(&bio_fd, &wbio);
+	if (fd) {
+		__s32 v = *fd;
+		bpf_map_update_elem(&ssl_fd, &ssl, &v, BPF_ANY);
+	}
+	return 0;
+}
+
 /* A handshake's first socket write (custom BIOs such as curl's) names the fd. */
 static __always_inline void handshake_write(long fd)
 {
@@ -919,6 +977,20 @@ int on_recvmsg_enter(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
+SEC("tp/syscalls/sys_enter_recvmmsg")
+int on_recvmmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	recv_enter((long)ctx->args[0], 0, ctx->args[1], RECV_MMSG);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_readv")
+int on_readv_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	recv_enter((long)ctx->args[0], ctx->args[1], 0, RECV_READV);
+	return 0;
+}
+
 SEC("tp/syscalls/sys_enter_read")
 int on_read_enter(struct trace_event_raw_sys_enter *ctx)
 {
@@ -951,7 +1023,21 @@ static __always_inline int recv_exit(long ret)
 	__u64 from = 0;
 	if (a.kind == RECV_FROM) {
 		from = a.addr;
-	} else if (a.kind == RECV_MSG) {
+	} else if (a.kind == RECV_READV) {
+		__u64 iov[2];
+		if (bpf_probe_read_user(iov, sizeof(iov), (void *)a.buf) < 0)
+			return 0;
+		payload = iov[0];
+		if (ret > iov[1])
+			ret = iov[1];
+	} else if (a.kind == RECV_MSG || a.kind == RECV_MMSG) {
+		/* recvmmsg: the first message; its length follows the 56-byte msghdr. */
+		if (a.kind == RECV_MMSG) {
+			__u32 len = 0;
+			if (bpf_probe_read_user(&len, sizeof(len), (void *)(a.addr + 56)) < 0)
+				return 0;
+			ret = len;
+		}
 		struct umsg m;
 		__u64 iov[2];
 		if (bpf_probe_read_user(&m, sizeof(m), (void *)a.addr) < 0 || !m.iovlen)
@@ -1011,6 +1097,19 @@ int on_recvfrom_exit(struct trace_event_raw_sys_exit *ctx)
 
 SEC("tp/syscalls/sys_exit_recvmsg")
 int on_recvmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return recv_exit(ctx->ret);
+}
+
+SEC("tp/syscalls/sys_exit_recvmmsg")
+int on_recvmmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	/* ret counts messages; recv_exit takes the first one's length. */
+	return ctx->ret > 0 ? recv_exit(DNS_MAX_PAYLOAD) : 0;
+}
+
+SEC("tp/syscalls/sys_exit_readv")
+int on_readv_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	return recv_exit(ctx->ret);
 }
