@@ -255,6 +255,42 @@ pub fn run_checks() -> Report {
     }
 }
 
+/// Adds a check of a secrets file: it must load (a hard failure otherwise),
+/// and secrets without `hosts`/`port` are named, since any destination
+/// receives them.
+pub fn check_secrets(report: &mut Report, path: &Path) {
+    let c = match crate::secrets::load(path) {
+        Err(e) => check("secrets", true, false, e.to_string()),
+        Ok(list) => {
+            let open: Vec<&str> = list
+                .iter()
+                .filter(|s| s.rules.unrestricted())
+                .map(|s| s.name.as_str())
+                .collect();
+            if open.is_empty() {
+                check(
+                    "secrets",
+                    false,
+                    true,
+                    format!("{} secret(s), all with destination rules", list.len()),
+                )
+            } else {
+                check(
+                    "secrets",
+                    false,
+                    false,
+                    format!(
+                        "unrestricted (no hosts or port; any destination receives them): {}",
+                        open.join(", ")
+                    ),
+                )
+            }
+        }
+    };
+    report.ok &= c.ok || !c.hard;
+    report.checks.push(c);
+}
+
 /// The message the agent refuses to start with; None when the node is fit.
 pub fn refusal(report: &Report) -> Option<String> {
     let failed: Vec<String> = report

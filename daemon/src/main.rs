@@ -35,6 +35,9 @@ enum Cmd {
     Doctor {
         #[arg(long)]
         json: bool,
+        /// Also check a `kloak run` secrets file: valid, and which secrets may go anywhere.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
     },
     #[command(name = "__guardian", hide = true)]
     Guardian {
@@ -56,9 +59,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Guardian { cgroup } => ExitCode::from(guardian::run(cgroup) as u8),
-        Cmd::Doctor { json } => {
+        Cmd::Doctor { json, secrets } => {
             init_logging("warn");
-            let r = doctor::run_checks();
+            let mut r = doctor::run_checks();
+            if let Some(path) = secrets {
+                doctor::check_secrets(&mut r, &path);
+            }
             if json {
                 println!(
                     "{}",

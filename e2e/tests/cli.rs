@@ -170,3 +170,35 @@ fn processes_left_stopped_by_a_dead_run_are_continued_at_the_next_start() {
     victim.wait().unwrap();
     let _ = std::fs::remove_dir(&dead);
 }
+
+#[test]
+fn doctor_names_secrets_that_may_go_anywhere() {
+    let Some(_g) = root_test() else { return };
+    let s = Secrets::raw(
+        "secrets:\n  - name: open-one\n    value: \"0123456789abcdef\"\n    env: A\n  - name: closed\n    value: \"fedcba9876543210\"\n    env: B\n    hosts: [api.example.com]\n",
+    );
+    let out = output_with_timeout(
+        Command::new(kloak_bin())
+            .args(["doctor", "--json", "--secrets"])
+            .arg(&s.path),
+        T,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "secrets")
+        .expect("a secrets check");
+    assert_eq!(c["ok"], false);
+    let detail = c["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("open-one") && !detail.contains("closed"),
+        "{detail}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("0123456789abcdef"));
+    assert!(
+        out.status.success(),
+        "an unrestricted secret is a warning, not a failure"
+    );
+}

@@ -306,11 +306,21 @@ fn openssl_s_client_with_a_socket_bio_is_filtered_too() {
             ca = srv.cacert().display()
         )
     };
-    let script = format!("{} ; {} ; sleep 0.3", s_client("allowed.test", "/sc-allowed"), s_client("other.test", "/sc-other"));
+    let script = format!(
+        "{} ; {} ; sleep 0.3",
+        s_client("allowed.test", "/sc-allowed"),
+        s_client("other.test", "/sc-other")
+    );
     let run = run_kloak_resolving_via(RESOLVER, &f.secrets, &[], &["sh", "-c", &script], T);
     assert!(run.output.status.success(), "{}", run.stderr());
     srv.wait_for(2, Duration::from_secs(5));
-    assert!(arrived_real(&srv, "/sc-allowed", f.value("A")), "s_client to allowed.test: value");
-    assert!(!arrived_real(&srv, "/sc-other", f.value("A")), "s_client to other.test: placeholder");
+    assert!(
+        arrived_real(&srv, "/sc-allowed", f.value("A")),
+        "s_client to allowed.test: value"
+    );
+    assert!(
+        !arrived_real(&srv, "/sc-other", f.value("A")),
+        "s_client to other.test: placeholder"
+    );
     run.assert_no_leak(f.value("A"));
 }
