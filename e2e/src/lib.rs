@@ -327,13 +327,7 @@ pub fn run_kloak_resolving_via(
             c.env(k, v);
         }
     }
-    let _ = std::fs::remove_file(&stats);
-    let output = output_with_timeout(&mut c, timeout);
-    let stats = std::fs::read(&stats)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    Run { output, stats }
+    finish(&mut c, &stats, timeout)
 }
 
 fn b64(s: &str) -> Vec<u8> {
@@ -427,13 +421,38 @@ pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Comman
 
 pub fn run_kloak(secrets: &Secrets, extra: &[&str], command: &[&str], timeout: Duration) -> Run {
     let (mut c, stats) = kloak_cmd(secrets, extra, command);
-    let _ = std::fs::remove_file(&stats);
-    let output = output_with_timeout(&mut c, timeout);
-    let stats = std::fs::read(&stats)
+    finish(&mut c, &stats, timeout)
+}
+
+/// Runs a prepared `kloak run` and collects its output and stats file.
+fn finish(c: &mut Command, stats: &Path, timeout: Duration) -> Run {
+    let _ = std::fs::remove_file(stats);
+    let output = output_with_timeout(c, timeout);
+    let stats = std::fs::read(stats)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
     Run { output, stats }
+}
+
+/// The Python client in `mode` against `srv`, plus `extra` arguments.
+pub fn py_cmd(mode: &str, srv: &TlsServer, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "python3".to_string(),
+        py_client(),
+        mode.to_string(),
+        "--port".to_string(),
+        srv.port.to_string(),
+        "--cacert".to_string(),
+        srv.cacert().display().to_string(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Borrows a command built as owned strings.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 pub fn output_with_timeout(c: &mut Command, timeout: Duration) -> Output {

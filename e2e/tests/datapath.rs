@@ -56,22 +56,7 @@ fn python_urllib_and_http_client_send_the_real_value() {
     let value = random_secret("py-", 24);
     let s = one_secret(&value);
     for mode in ["urllib", "httpclient"] {
-        let port = srv.port.to_string();
-        let ca = srv.cacert().display().to_string();
-        let run = run_kloak(
-            &s,
-            &[],
-            &[
-                "python3",
-                &py_client(),
-                mode,
-                "--port",
-                &port,
-                "--cacert",
-                &ca,
-            ],
-            T,
-        );
+        let run = run_kloak(&s, &[], &strs(&py_cmd(mode, &srv, &[])), T);
         assert!(run.output.status.success(), "{mode}: {}", run.stderr());
         run.assert_no_leak(&value);
     }
@@ -512,22 +497,7 @@ fn raw_request_test(mode: &str, expected: usize, path: Option<&str>) {
     let srv = TlsServer::start();
     let value = random_secret(&format!("{mode}-"), 30);
     let s = one_secret(&value);
-    let port = srv.port.to_string();
-    let ca = srv.cacert().display().to_string();
-    let run = run_kloak(
-        &s,
-        &[],
-        &[
-            "python3",
-            &py_client(),
-            mode,
-            "--port",
-            &port,
-            "--cacert",
-            &ca,
-        ],
-        T,
-    );
+    let run = run_kloak(&s, &[], &strs(&py_cmd(mode, &srv, &[])), T);
     assert!(run.output.status.success(), "{}", run.stderr());
     assert!(
         run.stdout().contains(&format!("placeholders={expected}")),
