@@ -85,11 +85,18 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     if let Some(msg) = doctor::refusal(&report) {
         bail!(msg);
     }
-    let backend = choose_backend(o.mode)?;
+    let ruled = secrets.iter().any(|s| !s.rules.unrestricted());
+    // Only the pause backend enforces destination rules in this version, so
+    // `auto` takes it whenever a secret has them.
+    let backend = if ruled && o.mode == Mode::Auto {
+        Backend::Pause
+    } else {
+        choose_backend(o.mode)?
+    };
     for s in secrets.iter().filter(|s| s.rules.unrestricted()) {
         tracing::warn!(secret = %s.name, "secret has no hosts or port: any destination receives it");
     }
-    if backend == Backend::InPlace && secrets.iter().any(|s| !s.rules.unrestricted()) {
+    if backend == Backend::InPlace && ruled {
         bail!(
             "destination rules (hosts, port) are enforced by the pause backend only in this version; use --mode pause, or drop the rules"
         );

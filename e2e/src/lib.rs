@@ -116,6 +116,7 @@ pub const TEST_NAMES: &[&str] = &[
     "other.test",
     "api.svc.test",
     "evil.test",
+    "v6.test",
 ];
 
 impl TlsServer {

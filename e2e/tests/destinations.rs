@@ -324,3 +324,34 @@ fn openssl_s_client_with_a_socket_bio_is_filtered_too() {
     );
     run.assert_no_leak(f.value("A"));
 }
+
+#[test]
+fn ipv6_destinations_are_verified_by_aaaa_answers() {
+    let Some(_g) = root_test() else { return };
+    let _dns = DnsServer::start(RESOLVER, &[("v6.test", "::1", 60)]);
+    let srv = TlsServer::start_on(&["127.0.0.1", "::1"]);
+    let f = Fixture::new(&[
+        ("A", "    hosts: [v6.test]\n"),
+        ("N", "    hosts: [\"::1/128\"]\n"),
+    ]);
+    let script = [
+        curl(&srv, "A", "v6.test", "/v6-name", "-6"),
+        curl(&srv, "A", "[::1]", "/v6-bare", ""),
+        curl(&srv, "N", "[::1]", "/v6-cidr", ""),
+    ]
+    .join(" && ");
+    let run = run_kloak_resolving_via(RESOLVER, &f.secrets, &[], &["sh", "-c", &script], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert!(
+        arrived_real(&srv, "/v6-name", f.value("A")),
+        "an AAAA answer verifies ::1 for v6.test"
+    );
+    assert!(
+        !arrived_real(&srv, "/v6-bare", f.value("A")),
+        "bare [::1]: placeholder"
+    );
+    assert!(
+        arrived_real(&srv, "/v6-cidr", f.value("N")),
+        "an IPv6 CIDR matches"
+    );
+}
