@@ -392,6 +392,27 @@ pub struct Probes {
     backend: Backend,
     scrub: bool,
     tracepoints: Vec<Link>,
+    dns_hook: DnsHook,
+}
+
+/// Where DNS answers are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsHook {
+    /// kprobe + kretprobe on `udp_recvmsg` and `udpv6_recvmsg` (the seed's hook).
+    Kprobe,
+    /// `recvfrom`, `recvmsg`, `recvmmsg`, `read`, `readv` syscall tracepoints.
+    Tracepoints,
+}
+
+impl DnsHook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsHook::Kprobe => "kprobe udp_recvmsg/udpv6_recvmsg",
+            DnsHook::Tracepoints => {
+                "syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv)"
+            }
+        }
+    }
 }
 
 fn leak_object_storage() -> &'static mut MaybeUninit<OpenObject> {
@@ -495,56 +516,6 @@ impl Probes {
                 TracepointCategory::Syscalls,
                 "sys_enter_close",
             ),
-            (
-                &skel.progs.on_recvfrom_enter,
-                TracepointCategory::Syscalls,
-                "sys_enter_recvfrom",
-            ),
-            (
-                &skel.progs.on_recvfrom_exit,
-                TracepointCategory::Syscalls,
-                "sys_exit_recvfrom",
-            ),
-            (
-                &skel.progs.on_recvmsg_enter,
-                TracepointCategory::Syscalls,
-                "sys_enter_recvmsg",
-            ),
-            (
-                &skel.progs.on_recvmsg_exit,
-                TracepointCategory::Syscalls,
-                "sys_exit_recvmsg",
-            ),
-            (
-                &skel.progs.on_recvmmsg_enter,
-                TracepointCategory::Syscalls,
-                "sys_enter_recvmmsg",
-            ),
-            (
-                &skel.progs.on_recvmmsg_exit,
-                TracepointCategory::Syscalls,
-                "sys_exit_recvmmsg",
-            ),
-            (
-                &skel.progs.on_readv_enter,
-                TracepointCategory::Syscalls,
-                "sys_enter_readv",
-            ),
-            (
-                &skel.progs.on_readv_exit,
-                TracepointCategory::Syscalls,
-                "sys_exit_readv",
-            ),
-            (
-                &skel.progs.on_read_enter,
-                TracepointCategory::Syscalls,
-                "sys_enter_read",
-            ),
-            (
-                &skel.progs.on_read_exit,
-                TracepointCategory::Syscalls,
-                "sys_exit_read",
-            ),
         ] {
             let cat_name = cat.as_ref().to_string();
             let link = prog
@@ -555,16 +526,102 @@ impl Probes {
                 })?;
             tracepoints.push(link);
         }
+
+        // DNS answers: the seed's kprobes on udp_recvmsg/udpv6_recvmsg where
+        // the kernel has kprobes, else the receive syscalls' tracepoints.
+        let kprobes = (|| -> std::result::Result<Vec<Link>, libbpf_rs::Error> {
+            let mut l = Vec::new();
+            for f in ["udp_recvmsg", "udpv6_recvmsg"] {
+                l.push(skel.progs.kp_udp_recvmsg.attach_kprobe(false, f)?);
+                l.push(skel.progs.kp_udp_recvmsg_ret.attach_kprobe(true, f)?);
+            }
+            Ok(l)
+        })();
+        let dns_hook = match kprobes {
+            Ok(links) => {
+                tracepoints.extend(links);
+                DnsHook::Kprobe
+            }
+            Err(_) => {
+                for (prog, cat, name) in [
+                    (
+                        &skel.progs.on_recvfrom_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvfrom",
+                    ),
+                    (
+                        &skel.progs.on_recvfrom_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvfrom",
+                    ),
+                    (
+                        &skel.progs.on_recvmsg_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmsg_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmmsg_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvmmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmmsg_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvmmsg",
+                    ),
+                    (
+                        &skel.progs.on_readv_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_readv",
+                    ),
+                    (
+                        &skel.progs.on_readv_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_readv",
+                    ),
+                    (
+                        &skel.progs.on_read_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_read",
+                    ),
+                    (
+                        &skel.progs.on_read_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_read",
+                    ),
+                ] {
+                    let cat_name = cat.as_ref().to_string();
+                    let link =
+                        prog.attach_tracepoint(cat, name)
+                            .map_err(|source| Error::Attach {
+                                what: format!("tracepoint {cat_name}/{name}"),
+                                source,
+                            })?;
+                    tracepoints.push(link);
+                }
+                DnsHook::Tracepoints
+            }
+        };
         Ok(Probes {
             skel,
             backend: cfg.backend,
             scrub: cfg.scrub,
             tracepoints,
+            dns_hook,
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    pub fn dns_hook(&self) -> DnsHook {
+        self.dns_hook
     }
 
     pub fn put_secret(&self, e: &SecretEntry<'_>) -> Result<()> {

@@ -176,9 +176,9 @@ pub fn run_checks() -> Report {
         false,
         true,
         if kprobe {
-            "kprobe PMU present; DNS capture hook: syscall tracepoints (recvfrom, recvmsg, read); the udp_recvmsg kprobe variant is not built yet".to_string()
+            "kprobe PMU present; DNS capture hook: kprobe udp_recvmsg/udpv6_recvmsg".to_string()
         } else {
-            "no kprobe PMU (CONFIG_KPROBES off); DNS capture hook: syscall tracepoints (recvfrom, recvmsg, read)".to_string()
+            "no kprobe PMU (CONFIG_KPROBES off); DNS capture hook: syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv)".to_string()
         },
     ));
 

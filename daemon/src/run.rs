@@ -140,7 +140,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         })?;
     }
     probes.track_cgroup(cg.id)?;
-    tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), trusted_dns = ?trusted, "kloak run ready");
+    tracing::info!(backend = backend.as_str(), secrets = secrets.len(), cgroup = %cg.path.display(), trusted_dns = ?trusted, dns_hook = probes.dns_hook().as_str(), "kloak run ready");
 
     let env: Vec<(String, String)> = secrets
         .iter()

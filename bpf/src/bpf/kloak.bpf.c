@@ -998,6 +998,8 @@ int on_read_enter(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
+static __always_inline int emit_dns(struct conn_val *srcp, __u64 payload, long ret);
+
 /* struct user_msghdr / iovec as user space lays them out on x86_64. */
 struct umsg {
 	__u64 name;
@@ -1065,7 +1067,14 @@ static __always_inline int recv_exit(long ret)
 			return 0;
 		}
 	}
-	if (src.port != DNS_PORT_BE)
+	return emit_dns(&src, payload, ret);
+}
+
+/* One DNS datagram from `src` whose first `ret` bytes are at user `payload`. */
+static __always_inline int emit_dns(struct conn_val *srcp, __u64 payload, long ret)
+{
+	struct conn_val src = *srcp;
+	if (src.port != DNS_PORT_BE || ret <= 12)
 		return 0;
 
 	struct dns_event *e = bpf_ringbuf_reserve(&dns_events, sizeof(*e), 0);
@@ -1118,4 +1127,93 @@ SEC("tp/syscalls/sys_exit_read")
 int on_read_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	return recv_exit(ctx->ret);
+}
+
+/* ------------------------------------------------------------------ */
+/* The seed's hook, where the kernel has kprobes: udp_recvmsg and      */
+/* udpv6_recvmsg see every UDP receive, io_uring's included. The agent */
+/* uses these instead of the syscall tracepoints when they attach.     */
+
+struct kp_arg {
+	__u64 sk;
+	__u64 msg;
+	__u64 ubuf;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct kp_arg);
+} kp_args SEC(".maps");
+
+/* The user buffer a receive copies into, from the kernel's iov_iter. */
+static __always_inline __u64 iter_user_base(struct msghdr *msg)
+{
+	__u8 type = BPF_CORE_READ(msg, msg_iter.iter_type);
+	if (bpf_core_field_exists(msg->msg_iter.ubuf) && type == bpf_core_enum_value(enum iter_type, ITER_UBUF))
+		return (__u64)BPF_CORE_READ(msg, msg_iter.ubuf);
+	const struct iovec *iov;
+	if (bpf_core_field_exists(msg->msg_iter.__iov))
+		iov = BPF_CORE_READ(msg, msg_iter.__iov);
+	else
+		iov = BPF_CORE_READ((struct msghdr___old *)msg, msg_iter.iov);
+	return iov ? (__u64)BPF_CORE_READ(iov, iov_base) : 0;
+}
+
+SEC("kprobe")
+int kp_udp_recvmsg(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	struct kp_arg a = { .sk = ctx->di, .msg = ctx->si };
+	a.ubuf = iter_user_base((struct msghdr *)a.msg);
+	if (!a.ubuf)
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&kp_args, &tid, &a, BPF_ANY);
+	return 0;
+}
+
+SEC("kretprobe")
+int kp_udp_recvmsg_ret(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct kp_arg *ap = bpf_map_lookup_elem(&kp_args, &tid);
+	if (!ap)
+		return 0;
+	struct kp_arg a = *ap;
+	bpf_map_delete_elem(&kp_args, &tid);
+	long ret = (long)ctx->ax;
+	if (ret <= 12)
+		return 0;
+	struct conn_val src = {};
+	/* msg_name is the kernel's copy of the source address, filled on return. */
+	/* Plain locals: BPF_CORE_READ must not see kp_arg, which has no kernel BTF. */
+	struct msghdr *msg = (struct msghdr *)a.msg;
+	void *name = BPF_CORE_READ(msg, msg_name);
+	__u8 sa[24] = {};
+	if (name && bpf_probe_read_kernel(sa, sizeof(sa), name) == 0 && (sa[0] | (sa[1] << 8))) {
+		src.family = sa[0] | (sa[1] << 8);
+		src.port = sa[2] | (sa[3] << 8);
+		if (src.family == AF_INET)
+			__builtin_memcpy(src.addr, &sa[4], 4);
+		else if (src.family == AF_INET6)
+			__builtin_memcpy(src.addr, &sa[8], 16);
+		else
+			return 0;
+	} else {
+		struct sock *sk = (struct sock *)a.sk;
+		src.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+		src.port = BPF_CORE_READ(sk, __sk_common.skc_dport);
+		if (src.family == AF_INET) {
+			__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+			__builtin_memcpy(src.addr, &d, 4);
+		} else if (src.family == AF_INET6) {
+			BPF_CORE_READ_INTO(&src.addr, sk, __sk_common.skc_v6_daddr);
+		} else {
+			return 0;
+		}
+	}
+	return emit_dns(&src, a.ubuf, ret);
 }

@@ -124,6 +124,39 @@ struct socket {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
+struct iovec {
+	void *iov_base;
+	unsigned long iov_len;
+} __attribute__((preserve_access_index));
+
+enum iter_type {
+	ITER_UBUF = 0,
+	ITER_IOVEC = 1,
+};
+
+/* 6.x: the user buffer is `ubuf` (single segment) or `__iov`. */
+struct iov_iter {
+	__u8 iter_type;
+	const struct iovec *__iov;
+	void *ubuf;
+} __attribute__((preserve_access_index));
+
+/* Before 6.4 the iovec pointer was named `iov`. */
+struct iov_iter___old {
+	__u8 iter_type;
+	const struct iovec *iov;
+} __attribute__((preserve_access_index));
+
+struct msghdr {
+	void *msg_name;
+	struct iov_iter msg_iter;
+} __attribute__((preserve_access_index));
+
+struct msghdr___old {
+	void *msg_name;
+	struct iov_iter___old msg_iter;
+} __attribute__((preserve_access_index));
+
 struct fdtable {
 	unsigned int max_fds;
 	struct file **fd;
