@@ -529,6 +529,10 @@ impl Probes {
 
         // DNS answers: the seed's kprobes on udp_recvmsg/udpv6_recvmsg where
         // the kernel has kprobes, else the receive syscalls' tracepoints.
+        // A kernel without kprobes is expected here; libbpf would print its
+        // refusal to stderr, so it is silenced for this attempt only.
+        let print = libbpf_rs::get_print();
+        libbpf_rs::set_print(None);
         let kprobes = (|| -> std::result::Result<Vec<Link>, libbpf_rs::Error> {
             let mut l = Vec::new();
             for f in ["udp_recvmsg", "udpv6_recvmsg"] {
@@ -537,6 +541,7 @@ impl Probes {
             }
             Ok(l)
         })();
+        libbpf_rs::set_print(print);
         let dns_hook = match kprobes {
             Ok(links) => {
                 tracepoints.extend(links);
