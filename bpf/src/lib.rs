@@ -40,6 +40,7 @@ pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 const ABI_SSL_WRITE: u64 = 1;
 const ABI_SSL_WRITE_EX: u64 = 2;
 const ABI_GO_TLS_WRITE: u64 = 3;
+const ABI_GNUTLS_SEND: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,6 +96,8 @@ pub enum WriteAbi {
     SslWrite,
     SslWriteEx,
     GoTlsWrite,
+    /// `gnutls_record_send2` (which `gnutls_record_send` jumps to).
+    GnutlsSend,
 }
 
 impl WriteAbi {
@@ -103,6 +106,7 @@ impl WriteAbi {
             WriteAbi::SslWrite => ABI_SSL_WRITE,
             WriteAbi::SslWriteEx => ABI_SSL_WRITE_EX,
             WriteAbi::GoTlsWrite => ABI_GO_TLS_WRITE,
+            WriteAbi::GnutlsSend => ABI_GNUTLS_SEND,
         }
     }
 
@@ -111,6 +115,7 @@ impl WriteAbi {
             ABI_SSL_WRITE => Some(WriteAbi::SslWrite),
             ABI_SSL_WRITE_EX => Some(WriteAbi::SslWriteEx),
             ABI_GO_TLS_WRITE => Some(WriteAbi::GoTlsWrite),
+            ABI_GNUTLS_SEND => Some(WriteAbi::GnutlsSend),
             _ => None,
         }
     }
@@ -120,6 +125,7 @@ impl WriteAbi {
             WriteAbi::SslWrite => "SSL_write",
             WriteAbi::SslWriteEx => "SSL_write_ex",
             WriteAbi::GoTlsWrite => "crypto/tls.(*Conn).Write",
+            WriteAbi::GnutlsSend => "gnutls_record_send",
         }
     }
 
@@ -154,14 +160,23 @@ impl Default for Config {
 /// File offsets of the functions that bind an `SSL*` to a socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SocketHooks {
-    /// `SSL_set_fd(ssl, fd)` (Python's `ssl`).
-    pub set_fd: Option<usize>,
+    /// Functions `(tls object, …, fd)` that bind a socket: `SSL_set_fd`
+    /// (Python's `ssl`; fd in RSI), GnuTLS's transport setters (fd in RSI or,
+    /// for the two-sided ones, the sending fd in RDX).
+    pub fd_setters: Vec<(usize, FdArg)>,
     /// `SSL_set_bio(ssl, rbio, wbio)`, with `BIO_new_socket(fd)` naming the BIO's fd.
     pub set_bio: Option<usize>,
     pub bio_new_socket: Option<usize>,
     /// `SSL_connect`/`SSL_do_handshake`: the thread's first socket write during
     /// them names the fd (curl's own BIO).
     pub handshakes: Vec<usize>,
+}
+
+/// Which argument register of an fd setter holds the (sending) fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdArg {
+    Rsi,
+    Rdx,
 }
 
 impl SocketHooks {
@@ -865,8 +880,22 @@ impl Probes {
             })
         };
         let p = &self.skel.progs;
-        if let Some(off) = hooks.set_fd {
-            links.push(attach(&p.ssl_set_fd, off, false, "SSL_set_fd")?);
+        for &(off, arg) in &hooks.fd_setters {
+            let opts = UprobeOpts {
+                cookie: match arg {
+                    FdArg::Rsi => 1,
+                    FdArg::Rdx => 2,
+                },
+                ..Default::default()
+            };
+            links.push(
+                p.ssl_set_fd
+                    .attach_uprobe_with_opts(-1, binary, off, opts)
+                    .map_err(|source| Error::Attach {
+                        what: format!("fd setter at {}+{off:#x}", binary.display()),
+                        source,
+                    })?,
+            );
         }
         if let Some(off) = hooks.set_bio {
             links.push(attach(&p.ssl_set_bio, off, false, "SSL_set_bio")?);

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kloak_bpf::{SocketHooks, WriteAbi};
+use kloak_bpf::{FdArg, SocketHooks, WriteAbi};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,8 @@ const TARGETS: &[(&str, WriteAbi)] = &[
     ("SSL_write", WriteAbi::SslWrite),
     ("SSL_write_ex", WriteAbi::SslWriteEx),
     ("crypto/tls.(*Conn).Write", WriteAbi::GoTlsWrite),
+    // gnutls_record_send is a tail jump to send2; probing send2 sees both.
+    ("gnutls_record_send2", WriteAbi::GnutlsSend),
 ];
 
 /// The TLS write functions an ELF file defines; empty for anything else.
@@ -132,7 +134,12 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
         let off = || vaddr_to_offset(&file, sym.address()).map(|o| o as usize);
         let h = &mut lib.sockets;
         match base {
-            "SSL_set_fd" if h.set_fd.is_none() => h.set_fd = off(),
+            "SSL_set_fd" | "gnutls_transport_set_ptr" => {
+                h.fd_setters.extend(off().map(|o| (o, FdArg::Rsi)))
+            }
+            "gnutls_transport_set_int2" | "gnutls_transport_set_ptr2" => {
+                h.fd_setters.extend(off().map(|o| (o, FdArg::Rdx)))
+            }
             "SSL_set_bio" if h.set_bio.is_none() => h.set_bio = off(),
             "BIO_new_socket" if h.bio_new_socket.is_none() => h.bio_new_socket = off(),
             "SSL_do_handshake" | "SSL_connect" => {
@@ -171,6 +178,13 @@ fn plan_probes(data: &[u8], entries: &[(WriteAbi, u64)]) -> Vec<WriteFn> {
         out.push(WriteFn {
             abi: WriteAbi::GoTlsWrite,
             file_offset: go + go_stack_check_len(code(go)),
+        });
+    }
+
+    if let Some(g) = at(WriteAbi::GnutlsSend) {
+        out.push(WriteFn {
+            abi: WriteAbi::GnutlsSend,
+            file_offset: g,
         });
     }
 

@@ -257,6 +257,7 @@ int tls_write_enter(struct pt_regs *ctx)
 		len = (__u64)(int)dx;
 		break;
 	case ABI_SSL_WRITE_EX:
+	case ABI_GNUTLS_SEND:
 		buf = si;
 		len = dx;
 		break;
@@ -747,13 +748,19 @@ int on_mmap_exit(struct trace_event_raw_sys_exit *ctx)
 /* ------------------------------------------------------------------ */
 /* Which socket an SSL* writes to                                      */
 
+/* A TLS object gets its socket: the cookie says which register holds the
+ * fd. GnuTLS's pointer setters carry an fd cast to a pointer by convention;
+ * anything that does not look like an fd is left alone. */
 SEC("uprobe")
 int ssl_set_fd(struct pt_regs *ctx)
 {
 	if (!tracked())
 		return 0;
-	__u64 ssl = ctx->di;
-	__s32 fd = (__s32)ctx->si;
+	__u64 ssl = ctx->di, si = ctx->si, dx = ctx->dx;
+	__u64 v = bpf_get_attach_cookie(ctx) == FD_ARG_RDX ? dx : si;
+	if (v >= (1 << 20))
+		return 0;
+	__s32 fd = (__s32)v;
 	bpf_map_update_elem(&ssl_fd, &ssl, &fd, BPF_ANY);
 	return 0;
 }

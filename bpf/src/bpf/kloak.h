@@ -16,8 +16,10 @@
 #define ABI_SSL_WRITE 1       /* int SSL_write(SSL *, const void *, int) */
 #define ABI_SSL_WRITE_EX 2    /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
 #define ABI_GO_TLS_WRITE 3    /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
+#define ABI_GNUTLS_SEND 4     /* ssize_t gnutls_record_send2(session, const void *, size_t, ...) */
 /* Hooks that map an SSL* to its socket. */
-#define ABI_SSL_SET_FD 16     /* int SSL_set_fd(SSL *, int fd) */
+#define FD_ARG_RSI 1          /* SSL_set_fd(ssl, fd), gnutls_transport_set_ptr(session, ptr) */
+#define FD_ARG_RDX 2          /* gnutls_transport_set_int2/ptr2(session, recv, send) */
 #define ABI_SSL_HANDSHAKE 17  /* SSL_connect / SSL_do_handshake(SSL *): the thread's next socket write names the fd */
 
 /* Event kinds on tls_events. STOP kinds leave the writing thread stopped. */

@@ -1,0 +1,125 @@
+//! TLS stacks beyond the system libssl: Node.js (OpenSSL inside the node
+//! binary), GnuTLS (`gnutls-cli`), and a C client with OpenSSL linked
+//! statically, built here. Each must deliver the real value in a header and
+//! the body, and leave an unknown `kloak:` token alone. Root only.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kloak_e2e::*;
+
+const T: Duration = Duration::from_secs(90);
+const UNKNOWN: &str = "kloak:ZZZZZZZZZZZZZZZZZZZZZZZZ";
+
+fn static_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = workspace_root().join("target/e2e-bin");
+        std::fs::create_dir_all(&out).unwrap();
+        let bin = out.join("static_client");
+        let st = Command::new("cc")
+            .arg(fixtures().join("static_client.c"))
+            .arg("-o")
+            .arg(&bin)
+            .args([
+                "-Wl,-Bstatic",
+                "-lssl",
+                "-lcrypto",
+                "-Wl,-Bdynamic",
+                "-lpthread",
+                "-ldl",
+            ])
+            .status()
+            .expect("cc runs");
+        assert!(
+            st.success(),
+            "building the static OpenSSL client failed (libssl-dev installed?)"
+        );
+        let ldd = Command::new("ldd").arg(&bin).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&ldd.stdout).contains("libssl"),
+            "libssl must be linked statically"
+        );
+        bin
+    })
+    .clone()
+}
+
+/// A shell command for `runtime` sending one request to `path`; with
+/// `unknown`, the child first replaces its placeholder with a token no secret owns.
+fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
+    let ca = srv.cacert().display().to_string();
+    let port = srv.port;
+    let cmd = match runtime {
+        "node" => format!(
+            "node {} {port} {ca} {path}",
+            fixtures().join("node_client.js").display()
+        ),
+        "gnutls" => format!(
+            "printf 'POST {path} HTTP/1.1\\r\\nHost: localhost\\r\\nAuthorization: Bearer %s\\r\\nContent-Length: %d\\r\\n\\r\\ntoken=%s' \
+             \"$API_TOKEN\" $((6+${{#API_TOKEN}})) \"$API_TOKEN\" | gnutls-cli --x509cafile {ca} -p {port} localhost >/dev/null 2>&1"
+        ),
+        "static-openssl" => format!("{} {port} {ca} {path}", static_client().display()),
+        other => panic!("no runtime {other}"),
+    };
+    if unknown {
+        format!("API_TOKEN={UNKNOWN}; {cmd}")
+    } else {
+        cmd
+    }
+}
+
+fn runtime_sends_real_values(runtime: &str) {
+    let srv = TlsServer::start();
+    let value = random_secret(&format!("{runtime}-"), 31);
+    let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
+    let script = format!(
+        "{} && {}",
+        client(runtime, &srv, "/real", false),
+        client(runtime, &srv, "/unknown", true)
+    );
+    let run = run_kloak(&s, &[], &["sh", "-c", &script], T);
+    assert!(run.output.status.success(), "{runtime}: {}", run.stderr());
+    let rec = srv.wait_for(2, Duration::from_secs(5));
+    let real = rec
+        .iter()
+        .find(|r| r.starts_with(b"POST /real "))
+        .expect("the request arrived");
+    assert_eq!(
+        count(real, value.as_bytes()),
+        2,
+        "{runtime}: {}",
+        String::from_utf8_lossy(real)
+    );
+    assert_eq!(count(real, b"kloak:"), 0);
+    let unknown = rec
+        .iter()
+        .find(|r| r.starts_with(b"POST /unknown "))
+        .expect("the second request arrived");
+    assert_eq!(
+        count(unknown, UNKNOWN.as_bytes()),
+        2,
+        "{runtime}: an unknown token goes out unchanged"
+    );
+    run.assert_no_leak(&value);
+}
+
+#[test]
+fn node_https_sends_the_real_value() {
+    let Some(_g) = root_test() else { return };
+    runtime_sends_real_values("node");
+}
+
+#[test]
+fn gnutls_sends_the_real_value() {
+    let Some(_g) = root_test() else { return };
+    runtime_sends_real_values("gnutls");
+}
+
+#[test]
+fn statically_linked_openssl_sends_the_real_value() {
+    let Some(_g) = root_test() else { return };
+    runtime_sends_real_values("static-openssl");
+}
