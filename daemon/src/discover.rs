@@ -322,7 +322,7 @@ mod tests {
         let tls = tls_library(lib).unwrap();
         let s = &tls.sockets;
         assert!(
-            s.set_fd.is_some() && s.set_bio.is_some() && s.handshakes.len() == 2,
+            s.fd_setters.len() == 1 && s.set_bio.is_some() && s.handshakes.len() == 2,
             "{tls:?}"
         );
         let f = tls.writes;
