@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use kloak_bpf::{FdArg, SocketHooks, WriteAbi};
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoverError {
@@ -161,6 +161,22 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
             entries.push((abi, off));
         }
     }
+    // A stripped Go binary (-ldflags=-s -w) has no symbol table, but Go's own
+    // function table, .gopclntab, is always there.
+    if !entries.iter().any(|(a, _)| *a == WriteAbi::GoTlsWrite)
+        && let Some(sec) = file.section_by_name(".gopclntab")
+        && let Ok(tab) = sec.data()
+        && let Some((base, entry)) = pclntab_lookup(tab, "crypto/tls.(*Conn).Write")
+        // Newer linkers leave textStart zero: entries then count from .text.
+        && let Some(base) = if base != 0 {
+            Some(base)
+        } else {
+            file.section_by_name(".text").map(|t| t.address())
+        }
+        && let Some(off) = vaddr_to_offset(&file, base + entry)
+    {
+        entries.push((WriteAbi::GoTlsWrite, off));
+    }
     lib.writes = plan_probes(&data, &entries);
     Ok(lib)
 }
@@ -282,6 +298,50 @@ fn go_stack_check_len(code: &[u8]) -> u64 {
     }
 }
 
+/// Function `name` in a Go 1.18+ `.gopclntab`: `(textStart, entry offset)`.
+///
+/// Layout (runtime/symtab.go, `pcHeader`): magic, two pad bytes, minLC,
+/// ptrSize, then pointer-sized nfunc, nfiles, textStart, funcnameOffset,
+/// cuOffset, filetabOffset, pctabOffset, pclnOffset. At pclnOffset,
+/// nfunc+1 pairs of u32 (entry offset from textStart, offset of the
+/// function's `_func`); each `_func` starts with u32 entryOff, i32 nameOff
+/// into the name table.
+pub fn pclntab_lookup(tab: &[u8], name: &str) -> Option<(u64, u64)> {
+    let u32_at = |o: usize| {
+        tab.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let magic = u32_at(0)?;
+    if magic != 0xffff_fff0 && magic != 0xffff_fff1 {
+        return None;
+    }
+    let ptr = *tab.get(7)? as usize;
+    if ptr != 8 {
+        return None;
+    }
+    let word = |i: usize| -> Option<u64> {
+        let o = 8 + i * ptr;
+        tab.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    let nfunc = word(0)? as usize;
+    let text_start = word(2)?;
+    let funcname = word(3)? as usize;
+    let pcln = word(7)? as usize;
+    for i in 0..nfunc {
+        let entry = u32_at(pcln + i * 8)?;
+        let func = pcln + u32_at(pcln + i * 8 + 4)? as usize;
+        let name_off = u32_at(func + 4)? as usize;
+        let start = funcname + name_off;
+        let raw = tab.get(start..)?;
+        let end = raw.iter().position(|&c| c == 0)?;
+        if &raw[..end] == name.as_bytes() {
+            return Some((text_start, u64::from(entry)));
+        }
+    }
+    None
+}
+
 /// Uprobes take file offsets; symbols give virtual addresses.
 fn vaddr_to_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
     file.segments().find_map(|seg| {
@@ -379,6 +439,15 @@ mod tests {
             abi: WriteAbi::SslWrite,
             file_offset: 0x180
         }));
+    }
+
+    #[test]
+    fn pclntab_rejects_what_it_does_not_know() {
+        assert_eq!(pclntab_lookup(&[0u8; 64], "x"), None);
+        let mut t = vec![0u8; 64];
+        t[..4].copy_from_slice(&0xffff_fffau32.to_le_bytes()); // Go 1.16
+        t[7] = 8;
+        assert_eq!(pclntab_lookup(&t, "x"), None);
     }
 
     #[test]

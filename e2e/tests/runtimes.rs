@@ -47,6 +47,30 @@ fn static_client() -> PathBuf {
     .clone()
 }
 
+fn stripped_go_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = workspace_root().join("target/e2e-bin/goclient-stripped");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        let st = Command::new("go")
+            .args(["build", "-ldflags=-s -w", "-o"])
+            .arg(&bin)
+            .arg("main.go")
+            .current_dir(fixtures().join("goclient"))
+            .env("CGO_ENABLED", "0")
+            .status()
+            .expect("go runs");
+        assert!(st.success(), "building the stripped Go client failed");
+        let nm = Command::new("nm").arg(&bin).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&nm.stderr).contains("no symbols"),
+            "the Go client must be stripped for this test"
+        );
+        bin
+    })
+    .clone()
+}
+
 /// A shell command for `runtime` sending one request to `path`; with
 /// `unknown`, the child first replaces its placeholder with a token no secret owns.
 fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
@@ -62,6 +86,10 @@ fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
              \"$API_TOKEN\" $((6+${{#API_TOKEN}})) \"$API_TOKEN\" | gnutls-cli --x509cafile {ca} -p {port} localhost >/dev/null 2>&1"
         ),
         "static-openssl" => format!("{} {port} {ca} {path}", static_client().display()),
+        "go-stripped" => format!(
+            "{} -url https://localhost:{port}{path} -cacert {ca} -n 1",
+            stripped_go_client().display()
+        ),
         other => panic!("no runtime {other}"),
     };
     if unknown {
@@ -122,4 +150,10 @@ fn gnutls_sends_the_real_value() {
 fn statically_linked_openssl_sends_the_real_value() {
     let Some(_g) = root_test() else { return };
     runtime_sends_real_values("static-openssl");
+}
+
+#[test]
+fn a_stripped_go_binary_is_found_through_its_pclntab() {
+    let Some(_g) = root_test() else { return };
+    runtime_sends_real_values("go-stripped");
 }
