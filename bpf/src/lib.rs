@@ -216,6 +216,7 @@ pub enum EventKind {
     Rewritten,
     Scrubbed,
     Unknown,
+    Exit,
 }
 
 impl EventKind {
@@ -229,6 +230,7 @@ impl EventKind {
             6 => EventKind::Rewritten,
             7 => EventKind::Scrubbed,
             8 => EventKind::Unknown,
+            9 => EventKind::Exit,
             _ => return None,
         })
     }
@@ -492,6 +494,11 @@ impl Probes {
                 "sched_process_exec",
             ),
             (
+                &skel.progs.on_exit,
+                TracepointCategory::Sched,
+                "sched_process_exit",
+            ),
+            (
                 &skel.progs.on_mmap_enter,
                 TracepointCategory::Syscalls,
                 "sys_enter_mmap",
@@ -712,6 +719,12 @@ impl Probes {
             .maps
             .tracked_cgroups
             .delete(&cgroup_id.to_ne_bytes());
+    }
+
+    /// Forgets a file, so that the next executable mapping of it stops for a look again.
+    pub fn forget_inode(&self, dev: u64, ino: u64) {
+        let key = types::inode_key { dev, ino };
+        let _ = self.skel.maps.known_inodes.delete(pod_bytes(&key));
     }
 
     /// Tells the mmap hook that this file needs no look from the agent.

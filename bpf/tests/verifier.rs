@@ -20,15 +20,15 @@ fn pause_backend_loads_and_attaches_tracepoints() {
     }
     let p = Probes::load(&Config::default()).expect("pause backend loads");
     assert_eq!(p.backend(), Backend::Pause);
-    // Nine process/socket hooks, plus the DNS hook: four kprobe links where
+    // Ten process/socket hooks, plus the DNS hook: four kprobe links where
     // the kernel has kprobes, ten syscall tracepoints elsewhere. The kprobe
     // programs pass the verifier either way: they load with the rest.
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Kprobe);
-        assert_eq!(p.tracepoint_count(), 13);
+        assert_eq!(p.tracepoint_count(), 14);
     } else {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Tracepoints);
-        assert_eq!(p.tracepoint_count(), 19);
+        assert_eq!(p.tracepoint_count(), 20);
     }
 }
 

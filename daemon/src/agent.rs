@@ -24,6 +24,9 @@ use crate::dns::DnsCache;
 use crate::procmem;
 use crate::secrets::Secret;
 
+/// How often, at most, the agent looks for files that lost their last user.
+const GC_EVERY: Duration = Duration::from_millis(100);
+
 /// Largest buffer the agent reads whole when the kernel could not scan it.
 const MAX_USER_SCAN: u64 = 64 << 20;
 
@@ -86,6 +89,8 @@ pub struct Counters {
     /// Placeholders left unchanged because the destination is not allowed.
     pub blocked: AtomicU64,
     pub dns_answers: AtomicU64,
+    /// TLS files whose probes were dropped after their last process exited.
+    pub detached_files: AtomicU64,
     pub dns_untrusted: AtomicU64,
     /// Batches of stopped processes handled, and where their time went:
     /// kernel event to agent awake, waiting for the group stop, patch + SIGCONT.
@@ -113,6 +118,10 @@ pub struct Agent<'p> {
     busy_poll: Duration,
     groups: Groups,
     dns: DnsCache,
+    /// cgroup directories of the tracked processes, for finding a file's users.
+    cgroups: Vec<std::path::PathBuf>,
+    gc_pending: bool,
+    last_gc: Instant,
     pub counters: Arc<Counters>,
 }
 
@@ -128,6 +137,13 @@ impl<'p> Agent<'p> {
     /// sleeping again: the scrub stop and the next request usually follow.
     pub fn with_busy_poll(mut self, d: Duration) -> Self {
         self.busy_poll = d;
+        self
+    }
+
+    /// The cgroups whose processes are tracked: when one exits, files no
+    /// process there maps any more lose their probes.
+    pub fn with_cgroups(mut self, dirs: Vec<std::path::PathBuf>) -> Self {
+        self.cgroups = dirs;
         self
     }
 
@@ -147,6 +163,9 @@ impl<'p> Agent<'p> {
             busy_poll: Duration::ZERO,
             groups: Groups::default(),
             dns: DnsCache::new(Vec::new(), 1024),
+            cgroups: Vec::new(),
+            gc_pending: false,
+            last_gc: Instant::now(),
             counters: Arc::default(),
         }
     }
@@ -180,6 +199,7 @@ impl<'p> Agent<'p> {
             }
             self.record_dns(dns_queue.take());
             let batch = queue.take();
+            self.gc_pending |= batch.iter().any(|e| e.kind == EventKind::Exit);
             let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
                 self.process(batch, &|| {
@@ -187,11 +207,71 @@ impl<'p> Agent<'p> {
                     Ok((queue.take(), dns_queue.take()))
                 })?;
             }
+            if self.gc_pending && self.last_gc.elapsed() >= GC_EVERY {
+                self.collect_unused_files();
+            }
             if stops && !self.busy_poll.is_zero() {
                 busy_until = Instant::now() + self.busy_poll;
             }
             if done {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Executable files any tracked process maps now.
+    fn files_in_use(&self) -> std::collections::HashSet<(u64, u64)> {
+        let mut used = std::collections::HashSet::new();
+        for dir in &self.cgroups {
+            let Ok(cg) = crate::cgroup::Cgroup::open(dir) else {
+                continue;
+            };
+            for pid in cg.pids() {
+                for m in discover::read_maps(pid)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|m| m.exec)
+                {
+                    used.insert((m.dev, m.ino));
+                }
+            }
+        }
+        used
+    }
+
+    /// Drops the probes of files no tracked process maps any more. The inode
+    /// is forgotten first and the maps read again after, so a process that
+    /// maps the file in between either shows up in the second read or stops
+    /// on its mapping and gets the file attached anew.
+    fn collect_unused_files(&mut self) {
+        self.gc_pending = false;
+        self.last_gc = Instant::now();
+        let used = self.files_in_use();
+        let unused: Vec<(u64, u64)> = self
+            .files
+            .keys()
+            .filter(|k| !used.contains(k))
+            .copied()
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        for &(dev, ino) in &unused {
+            self.probes.forget_inode(dev, ino);
+        }
+        let used = self.files_in_use();
+        for key in unused {
+            if used.contains(&key) {
+                let _ = self.probes.mark_inode_known(key.0, key.1);
+                continue;
+            }
+            if let Some(FileState::Tls(_)) = self.files.remove(&key) {
+                inc(&self.counters.detached_files);
+                tracing::info!(
+                    dev = key.0,
+                    inode = key.1,
+                    "last user gone: TLS probes detached"
+                );
             }
         }
     }

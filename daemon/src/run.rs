@@ -148,7 +148,8 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         .collect();
     let mut agent = Agent::new(&probes, SecretTable::new(secrets), o.scrub)
         .with_busy_poll(std::time::Duration::from_micros(o.busy_poll_us))
-        .with_dns(crate::dns::DnsCache::new(trusted, o.dns_cache_entries));
+        .with_dns(crate::dns::DnsCache::new(trusted, o.dns_cache_entries))
+        .with_cgroups(vec![cg.path.clone()]);
     let counters = agent.counters.clone();
     let shutdown = AtomicBool::new(false);
 

@@ -157,3 +157,74 @@ fn a_stripped_go_binary_is_found_through_its_pclntab() {
     let Some(_g) = root_test() else { return };
     runtime_sends_real_values("go-stripped");
 }
+
+/// Uprobe links the agent holds: its perf-event descriptors minus the
+/// tracepoints it holds with no TLS library in sight (`baseline`).
+fn perf_event_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|d| {
+                    std::fs::read_link(d.path())
+                        .is_ok_and(|l| l.to_string_lossy().contains("perf_event"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let end = std::time::Instant::now() + T;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fifty_processes_share_one_attachment_which_goes_with_the_last_user() {
+    let Some(_g) = root_test() else { return };
+    let s = Secrets::write(&[("t", "0123456789abcdef", "T")]);
+    let dir = s.dir.path().display().to_string();
+    let hold = |tag: &str, secs: u32| {
+        format!(
+            "python3 -c \"import ssl, time; open('{dir}/{tag}', 'w').close(); time.sleep({secs})\""
+        )
+    };
+    let script = format!(
+        "touch {dir}/m0; sleep 1; {one}; for i in $(seq 50); do {many} & done; wait; touch {dir}/m2; sleep 3",
+        one = hold("m1", 2),
+        many = hold("b_$i", 4),
+    );
+    let (mut c, _) = kloak_cmd(&s, &[], &["sh", "-c", &script]);
+    let mut agent = c
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    let p = |f: &str| s.dir.path().join(f);
+
+    wait_until("the run to start", || p("m0").exists());
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = perf_event_fds(pid);
+    wait_until("one TLS process", || p("m1").exists());
+    let one = perf_event_fds(pid) - baseline;
+    assert!(one > 0, "a process with libssl gets uprobes");
+    wait_until("fifty TLS processes", || {
+        (1..=50).all(|i| p(&format!("b_{i}")).exists())
+    });
+    let fifty = perf_event_fds(pid) - baseline;
+    assert_eq!(
+        fifty, one,
+        "fifty processes of one binary share one attachment"
+    );
+    wait_until("the fifty to exit", || p("m2").exists());
+    wait_until("the probes to go with their last user", || {
+        perf_event_fds(pid) == baseline
+    });
+    assert!(agent.wait().unwrap().success());
+}

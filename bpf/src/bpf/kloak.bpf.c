@@ -683,6 +683,19 @@ int tls_write_return_inplace(struct pt_regs *ctx)
 /* Following processes: exec and executable mappings stop the thread   */
 /* until the agent has attached to whatever TLS library they bring.    */
 
+SEC("tp/sched/sched_process_exit")
+int on_exit(void *ctx)
+{
+	__u64 pt = bpf_get_current_pid_tgid();
+	/* Whole processes only: the leader's exit. */
+	if ((__u32)pt != (pt >> 32) || !tracked())
+		return 0;
+	struct tls_event *e = new_event(EV_EXIT);
+	if (e)
+		bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
 SEC("tp/sched/sched_process_exec")
 int on_exec(void *ctx)
 {

@@ -32,6 +32,7 @@ enum event_kind {
 	EV_REWRITTEN = 6,    /* in-place backend replaced the hits itself */
 	EV_SCRUBBED = 7,     /* in-place backend restored the placeholders itself */
 	EV_UNKNOWN = 8,      /* a kloak: token matched no secret; it went out unchanged */
+	EV_EXIT = 9,         /* a tracked process exited: its libraries may have lost their last user */
 };
 
 #define DNS_MAX_PAYLOAD 512
