@@ -28,6 +28,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# hyper-h2: the strict HTTP/2 server the HTTP/2 tests record with.
+if ! python3 -c "import h2" >/dev/null 2>&1; then
+  echo "install-deps: installing the h2 Python package"
+  python3 -m pip install --quiet --root-user-action=ignore h2
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found; Kloak needs Rust 1.90 or later (rustup toolchain)" >&2
   exit 1

@@ -143,6 +143,9 @@ pub struct Config {
     /// The agent's own tgid: never stopped, whatever cgroup it sits in.
     pub agent_tgid: u32,
     pub max_secrets: u32,
+    /// For each bit alignment, the first three bytes `kloak:` fully covers when
+    /// HPACK Huffman-coded; all zero leaves HTTP/2 header values alone.
+    pub huffman_signatures: [[u8; 3]; 8],
 }
 
 impl Default for Config {
@@ -153,6 +156,7 @@ impl Default for Config {
             scrub: true,
             agent_tgid: std::process::id(),
             max_secrets: 4096,
+            huffman_signatures: [[0; 3]; 8],
         }
     }
 }
@@ -270,6 +274,8 @@ pub struct Event {
     pub ino: u64,
     pub unreadable: bool,
     pub overflow: bool,
+    /// An HPACK Huffman-coded prefix may be in the buffer.
+    pub huffman: bool,
     pub comm: String,
     /// Verified placeholders (or, for `Unknown`, the count in `unknown`).
     pub hits: Vec<Hit>,
@@ -380,6 +386,7 @@ impl Event {
             ino: e.ino,
             unreadable: e.flags & 1 != 0,
             overflow: e.flags & 2 != 0,
+            huffman: e.flags & 4 != 0,
             comm: String::from_utf8_lossy(&comm_bytes).into_owned(),
             hits,
             unknown,
@@ -401,6 +408,7 @@ pub struct Stats {
     pub tailcall_failures: u64,
     pub stops: u64,
     pub write_failures: u64,
+    pub huffman_candidates: u64,
 }
 
 /// The loaded programs and maps. Dropping it detaches every probe.
@@ -455,6 +463,7 @@ impl Probes {
             .expect("kloak.bpf.c has rodata");
         rodata.cfg_scrub = u32::from(cfg.scrub);
         rodata.cfg_agent_tgid = cfg.agent_tgid;
+        rodata.cfg_huff_sig = cfg.huffman_signatures;
         open.maps
             .tls_events
             .set_max_entries(cfg.ring_bytes)
@@ -796,7 +805,7 @@ impl Probes {
     }
 
     pub fn stats(&self) -> Stats {
-        let mut s = [0u64; 10];
+        let mut s = [0u64; 11];
         for (i, slot) in s.iter_mut().enumerate() {
             if let Ok(Some(per_cpu)) = self
                 .skel
@@ -824,6 +833,7 @@ impl Probes {
             tailcall_failures: s[7],
             stops: s[8],
             write_failures: s[9],
+            huffman_candidates: s[10],
         }
     }
 

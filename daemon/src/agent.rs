@@ -18,9 +18,11 @@ use libbpf_rs::Link;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::discover;
 use crate::dns::DnsCache;
+use crate::hpack;
 use crate::procmem;
 use crate::secrets::Secret;
 
@@ -89,6 +91,8 @@ pub struct Counters {
     /// Placeholders left unchanged because the destination is not allowed.
     pub blocked: AtomicU64,
     pub dns_answers: AtomicU64,
+    /// HPACK Huffman-coded placeholders swapped (also counted in `rewrites`).
+    pub huffman_rewrites: AtomicU64,
     /// TLS files whose probes were dropped after their last process exited.
     pub detached_files: AtomicU64,
     pub dns_untrusted: AtomicU64,
@@ -102,6 +106,13 @@ pub struct Counters {
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Bytes rewritten for an HPACK placeholder, kept until the scrub.
+struct HuffPatch {
+    addr: u64,
+    original: Vec<u8>,
+    patched: Zeroizing<Vec<u8>>,
 }
 
 enum FileState {
@@ -122,6 +133,7 @@ pub struct Agent<'p> {
     cgroups: Vec<std::path::PathBuf>,
     gc_pending: bool,
     last_gc: Instant,
+    huffman_scrubs: HashMap<u32, Vec<HuffPatch>>,
     pub counters: Arc<Counters>,
 }
 
@@ -166,6 +178,7 @@ impl<'p> Agent<'p> {
             cgroups: Vec::new(),
             gc_pending: false,
             last_gc: Instant::now(),
+            huffman_scrubs: HashMap::new(),
             counters: Arc::default(),
         }
     }
@@ -397,6 +410,7 @@ impl Agent<'_> {
                 for h in &e.hits {
                     self.patch(e, h, Direction::ToPlaceholder);
                 }
+                self.unswap_huffman(e);
             }
             EventKind::Scan => self.user_scan(e),
             EventKind::Exec | EventKind::Mmap => self.discover(e),
@@ -484,7 +498,7 @@ impl Agent<'_> {
 
     /// The kernel could not read the buffer (or found more prefixes than it
     /// tracks): scan it here, where reading faults pages in.
-    fn user_scan(&self, e: &Event) {
+    fn user_scan(&mut self, e: &Event) {
         inc(&self.counters.user_scans);
         if e.len > MAX_USER_SCAN {
             tracing::warn!(
@@ -524,8 +538,19 @@ impl Agent<'_> {
                 }
             }
         }
+        let huffman = if e.huffman {
+            self.swap_huffman(e, &data)
+        } else {
+            Vec::new()
+        };
         let scrubbable = e.abi.is_some_and(|a| a.supports_return_probe());
-        if self.scrub && scrubbable && !done.is_empty() {
+        if self.scrub && scrubbable && !huffman.is_empty() {
+            self.huffman_scrubs.insert(e.tid, huffman);
+        }
+        if self.scrub
+            && scrubbable
+            && (!done.is_empty() || self.huffman_scrubs.contains_key(&e.tid))
+        {
             if done.len() > MAX_HITS {
                 tracing::warn!(
                     pid = e.tgid,
@@ -538,6 +563,67 @@ impl Agent<'_> {
                 .arm_scrub(e.tid, e.buf, &done[..done.len().min(MAX_HITS)])
             {
                 tracing::warn!(error = %err, "arming the scrub failed");
+            }
+        }
+    }
+
+    /// HTTP/2: swaps, bit for bit, the Huffman code of every HPACK-safe
+    /// placeholder in `data` for the value's, touching only the bytes the
+    /// code spans. Returns what was written, for the scrub.
+    fn swap_huffman(&self, e: &Event, data: &[u8]) -> Vec<HuffPatch> {
+        let mut done = Vec::new();
+        for s in self.secrets.by_id.values().filter(|s| s.hpack_safe) {
+            let pbits = hpack::bits_of(s.placeholder.as_bytes());
+            for at in hpack::find_bits(data, &pbits) {
+                if !self.destination_allowed(e, s) {
+                    continue;
+                }
+                let (first, end) = (at / 8, (at + pbits.len()).div_ceil(8));
+                let original = data[first..end].to_vec();
+                let mut patched = Zeroizing::new(original.clone());
+                hpack::put_bits(
+                    &mut patched,
+                    at - first * 8,
+                    &hpack::bits_of(s.value.expose()),
+                );
+                let addr = e.buf + first as u64;
+                // As for ASCII: only over the bytes the scan saw.
+                if !matches!(procmem::read(e.tgid, addr, original.len()), Ok(cur) if cur == original)
+                {
+                    inc(&self.counters.mismatched);
+                    continue;
+                }
+                match procmem::write(e.tgid, addr, &patched) {
+                    Ok(()) => {
+                        inc(&self.counters.rewrites);
+                        inc(&self.counters.huffman_rewrites);
+                        tracing::debug!(pid = e.tgid, comm = %e.comm, secret = %s.name, "HPACK placeholder rewritten");
+                        done.push(HuffPatch {
+                            addr,
+                            original,
+                            patched,
+                        });
+                    }
+                    Err(err) => {
+                        inc(&self.counters.patch_errors);
+                        tracing::warn!(pid = e.tgid, secret = %s.name, error = %err, "patching the write buffer failed");
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// Puts the Huffman-coded placeholders back after the write returned.
+    fn unswap_huffman(&mut self, e: &Event) {
+        for p in self.huffman_scrubs.remove(&e.tid).unwrap_or_default() {
+            match procmem::read(e.tgid, p.addr, p.patched.len()) {
+                Ok(cur) if cur[..] == p.patched[..] => {
+                    if procmem::write(e.tgid, p.addr, &p.original).is_ok() {
+                        inc(&self.counters.scrubs);
+                    }
+                }
+                _ => inc(&self.counters.mismatched),
             }
         }
     }
@@ -766,6 +852,7 @@ mod tests {
             value: SecretValue::new(vec![b'v'; placeholder.len()]),
             placeholder: placeholder.into(),
             rules: crate::rules::Rules::default(),
+            hpack_safe: false,
         }
     }
 

@@ -262,28 +262,38 @@ pub fn check_secrets(report: &mut Report, path: &Path) {
     let c = match crate::secrets::load(path) {
         Err(e) => check("secrets", true, false, e.to_string()),
         Ok(list) => {
-            let open: Vec<&str> = list
-                .iter()
-                .filter(|s| s.rules.unrestricted())
-                .map(|s| s.name.as_str())
-                .collect();
-            if open.is_empty() {
+            let names = |f: &dyn Fn(&crate::secrets::Secret) -> bool| {
+                list.iter()
+                    .filter(|s| f(s))
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let open = names(&|s| s.rules.unrestricted());
+            let no_h2 = names(&|s| !s.hpack_safe);
+            let mut problems = Vec::new();
+            if !open.is_empty() {
+                problems.push(format!(
+                    "unrestricted (no hosts or port; any destination receives them): {open}"
+                ));
+            }
+            if !no_h2.is_empty() {
+                problems.push(format!(
+                    "not HPACK-safe (HTTP/2 header values carry the placeholder unchanged): {no_h2}"
+                ));
+            }
+            if problems.is_empty() {
                 check(
                     "secrets",
                     false,
                     true,
-                    format!("{} secret(s), all with destination rules", list.len()),
-                )
-            } else {
-                check(
-                    "secrets",
-                    false,
-                    false,
                     format!(
-                        "unrestricted (no hosts or port; any destination receives them): {}",
-                        open.join(", ")
+                        "{} secret(s), all with destination rules, all HPACK-safe",
+                        list.len()
                     ),
                 )
+            } else {
+                check("secrets", false, false, problems.join("; "))
             }
         }
     };

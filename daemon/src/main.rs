@@ -11,6 +11,7 @@ mod discover;
 mod dns;
 mod doctor;
 mod guardian;
+mod hpack;
 mod procmem;
 mod rules;
 mod run;

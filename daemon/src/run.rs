@@ -93,6 +93,12 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     } else {
         choose_backend(o.mode)?
     };
+    for s in secrets.iter().filter(|s| !s.hpack_safe) {
+        tracing::warn!(
+            secret = %s.name,
+            "no placeholder can match this value's HPACK Huffman length: in HTTP/2 header values it goes out unchanged (HTTP/1.1 and bodies are not affected)"
+        );
+    }
     for s in secrets.iter().filter(|s| s.rules.unrestricted()) {
         tracing::warn!(secret = %s.name, "secret has no hosts or port: any destination receives it");
     }
@@ -131,6 +137,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         scrub: o.scrub,
         agent_tgid: std::process::id(),
         max_secrets: (secrets.len() as u32).max(64),
+        huffman_signatures: crate::hpack::prefix_signatures(),
     })?;
     for s in &secrets {
         probes.put_secret(&SecretEntry {
@@ -214,6 +221,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "writes": s.writes, "bytes": s.bytes, "hits": s.hits, "unknown": s.unknown,
                 "lost_events": s.lost_events, "unreadable": s.unreadable, "overflow": s.overflow,
                 "tailcall_failures": s.tailcall_failures, "stops": s.stops, "write_failures": s.write_failures,
+                "huffman_candidates": s.huffman_candidates,
             },
             "agent": &*counters,
         });

@@ -103,6 +103,10 @@ pub struct Secret {
     pub placeholder: String,
     /// Where the value may go; empty means anywhere.
     pub rules: Rules,
+    /// The placeholder's HPACK Huffman code is as long as the value's, so it
+    /// can be swapped inside an HTTP/2 header. False when no safe placeholder
+    /// can match the value's code length.
+    pub hpack_safe: bool,
 }
 
 /// Reads and validates a secrets file, then mints a placeholder per secret.
@@ -232,11 +236,14 @@ fn parse(
             value,
             placeholder: String::new(),
             rules,
+            hpack_safe: false,
         });
     }
     let mut minted = Minted::default();
     for s in &mut out {
-        s.placeholder = minted.mint(s.value.len());
+        let (p, hpack_safe) = minted.mint_for(s.value.expose());
+        s.placeholder = p;
+        s.hpack_safe = hpack_safe;
     }
     Ok(out)
 }
@@ -276,19 +283,29 @@ pub struct Minted {
 }
 
 impl Minted {
-    pub fn mint(&mut self, len: usize) -> String {
+    /// A placeholder for `value`: as long as it, and where possible with an
+    /// HPACK Huffman code exactly as long as the value's (the bool says so),
+    /// using characters beyond Crockford's where that takes them.
+    pub fn mint_for(&mut self, value: &[u8]) -> (String, bool) {
+        let target = crate::hpack::huffman_bits(value);
+        loop {
+            let mut p = self.random(value.len());
+            let hpack_safe = crate::hpack::tune(&mut p[PREFIX_LEN..], target).is_some();
+            if self.accept(&p) {
+                return (String::from_utf8(p).expect("ASCII"), hpack_safe);
+            }
+        }
+    }
+
+    fn random(&self, len: usize) -> Vec<u8> {
         assert!(
             (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&len),
             "validated before minting"
         );
         let mut rng = rand::rng();
-        loop {
-            let mut p = PREFIX.to_vec();
-            p.extend((PREFIX_LEN..len).map(|_| CROCKFORD[rng.random_range(0..CROCKFORD.len())]));
-            if self.accept(&p) {
-                return String::from_utf8(p).expect("ASCII");
-            }
-        }
+        let mut p = PREFIX.to_vec();
+        p.extend((PREFIX_LEN..len).map(|_| CROCKFORD[rng.random_range(0..CROCKFORD.len())]));
+        p
     }
 
     /// Registers an existing placeholder; false if it clashes.
@@ -327,7 +344,16 @@ mod tests {
         let p = &s[0].placeholder;
         assert_eq!(p.len(), 16);
         assert!(p.starts_with("kloak:"));
-        assert!(p[6..].bytes().all(|c| CROCKFORD.contains(&c)));
+        assert!(
+            p[6..]
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+        assert!(s[0].hpack_safe);
+        assert_eq!(
+            crate::hpack::huffman_bits(p.as_bytes()),
+            crate::hpack::huffman_bits(b"0123456789abcdef")
+        );
     }
 
     #[test]
@@ -408,7 +434,9 @@ mod tests {
     #[test]
     fn minted_placeholders_never_clash_even_when_short() {
         let mut m = Minted::default();
-        let ps: Vec<String> = (0..600).map(|i| m.mint(8 + i % 3)).collect();
+        let ps: Vec<String> = (0..600)
+            .map(|i| m.mint_for(&vec![b'v'; 8 + i % 3]).0)
+            .collect();
         for (i, a) in ps.iter().enumerate() {
             for b in &ps[i + 1..] {
                 assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()));

@@ -237,6 +237,74 @@ fn san(addrs: &[&str]) -> String {
     )
 }
 
+/// An HTTP/2 TLS server (hyper-h2) that records decoded requests and the raw
+/// plaintext it received.
+pub struct H2Server {
+    pub port: u16,
+    pub dir: TempDir,
+    child: Child,
+}
+
+impl H2Server {
+    pub fn start() -> H2Server {
+        let tls = TlsServer::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::copy(tls.dir.path().join(f), dir.path().join(f)).unwrap();
+        }
+        drop(tls);
+        let mut child = Command::new("python3")
+            .arg(fixtures().join("h2_server.py"))
+            .args([
+                "--cert",
+                "cert.pem",
+                "--key",
+                "key.pem",
+                "--record",
+                "record.jsonl",
+                "--raw",
+                "raw.bin",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the h2 server (pip package h2)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server prints its port");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected h2 server output {line:?}"));
+        H2Server { port, dir, child }
+    }
+
+    pub fn cacert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("record.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record line is JSON"))
+            .collect()
+    }
+
+    pub fn raw(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("raw.bin")).unwrap_or_default()
+    }
+}
+
+impl Drop for H2Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A real DNS server (dnsmasq) on `addr`:53 answering only the given
 /// `(name, address, ttl)` records.
 pub struct DnsServer {

@@ -26,6 +26,10 @@ char LICENSE[] SEC("license") = "GPL";
 /* Set by the loader through rodata. */
 const volatile __u32 cfg_scrub = 1;
 const volatile __u32 cfg_agent_tgid = 0;
+/* "kloak:" HPACK Huffman-coded starting at bit offset a (0-7) of a byte: the
+ * first three bytes it fully covers. Computed by the loader from the HPACK
+ * table; all zero disables the Huffman search. */
+const volatile __u8 cfg_huff_sig[8][3] = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -304,6 +308,43 @@ static __always_inline bool is_prefix_at(struct scan_ctx *c, __u64 p)
 	       c->chunk[p + 3] == 'a' && c->chunk[p + 4] == 'k' && c->chunk[p + 5] == ':';
 }
 
+#define HASZERO(v) (((v) - 0x0101010101010101ULL) & ~(v) & 0x8080808080808080ULL)
+#define HASBYTE(x, b) HASZERO((x) ^ (0x0101010101010101ULL * (__u8)(b)))
+
+static __always_inline bool huff_sig_at(struct scan_ctx *c, __u64 p)
+{
+	__u8 b0 = c->chunk[p], b1 = c->chunk[p + 1], b2 = c->chunk[p + 2];
+#pragma unroll
+	for (int a = 0; a < 8; a++)
+		if (b0 == cfg_huff_sig[a][0] && b1 == cfg_huff_sig[a][1] && b2 == cfg_huff_sig[a][2])
+			return true;
+	return false;
+}
+
+/* Flags the write for a user-space scan when an HPACK Huffman-coded prefix
+ * may be in this word: the kernel does not decode bit strings. */
+static __always_inline void huffman_candidates(struct scan_ctx *c, __u64 x, __u64 base)
+{
+	if (!cfg_huff_sig[0][0] || (c->flags & EVF_HUFFMAN))
+		return;
+	__u64 any = 0;
+#pragma unroll
+	for (int a = 0; a < 8; a++)
+		any |= HASBYTE(x, cfg_huff_sig[a][0]);
+	if (!any)
+		return;
+#pragma unroll
+	for (int b = 0; b < 8; b++) {
+		__u64 p = base + b;
+		if (p + 3 > c->cur_n)
+			return;
+		if (huff_sig_at(c, p)) {
+			c->flags |= EVF_HUFFMAN;
+			return;
+		}
+	}
+}
+
 static long scan_word(__u64 w, void *data)
 {
 	struct scan_ctx *c = ((struct lctx *)data)->c;
@@ -311,6 +352,7 @@ static long scan_word(__u64 w, void *data)
 	if (base >= c->cur_n || base > CHUNK - 8)
 		return 1;
 	__u64 x = *(__u64 *)(c->chunk + base);
+	huffman_candidates(c, x, base);
 	__u64 y = x ^ 0x6b6b6b6b6b6b6b6bULL; /* zero byte where x has 'k' */
 	if (!((y - 0x0101010101010101ULL) & ~y & 0x8080808080808080ULL))
 		return 0;
@@ -453,6 +495,8 @@ static __always_inline struct scan_ctx *scan(void)
 		stat_add(ST_UNREADABLE, 1);
 	if (c->flags & EVF_OVERFLOW)
 		stat_add(ST_OVERFLOW, 1);
+	if (c->flags & EVF_HUFFMAN)
+		stat_add(ST_HUFFMAN, 1);
 	return c;
 }
 
@@ -535,10 +579,10 @@ int tls_write_scan_pause(struct pt_regs *ctx)
 		return 0;
 	if (c->nunknown)
 		emit_unknown(c);
-	if (!c->nmatch && !(c->flags & (EVF_UNREADABLE | EVF_OVERFLOW)))
+	if (!c->nmatch && !(c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN)))
 		return 0;
 
-	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW);
+	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
 	struct tls_event *e = new_event(full_scan ? EV_SCAN : EV_REWRITE);
 	if (!e)
 		return 0; /* no agent will hear of it: let the placeholder go out */

@@ -74,7 +74,8 @@ enum stat_idx {
 	ST_TAILCALL_FAIL = 7,
 	ST_STOPS = 8,        /* SIGSTOPs sent */
 	ST_WRITE_FAIL = 9,   /* in-place writes the kernel refused */
-	ST_MAX = 10,
+	ST_HUFFMAN = 10,     /* writes with a Huffman-coded prefix candidate */
+	ST_MAX = 11,
 };
 
 struct secret_key {
@@ -122,5 +123,6 @@ struct tls_event {
 
 #define EVF_UNREADABLE 1
 #define EVF_OVERFLOW 2
+#define EVF_HUFFMAN 4   /* an HPACK Huffman-coded "kloak:" may be in the buffer */
 
 #endif
