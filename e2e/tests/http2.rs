@@ -114,3 +114,53 @@ fn go_http2_authorization_header_arrives_real() {
     let Some(_g) = root_test() else { return };
     h2_client_sends_the_real_value("go");
 }
+
+#[test]
+fn a_grpc_call_carries_the_real_value_in_its_metadata() {
+    let Some(_g) = root_test() else { return };
+    let bin = workspace_root().join("target/e2e-bin/grpcclient");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    let st = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(fixtures().join("grpcclient"))
+        .env("CGO_ENABLED", "0")
+        .status()
+        .expect("go runs");
+    assert!(
+        st.success(),
+        "building the gRPC client failed (Go module proxy reachable?)"
+    );
+    let srv = H2Server::start();
+    let value = random_secret("grpc-", 40);
+    let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
+    let addr = format!("localhost:{}", srv.port);
+    let ca = srv.cacert().display().to_string();
+    let run = run_kloak(
+        &s,
+        &[],
+        &[bin.to_str().unwrap(), "-addr", &addr, "-cacert", &ca],
+        T,
+    );
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert!(
+        run.stdout().contains("SERVING"),
+        "the call completed: {}",
+        run.stdout()
+    );
+    let r = &srv.records()[0];
+    assert_eq!(r["headers"][":path"], "/grpc.health.v1.Health/Check");
+    assert_eq!(
+        r["headers"]["authorization"],
+        format!("Bearer {value}").as_str()
+    );
+    let blocks = decode_header_blocks(&srv.raw());
+    assert!(
+        blocks
+            .iter()
+            .flatten()
+            .any(|(n, v)| n == b"authorization" && v[..] == *format!("Bearer {value}").as_bytes())
+    );
+    run.assert_no_leak(&value);
+}
