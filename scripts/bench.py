@@ -103,6 +103,32 @@ def main():
                                    "patch_and_continue": round(pause["patch_ns"] / b / 1000, 1)}
         results["clients"][client] = r
 
+    # HTTP/2: Go's h2 client against the hyper-h2 server; the placeholder sits
+    # Huffman-coded in the authorization header (and plain in the body).
+    h2srv = subprocess.Popen(["python3", f"{FIX}/h2_server.py", "--cert", f"{work}/cert.pem", "--key",
+                              f"{work}/key.pem", "--record", "/dev/null", "--raw", "/dev/null"],
+                             stdout=subprocess.PIPE, text=True)
+    h2port = h2srv.stdout.readline().split()[1]
+    try:
+        lat = {"no_agent": [], "agent_placeholder": []}
+        for _ in range(ROUNDS):
+            for config in lat:
+                out = f"{work}/h2-{config}.json"
+                cmd = [goclient, "-h2", "-url", f"https://localhost:{h2port}/bench", "-cacert", f"{work}/cert.pem",
+                       "-n", str(N + WARMUP), "-latencies", out]
+                if config != "no_agent":
+                    cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--"] + cmd
+                sh(*cmd, env=env, stdout=subprocess.DEVNULL)
+                with open(out) as f:
+                    lat[config] += json.load(f)[WARMUP:]
+        base = statistics.median(lat["no_agent"])
+        results["http2_go"] = {c: {"median_us": round(statistics.median(x), 1), "p99_us": round(pct(x, 0.99), 1),
+                                   "added_median_us": round(statistics.median(x) - base, 1),
+                                   "added_p99_us": round(pct(x, 0.99) - pct(lat["no_agent"], 0.99), 1)}
+                               for c, x in lat.items()}
+    finally:
+        h2srv.kill()
+
     # Cost of one TLS write without a placeholder: uprobe, scan, scrub
     # uretprobe. Raw writes in a loop, interleaved with and without the agent.
     results["write_without_placeholder"] = {}
@@ -194,6 +220,8 @@ def main():
     for client, r in results["clients"].items():
         print(client, "pause breakdown (mean µs):", r["pause_breakdown_us"])
     print("BPF scan:", json.dumps(scan))
+    for c, x in results["http2_go"].items():
+        print(f"h2 go {c}: median {x['median_us']} p99 {x['p99_us']} added median {x['added_median_us']} added p99 {x['added_p99_us']}")
     for op, w in results["destination_hooks"].items():
         print(f"{op}: {w['no_agent_ns']} ns -> {w['agent_ns']} ns (+{w['added_ns']} ns)")
     for client, w in results["write_without_placeholder"].items():
