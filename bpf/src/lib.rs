@@ -41,6 +41,7 @@ const ABI_SSL_WRITE: u64 = 1;
 const ABI_SSL_WRITE_EX: u64 = 2;
 const ABI_GO_TLS_WRITE: u64 = 3;
 const ABI_GNUTLS_SEND: u64 = 4;
+const ABI_RUSTLS_WRITE: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,6 +99,9 @@ pub enum WriteAbi {
     GoTlsWrite,
     /// `gnutls_record_send2` (which `gnutls_record_send` jumps to).
     GnutlsSend,
+    /// `<rustls::conn::connection::Writer as std::io::Write>::write`: Rust's
+    /// ABI for `(&mut self, &[u8]) -> io::Result<usize>` puts the slice in RSI/RDX.
+    RustlsWrite,
 }
 
 impl WriteAbi {
@@ -107,6 +111,7 @@ impl WriteAbi {
             WriteAbi::SslWriteEx => ABI_SSL_WRITE_EX,
             WriteAbi::GoTlsWrite => ABI_GO_TLS_WRITE,
             WriteAbi::GnutlsSend => ABI_GNUTLS_SEND,
+            WriteAbi::RustlsWrite => ABI_RUSTLS_WRITE,
         }
     }
 
@@ -116,6 +121,7 @@ impl WriteAbi {
             ABI_SSL_WRITE_EX => Some(WriteAbi::SslWriteEx),
             ABI_GO_TLS_WRITE => Some(WriteAbi::GoTlsWrite),
             ABI_GNUTLS_SEND => Some(WriteAbi::GnutlsSend),
+            ABI_RUSTLS_WRITE => Some(WriteAbi::RustlsWrite),
             _ => None,
         }
     }
@@ -126,6 +132,7 @@ impl WriteAbi {
             WriteAbi::SslWriteEx => "SSL_write_ex",
             WriteAbi::GoTlsWrite => "crypto/tls.(*Conn).Write",
             WriteAbi::GnutlsSend => "gnutls_record_send",
+            WriteAbi::RustlsWrite => "<rustls::conn::connection::Writer as std::io::Write>::write",
         }
     }
 

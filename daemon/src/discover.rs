@@ -85,6 +85,8 @@ pub struct WriteFn {
     pub file_offset: u64,
 }
 
+const RUSTLS_WRITE: &str = "<rustls::conn::connection::Writer as std::io::Write>::write";
+
 const TARGETS: &[(&str, WriteAbi)] = &[
     ("SSL_write", WriteAbi::SslWrite),
     ("SSL_write_ex", WriteAbi::SslWriteEx),
@@ -131,6 +133,17 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
         let Ok(name) = sym.name() else { continue };
         // Versioned dynamic names look like SSL_write@@OPENSSL_3.0.0.
         let base = name.split('@').next().unwrap_or(name);
+        // Rust symbols are mangled; rustls's plaintext writer is found by its
+        // demangled path, without the hash.
+        if base.starts_with("_ZN") || base.starts_with("_R") {
+            if !entries.iter().any(|(a, _)| *a == WriteAbi::RustlsWrite)
+                && format!("{:#}", rustc_demangle::demangle(base)) == RUSTLS_WRITE
+                && let Some(off) = vaddr_to_offset(&file, sym.address())
+            {
+                entries.push((WriteAbi::RustlsWrite, off));
+            }
+            continue;
+        }
         let off = || vaddr_to_offset(&file, sym.address()).map(|o| o as usize);
         let h = &mut lib.sockets;
         match base {
@@ -197,6 +210,12 @@ fn plan_probes(data: &[u8], entries: &[(WriteAbi, u64)]) -> Vec<WriteFn> {
         });
     }
 
+    if let Some(r) = at(WriteAbi::RustlsWrite) {
+        out.push(WriteFn {
+            abi: WriteAbi::RustlsWrite,
+            file_offset: r,
+        });
+    }
     if let Some(g) = at(WriteAbi::GnutlsSend) {
         out.push(WriteFn {
             abi: WriteAbi::GnutlsSend,

@@ -127,32 +127,8 @@ impl TlsServer {
     /// One port on each of `addrs`, one certificate for all of them and every test name.
     pub fn start_on(addrs: &[&str]) -> TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let st = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args([
-                "-keyout",
-                "key.pem",
-                "-out",
-                "cert.pem",
-                "-subj",
-                "/CN=localhost",
-                "-days",
-                "2",
-            ])
-            .args(["-addext", &san(addrs)])
-            .current_dir(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(st.success(), "openssl could not make a certificate");
+        make_certificates(dir.path(), addrs);
+
         let mut child = Command::new("python3")
             .arg(fixtures().join("tls_server.py"))
             .args([
@@ -181,7 +157,7 @@ impl TlsServer {
     }
 
     pub fn cacert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
+        self.dir.path().join("ca.pem")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -226,6 +202,82 @@ impl Drop for TlsServer {
     }
 }
 
+/// A test CA (`ca.pem`) and a server certificate it signed (`cert.pem`,
+/// `key.pem`) for every test name and `addrs`. A proper chain: rustls (webpki)
+/// refuses a CA certificate used as the server's own.
+fn make_certificates(dir: &Path, addrs: &[&str]) {
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        format!("basicConstraints=critical,CA:FALSE\n{}\n", san(addrs)),
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=kloak test CA",
+                "-days",
+                "2",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    ];
+    for args in steps {
+        let st = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(st.success(), "openssl {args:?} failed");
+    }
+}
+
 fn san(addrs: &[&str]) -> String {
     let names = TEST_NAMES.iter().map(|n| format!("DNS:{n}"));
     let ips = std::iter::once("127.0.0.1")
@@ -249,7 +301,7 @@ impl H2Server {
     pub fn start() -> H2Server {
         let tls = TlsServer::start();
         let dir = tempfile::tempdir().expect("tempdir");
-        for f in ["cert.pem", "key.pem"] {
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
             std::fs::copy(tls.dir.path().join(f), dir.path().join(f)).unwrap();
         }
         drop(tls);
@@ -282,7 +334,7 @@ impl H2Server {
     }
 
     pub fn cacert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
+        self.dir.path().join("ca.pem")
     }
 
     pub fn records(&self) -> Vec<serde_json::Value> {

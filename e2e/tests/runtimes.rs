@@ -71,6 +71,23 @@ fn stripped_go_client() -> PathBuf {
     .clone()
 }
 
+fn rustls_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = workspace_root().join("target/e2e-rustls");
+        let st = Command::new("cargo")
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(fixtures().join("rustls-client/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("cargo runs");
+        assert!(st.success(), "building the rustls client failed");
+        target.join("release/rustls-client")
+    })
+    .clone()
+}
+
 /// A shell command for `runtime` sending one request to `path`; with
 /// `unknown`, the child first replaces its placeholder with a token no secret owns.
 fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
@@ -86,6 +103,7 @@ fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
              \"$API_TOKEN\" $((6+${{#API_TOKEN}})) \"$API_TOKEN\" | gnutls-cli --x509cafile {ca} -p {port} localhost >/dev/null 2>&1"
         ),
         "static-openssl" => format!("{} {port} {ca} {path}", static_client().display()),
+        "rustls" => format!("{} {port} {ca} {path}", rustls_client().display()),
         "go-stripped" => format!(
             "{} -url https://localhost:{port}{path} -cacert {ca} -n 1",
             stripped_go_client().display()
@@ -227,4 +245,10 @@ fn fifty_processes_share_one_attachment_which_goes_with_the_last_user() {
         perf_event_fds(pid) == baseline
     });
     assert!(agent.wait().unwrap().success());
+}
+
+#[test]
+fn a_rust_client_on_rustls_sends_the_real_value() {
+    let Some(_g) = root_test() else { return };
+    runtime_sends_real_values("rustls");
 }

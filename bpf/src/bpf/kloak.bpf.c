@@ -262,6 +262,7 @@ int tls_write_enter(struct pt_regs *ctx)
 		break;
 	case ABI_SSL_WRITE_EX:
 	case ABI_GNUTLS_SEND:
+	case ABI_RUSTLS_WRITE:
 		buf = si;
 		len = dx;
 		break;

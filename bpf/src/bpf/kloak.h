@@ -17,6 +17,7 @@
 #define ABI_SSL_WRITE_EX 2    /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
 #define ABI_GO_TLS_WRITE 3    /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
 #define ABI_GNUTLS_SEND 4     /* ssize_t gnutls_record_send2(session, const void *, size_t, ...) */
+#define ABI_RUSTLS_WRITE 5    /* <rustls Writer as io::Write>::write(&mut self, &[u8]): RSI ptr, RDX len */
 /* Hooks that map an SSL* to its socket. */
 #define FD_ARG_RSI 1          /* SSL_set_fd(ssl, fd), gnutls_transport_set_ptr(session, ptr) */
 #define FD_ARG_RDX 2          /* gnutls_transport_set_int2/ptr2(session, recv, send) */
