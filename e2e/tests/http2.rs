@@ -103,6 +103,78 @@ fn h2_client_sends_the_real_value(client: &str) {
     run.assert_no_leak(&value);
 }
 
+/// Go's own h2 server decodes the same requests: its view of the header.
+fn go_server_decodes_the_real_value(client: &str) {
+    use std::io::BufRead;
+    let bin = workspace_root().join("target/e2e-bin/h2goserver");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    let st = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg("main.go")
+        .current_dir(fixtures().join("h2goserver"))
+        .env("CGO_ENABLED", "0")
+        .status()
+        .expect("go runs");
+    assert!(st.success());
+    let tls = TlsServer::start(); // for its certificates
+    let d = tls.dir.path();
+    let record = d.join("go-h2.jsonl");
+    let mut server = std::process::Command::new(&bin)
+        .arg("-cert")
+        .arg(d.join("cert.pem"))
+        .arg("-key")
+        .arg(d.join("key.pem"))
+        .arg("-record")
+        .arg(&record)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let value = random_secret(&format!("goh2-{client}-"), 32);
+    let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
+    let ca = tls.cacert().display().to_string();
+    let url = format!("https://localhost:{port}/go-server");
+    let cmd = match client {
+        "curl" => format!(
+            "curl -sS --http2 --cacert {ca} -H \"Authorization: Bearer $API_TOKEN\" -d \"token=$API_TOKEN\" {url}"
+        ),
+        _ => format!("{} -h2 -url {url} -cacert {ca} -n 2", go_client().display()),
+    };
+    let run = run_kloak(&s, &[], &["sh", "-c", &cmd], T);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(run.output.status.success(), "{client}: {}", run.stderr());
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(!text.is_empty(), "{client}: nothing reached Go's server");
+    for l in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(r["proto"], "HTTP/2.0");
+        assert_eq!(
+            r["authorization"],
+            format!("Bearer {value}").as_str(),
+            "{client}"
+        );
+        assert!(r["body"].as_str().unwrap().contains(&value));
+    }
+}
+
+#[test]
+fn go_http2_server_decodes_the_real_value_from_curl_and_go() {
+    let Some(_g) = root_test() else { return };
+    go_server_decodes_the_real_value("curl");
+    go_server_decodes_the_real_value("go");
+}
+
 #[test]
 fn curl_http2_authorization_header_arrives_real() {
     let Some(_g) = root_test() else { return };
