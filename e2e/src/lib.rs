@@ -129,8 +129,8 @@ impl TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certificates(dir.path(), addrs);
 
-        let mut child = Command::new("python3")
-            .arg(fixtures().join("tls_server.py"))
+        let mut c = Command::new("python3");
+        c.arg(fixtures().join("tls_server.py"))
             .args([
                 "--cert",
                 "cert.pem",
@@ -140,19 +140,8 @@ impl TlsServer {
                 "record.jsonl",
             ])
             .args(["--bind", &addrs.join(",")])
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the TLS server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("server prints its port");
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected server output {line:?}"));
+            .current_dir(dir.path());
+        let (child, port) = spawn_listening(&mut c, "the TLS server");
         TlsServer { port, dir, child }
     }
 
@@ -205,6 +194,24 @@ impl Drop for TlsServer {
 /// A test CA (`ca.pem`) and a server certificate it signed (`cert.pem`,
 /// `key.pem`) for every test name and `addrs`. A proper chain: rustls (webpki)
 /// refuses a CA certificate used as the server's own.
+/// Starts a server that prints `LISTENING <port>` first; returns it and the port.
+pub fn spawn_listening(c: &mut Command, what: &str) -> (Child, u16) {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("server prints its port");
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output from {what}: {line:?}"));
+    (child, port)
+}
+
 fn make_certificates(dir: &Path, addrs: &[&str]) {
     let ext = dir.join("leaf.ext");
     std::fs::write(
@@ -305,8 +312,8 @@ impl H2Server {
             std::fs::copy(tls.dir.path().join(f), dir.path().join(f)).unwrap();
         }
         drop(tls);
-        let mut child = Command::new("python3")
-            .arg(fixtures().join("h2_server.py"))
+        let mut c = Command::new("python3");
+        c.arg(fixtures().join("h2_server.py"))
             .args([
                 "--cert",
                 "cert.pem",
@@ -317,19 +324,8 @@ impl H2Server {
                 "--raw",
                 "raw.bin",
             ])
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the h2 server (pip package h2)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("server prints its port");
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected h2 server output {line:?}"));
+            .current_dir(dir.path());
+        let (child, port) = spawn_listening(&mut c, "the h2 server (pip package h2)");
         H2Server { port, dir, child }
     }
 

@@ -105,7 +105,6 @@ fn h2_client_sends_the_real_value(client: &str) {
 
 /// Go's own h2 server decodes the same requests: its view of the header.
 fn go_server_decodes_the_real_value(client: &str) {
-    use std::io::BufRead;
     let bin = workspace_root().join("target/e2e-bin/h2goserver");
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
     let st = std::process::Command::new("go")
@@ -120,26 +119,14 @@ fn go_server_decodes_the_real_value(client: &str) {
     let tls = TlsServer::start(); // for its certificates
     let d = tls.dir.path();
     let record = d.join("go-h2.jsonl");
-    let mut server = std::process::Command::new(&bin)
-        .arg("-cert")
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("-cert")
         .arg(d.join("cert.pem"))
         .arg("-key")
         .arg(d.join("key.pem"))
         .arg("-record")
-        .arg(&record)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .unwrap()
-        .parse()
-        .unwrap();
+        .arg(&record);
+    let (mut server, port) = spawn_listening(&mut cmd, "Go's h2 server");
     let value = random_secret(&format!("goh2-{client}-"), 32);
     let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
     let ca = tls.cacert().display().to_string();
