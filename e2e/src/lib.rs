@@ -306,12 +306,8 @@ pub struct H2Server {
 
 impl H2Server {
     pub fn start() -> H2Server {
-        let tls = TlsServer::start();
         let dir = tempfile::tempdir().expect("tempdir");
-        for f in ["cert.pem", "key.pem", "ca.pem"] {
-            std::fs::copy(tls.dir.path().join(f), dir.path().join(f)).unwrap();
-        }
-        drop(tls);
+        make_certificates(dir.path(), &["127.0.0.1"]);
         let mut c = Command::new("python3");
         c.arg(fixtures().join("h2_server.py"))
             .args([
