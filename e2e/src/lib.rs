@@ -212,7 +212,7 @@ pub fn spawn_listening(c: &mut Command, what: &str) -> (Child, u16) {
     (child, port)
 }
 
-fn make_certificates(dir: &Path, addrs: &[&str]) {
+pub fn make_certificates(dir: &Path, addrs: &[&str]) {
     let ext = dir.join("leaf.ext");
     std::fs::write(
         &ext,

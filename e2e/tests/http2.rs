@@ -116,8 +116,9 @@ fn go_server_decodes_the_real_value(client: &str) {
         .status()
         .expect("go runs");
     assert!(st.success());
-    let tls = TlsServer::start(); // for its certificates
-    let d = tls.dir.path();
+    let certs = TempDir::new().unwrap();
+    make_certificates(certs.path(), &["127.0.0.1"]);
+    let d = certs.path();
     let record = d.join("go-h2.jsonl");
     let mut cmd = std::process::Command::new(&bin);
     cmd.arg("-cert")
@@ -129,7 +130,7 @@ fn go_server_decodes_the_real_value(client: &str) {
     let (mut server, port) = spawn_listening(&mut cmd, "Go's h2 server");
     let value = random_secret(&format!("goh2-{client}-"), 32);
     let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
-    let ca = tls.cacert().display().to_string();
+    let ca = d.join("ca.pem").display().to_string();
     let url = format!("https://localhost:{port}/go-server");
     let cmd = match client {
         "curl" => format!(
