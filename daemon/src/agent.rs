@@ -50,12 +50,32 @@ impl SecretTable {
     pub fn new(secrets: impl IntoIterator<Item = Secret>) -> Self {
         let mut t = SecretTable::default();
         for s in secrets {
-            let key = kloak_bpf::placeholder_key(s.placeholder.as_bytes())
-                .expect("minted placeholders have keys");
-            t.by_key.entry(key).or_default().push(s.id);
-            t.by_id.insert(s.id, Arc::new(s));
+            t.insert(s);
         }
         t
+    }
+
+    /// Adds or replaces the secret with `s.id`; returns the one it replaced.
+    fn insert(&mut self, s: Secret) -> Option<Arc<Secret>> {
+        let old = self.remove(s.id);
+        let key = kloak_bpf::placeholder_key(s.placeholder.as_bytes())
+            .expect("minted placeholders have keys");
+        self.by_key.entry(key).or_default().push(s.id);
+        self.by_id.insert(s.id, Arc::new(s));
+        old
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Arc<Secret>> {
+        let old = self.by_id.remove(&id)?;
+        if let Some(key) = kloak_bpf::placeholder_key(old.placeholder.as_bytes())
+            && let Some(ids) = self.by_key.get_mut(&key)
+        {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.by_key.remove(&key);
+            }
+        }
+        Some(old)
     }
 
     /// The secret whose placeholder starts at `bytes[0]`, if any.
@@ -96,6 +116,9 @@ pub struct Counters {
     /// TLS files whose probes were dropped after their last process exited.
     pub detached_files: AtomicU64,
     pub dns_untrusted: AtomicU64,
+    /// Placeholders left unchanged because the writer's pod does not
+    /// reference their Secret (it learned the placeholder some other way).
+    pub unbound: AtomicU64,
     /// Batches of stopped processes handled, and where their time went:
     /// kernel event to agent awake, waiting for the group stop, patch + SIGCONT.
     pub pause_batches: AtomicU64,
@@ -113,6 +136,21 @@ struct HuffPatch {
     addr: u64,
     original: Vec<u8>,
     patched: Zeroizing<Vec<u8>>,
+}
+
+/// Changes the controller sends to a running agent.
+pub enum Command {
+    /// Adds a secret, or replaces the one with the same id (rotation).
+    PutSecret(Secret),
+    RemoveSecret(u32),
+    /// Tracks the processes of a container's cgroup; they may receive
+    /// exactly `secrets`. Sent again whenever that set changes.
+    Track {
+        cgroup: std::path::PathBuf,
+        id: u64,
+        secrets: std::collections::HashSet<u32>,
+    },
+    Untrack(u64),
 }
 
 enum FileState {
@@ -134,6 +172,13 @@ pub struct Agent<'p> {
     gc_pending: bool,
     last_gc: Instant,
     huffman_scrubs: HashMap<u32, Vec<HuffPatch>>,
+    /// Per cgroup id, the secrets its processes may receive; None (kloak
+    /// run) means every secret is theirs.
+    bindings: Option<HashMap<u64, std::collections::HashSet<u32>>>,
+    commands: Option<std::sync::mpsc::Receiver<Command>>,
+    /// Container cgroups the controller asked for, by id.
+    tracked: HashMap<u64, std::path::PathBuf>,
+    guardian: Option<crate::guardian::Guardian>,
     pub counters: Arc<Counters>,
 }
 
@@ -165,6 +210,19 @@ impl<'p> Agent<'p> {
         self
     }
 
+    /// Takes secrets and containers from the controller instead of fixing
+    /// them at start; each container's processes get only their pod's secrets.
+    pub fn with_commands(
+        mut self,
+        rx: std::sync::mpsc::Receiver<Command>,
+        guardian: crate::guardian::Guardian,
+    ) -> Self {
+        self.commands = Some(rx);
+        self.bindings = Some(HashMap::new());
+        self.guardian = Some(guardian);
+        self
+    }
+
     pub fn new(probes: &'p Probes, secrets: SecretTable, scrub: bool) -> Self {
         Agent {
             probes,
@@ -179,8 +237,115 @@ impl<'p> Agent<'p> {
             gc_pending: false,
             last_gc: Instant::now(),
             huffman_scrubs: HashMap::new(),
+            bindings: None,
+            commands: None,
+            tracked: HashMap::new(),
+            guardian: None,
             counters: Arc::default(),
         }
+    }
+
+    /// Applies what the controller sent since the last look.
+    fn apply_commands(&mut self) {
+        let Some(rx) = &self.commands else {
+            return;
+        };
+        let cmds: Vec<Command> = rx.try_iter().collect();
+        for c in cmds {
+            match c {
+                Command::PutSecret(s) => {
+                    let entry = kloak_bpf::SecretEntry {
+                        id: s.id,
+                        placeholder: s.placeholder.as_bytes(),
+                        value: Some(s.value.expose()),
+                    };
+                    if let Err(e) = self.probes.put_secret(&entry) {
+                        tracing::warn!(secret = %s.name, error = %e, "adding the secret to secret_map failed; its placeholder goes out unchanged");
+                        continue;
+                    }
+                    let placeholder = s.placeholder.clone();
+                    if let Some(old) = self.secrets.insert(s)
+                        && old.placeholder != placeholder
+                    {
+                        let _ = self.probes.remove_secret(old.placeholder.as_bytes());
+                    }
+                }
+                Command::RemoveSecret(id) => {
+                    if let Some(old) = self.secrets.remove(id) {
+                        let _ = self.probes.remove_secret(old.placeholder.as_bytes());
+                    }
+                }
+                Command::Track {
+                    cgroup,
+                    id,
+                    secrets,
+                } => {
+                    let new = self
+                        .bindings
+                        .get_or_insert_with(HashMap::new)
+                        .insert(id, secrets)
+                        .is_none();
+                    if !new {
+                        continue;
+                    }
+                    let Ok(cg) = crate::cgroup::Cgroup::open(&cgroup) else {
+                        tracing::warn!(cgroup = %cgroup.display(), "container cgroup vanished before tracking");
+                        continue;
+                    };
+                    // A predecessor that died with its guardian may have left
+                    // a process stopped; nothing of ours can be stopped yet.
+                    let continued = crate::guardian::sweep(&cg);
+                    if continued > 0 {
+                        tracing::warn!(cgroup = %cgroup.display(), continued, "continued processes an earlier agent left stopped");
+                    }
+                    if let Some(g) = &mut self.guardian {
+                        g.watch(&cgroup, true);
+                    }
+                    if let Err(e) = self.probes.track_cgroup(id) {
+                        tracing::warn!(cgroup = %cgroup.display(), error = %e, "tracking the container failed");
+                        continue;
+                    }
+                    // Processes already running mapped their TLS libraries
+                    // before tracking began; later ones stop on exec/mmap.
+                    for pid in cg.pids() {
+                        self.discover_pid(pid, None);
+                    }
+                    self.cgroups.push(cgroup.clone());
+                    self.tracked.insert(id, cgroup);
+                }
+                Command::Untrack(id) => {
+                    self.probes.untrack_cgroup(id);
+                    if let Some(b) = &mut self.bindings {
+                        b.remove(&id);
+                    }
+                    if let Some(path) = self.tracked.remove(&id) {
+                        if let Some(g) = &mut self.guardian {
+                            g.watch(&path, false);
+                        }
+                        self.cgroups.retain(|p| *p != path);
+                    }
+                    self.gc_pending = true;
+                }
+            }
+        }
+    }
+
+    /// Whether the writer's pod may receive secret `id`.
+    fn bound(&self, e: &Event, s: &Secret) -> bool {
+        let Some(b) = &self.bindings else {
+            return true;
+        };
+        if b.get(&e.cgroup).is_some_and(|set| set.contains(&s.id)) {
+            return true;
+        }
+        inc(&self.counters.unbound);
+        tracing::warn!(
+            pid = e.tgid,
+            comm = %e.comm,
+            secret = %s.name,
+            "blocked: this pod does not reference the secret; the placeholder went out unchanged"
+        );
+        false
     }
 
     /// Runs until `shutdown` is set, then handles what is still queued.
@@ -198,6 +363,7 @@ impl<'p> Agent<'p> {
         let mut busy_until = Instant::now();
         loop {
             let done = shutdown.load(Ordering::Acquire);
+            self.apply_commands();
             // Right after a stop, the next one (the scrub, the next request)
             // tends to follow within a few hundred microseconds; polling the
             // ring for that long saves the wake-up of a sleeping thread.
@@ -427,7 +593,9 @@ impl Agent<'_> {
             Direction::ToValue => (s.placeholder.as_bytes(), s.value.expose()),
             Direction::ToPlaceholder => (s.value.expose(), s.placeholder.as_bytes()),
         };
-        if matches!(dir, Direction::ToValue) && !self.destination_allowed(e, s) {
+        if matches!(dir, Direction::ToValue)
+            && (!self.bound(e, s) || !self.destination_allowed(e, s))
+        {
             return false;
         }
         let addr = e.buf + h.offset;
@@ -575,7 +743,7 @@ impl Agent<'_> {
         for s in self.secrets.by_id.values().filter(|s| s.hpack_safe) {
             let pbits = hpack::bits_of(s.placeholder.as_bytes());
             for at in hpack::find_bits(data, &pbits) {
-                if !self.destination_allowed(e, s) {
+                if !self.bound(e, s) || !self.destination_allowed(e, s) {
                     continue;
                 }
                 let (first, end) = (at / 8, (at + pbits.len()).div_ceil(8));
@@ -631,10 +799,17 @@ impl Agent<'_> {
     /// A tracked process exec'd or mapped a new executable file: attach to
     /// any TLS write function in what it now maps.
     fn discover(&mut self, e: &Event) {
-        let maps = match discover::read_maps(e.tgid) {
+        self.discover_pid(
+            e.tgid,
+            (e.kind == EventKind::Mmap).then_some((e.dev, e.ino)),
+        );
+    }
+
+    fn discover_pid(&mut self, tgid: u32, mapped: Option<(u64, u64)>) {
+        let maps = match discover::read_maps(tgid) {
             Ok(m) => m,
             Err(err) => {
-                tracing::debug!(pid = e.tgid, error = %err, "process went away before its maps were read");
+                tracing::debug!(pid = tgid, error = %err, "process went away before its maps were read");
                 return;
             }
         };
@@ -643,7 +818,7 @@ impl Agent<'_> {
             if self.files.contains_key(&key) {
                 continue;
             }
-            let path = m.open_path(e.tgid);
+            let path = m.open_path(tgid);
             let state = match discover::tls_library(&path) {
                 Ok(lib) if lib.is_empty() => FileState::NotTls,
                 Ok(lib) => {
@@ -680,10 +855,10 @@ impl Agent<'_> {
             self.files.insert(key, state);
             let _ = self.probes.mark_inode_known(m.dev, m.ino);
         }
-        if e.kind == EventKind::Mmap {
+        if let Some((dev, ino)) = mapped {
             // The kernel keyed the file by the inode the fd named; under
             // overlayfs that can differ from the mapping's. Either way, done.
-            let _ = self.probes.mark_inode_known(e.dev, e.ino);
+            let _ = self.probes.mark_inode_known(dev, ino);
         }
     }
 }

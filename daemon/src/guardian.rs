@@ -3,8 +3,12 @@
 //! closes; the guardian then sends SIGCONT to every stopped process in the
 //! agent's cgroups, repeatedly for a while, because a probe may still have
 //! fired in the instant before the kernel detached it.
+//!
+//! The node agent adds and removes container cgroups as pods come and go by
+//! writing `+PATH` and `-PATH` lines on the pipe.
 
-use std::io::Read;
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
@@ -25,12 +29,24 @@ pub struct Guardian {
     pub pipe: ChildStdin,
 }
 
-pub fn spawn(cgroup: &Cgroup) -> std::io::Result<Guardian> {
+impl Guardian {
+    /// Adds (`watch = true`) or removes a cgroup from those swept.
+    pub fn watch(&mut self, cgroup: &std::path::Path, watch: bool) {
+        let sign = if watch { '+' } else { '-' };
+        if let Err(e) = writeln!(self.pipe, "{sign}{}", cgroup.display()) {
+            tracing::warn!(error = %e, "telling the guardian about a cgroup failed");
+        }
+    }
+}
+
+pub fn spawn(cgroup: Option<&Cgroup>) -> std::io::Result<Guardian> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .arg("__guardian")
-        .arg("--cgroup")
-        .arg(&cgroup.path)
+    let mut cmd = Command::new(exe);
+    cmd.arg("__guardian");
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(&cg.path);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         // Its own process group: a Ctrl-C meant for the agent must not take it too.
@@ -43,26 +59,38 @@ pub fn spawn(cgroup: &Cgroup) -> std::io::Result<Guardian> {
 }
 
 /// Body of `kloak __guardian`.
-pub fn run(cgroup: PathBuf) -> i32 {
-    let mut stdin = std::io::stdin();
-    let mut buf = [0u8; 64];
-    // Returns 0 (EOF) or an error once the agent's end is gone.
-    while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
-    let Ok(cg) = Cgroup::open(&cgroup) else {
-        return 0;
-    };
+pub fn run(cgroup: Option<PathBuf>) -> i32 {
+    let mut watched: BTreeSet<PathBuf> = cgroup.iter().cloned().collect();
+    // Lines until EOF (or an error): the agent's end is gone.
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if let Some(p) = line.strip_prefix('+') {
+            watched.insert(PathBuf::from(p));
+        } else if let Some(p) = line.strip_prefix('-') {
+            watched.remove(std::path::Path::new(p));
+        }
+    }
+    let cgs: Vec<Cgroup> = watched
+        .iter()
+        .filter_map(|p| Cgroup::open(p).ok())
+        .collect();
     let until = Instant::now() + SWEEP_FOR;
     let mut continued = 0u32;
     while Instant::now() < until {
-        continued += sweep(&cg);
+        continued += cgs.iter().map(sweep).sum::<u32>();
         std::thread::sleep(SWEEP_EVERY);
     }
     if continued > 0 {
         eprintln!("kloak guardian: agent gone; continued {continued} stopped process(es)");
     }
-    // Leave no empty cgroup behind once the command's processes are gone.
-    while !cg.remove_if_empty() && cgroup.exists() {
-        std::thread::sleep(Duration::from_secs(1));
+    // A standalone run's cgroup is ours: leave no empty one behind once the
+    // command's processes are gone. Container cgroups belong to the runtime.
+    if let Some(own) = cgroup
+        && let Ok(cg) = Cgroup::open(&own)
+    {
+        while !cg.remove_if_empty() && own.exists() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
     0
 }

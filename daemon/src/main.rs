@@ -6,16 +6,23 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod certs;
 mod cgroup;
+mod containers;
+mod controller;
 mod discover;
 mod dns;
 mod doctor;
 mod guardian;
 mod hpack;
+mod pods;
+mod policy;
 mod procmem;
 mod rules;
 mod run;
 mod secrets;
+mod shadow;
+mod webhook;
 
 #[derive(Parser)]
 #[command(
@@ -40,10 +47,14 @@ enum Cmd {
         #[arg(long)]
         secrets: Option<PathBuf>,
     },
+    /// The node agent: shadow Secrets, pod attachment, webhook certificate.
+    Controller(controller::ControllerOpts),
+    /// The admission webhooks (pod mutation, Secret validation) over HTTPS.
+    Webhook(webhook::WebhookOpts),
     #[command(name = "__guardian", hide = true)]
     Guardian {
         #[arg(long)]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
     },
 }
 
@@ -54,6 +65,28 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn async_main(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kloak: starting the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kloak: {e:#}");
+            ExitCode::from(70)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -79,6 +112,14 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        Cmd::Controller(opts) => {
+            init_logging("info");
+            async_main(controller::run(opts))
+        }
+        Cmd::Webhook(opts) => {
+            init_logging("info");
+            async_main(webhook::run(opts))
         }
         Cmd::Run(opts) => {
             init_logging("warn");

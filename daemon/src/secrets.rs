@@ -279,7 +279,9 @@ fn redact_quoted(msg: &str) -> String {
 #[derive(Default)]
 pub struct Minted {
     keys: HashSet<[u8; KEY_LEN]>,
-    all: Vec<Vec<u8>>,
+    /// Ordered, so prefix checks are a range lookup rather than a scan:
+    /// a controller checks thousands of placeholders on every pass.
+    all: std::collections::BTreeSet<Vec<u8>>,
 }
 
 impl Minted {
@@ -308,21 +310,29 @@ impl Minted {
         p
     }
 
-    /// Registers an existing placeholder; false if it clashes.
-    pub fn accept(&mut self, p: &[u8]) -> bool {
+    /// Whether `p` clashes with a registered placeholder: same map key, or
+    /// one a prefix of the other.
+    pub fn clashes(&self, p: &[u8]) -> bool {
         let Some(key) = kloak_bpf::placeholder_key(p) else {
-            return false;
+            return true;
         };
-        if self.keys.contains(&key)
+        self.keys.contains(&key)
             || self
                 .all
-                .iter()
-                .any(|o| o.starts_with(p) || p.starts_with(o))
-        {
+                .range(p.to_vec()..)
+                .next()
+                .is_some_and(|o| o.starts_with(p))
+            || (MIN_SECRET_LEN..p.len()).any(|l| self.all.contains(&p[..l]))
+    }
+
+    /// Registers an existing placeholder; false if it clashes.
+    pub fn accept(&mut self, p: &[u8]) -> bool {
+        if self.clashes(p) {
             return false;
         }
-        self.keys.insert(key);
-        self.all.push(p.to_vec());
+        self.keys
+            .insert(kloak_bpf::placeholder_key(p).expect("checked by clashes"));
+        self.all.insert(p.to_vec());
         true
     }
 }

@@ -119,6 +119,16 @@ impl Walker<'_> {
     }
 }
 
+/// Names of every Secret `pod` references, in any of the places [`mutate`] rewrites.
+pub fn referenced_secrets(pod: &Pod) -> std::collections::BTreeSet<String> {
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let _ = mutate(pod, &|name| {
+        seen.borrow_mut().insert(name.to_string());
+        SecretState::NotEnabled
+    });
+    seen.into_inner()
+}
+
 /// The patch that moves `pod` onto shadow Secrets, or why it is denied.
 /// Pods that reference no enabled Secret get an empty patch and no annotation.
 pub fn mutate(
@@ -253,6 +263,18 @@ mod tests {
             "api-kloak"
         );
         assert_eq!(d["metadata"]["annotations"][ANNOTATION], "true");
+    }
+
+    #[test]
+    fn referenced_secrets_lists_every_place() {
+        let p = pod(serde_json::json!({
+            "volumes": [{"name": "a", "secret": {"secretName": "v"}},
+                        {"name": "b", "projected": {"sources": [{"secret": {"name": "p"}}]}}],
+            "containers": [{"name": "app", "envFrom": [{"secretRef": {"name": "ef"}}]}],
+            "initContainers": [{"name": "i", "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "e", "key": "k"}}}]}]
+        }));
+        let names: Vec<String> = referenced_secrets(&p).into_iter().collect();
+        assert_eq!(names, ["e", "ef", "p", "v"]);
     }
 
     #[test]

@@ -1,0 +1,670 @@
+//! `kloak controller`: the node agent. One per node (a DaemonSet).
+//!
+//! Three watches feed one loop: labeled Secrets, shadow Secrets, and the
+//! annotated pods on this node. Every change marks what it touches dirty;
+//! the loop then (1) brings each dirty Secret's shadow in line (`shadow`),
+//! (2) sends the data path the secrets that changed, and (3) re-binds each
+//! pod's containers to exactly the secrets it references. A full pass runs
+//! every `--resync` seconds as a safety net, not as the mechanism.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
+use kloak_bpf::{Backend, Config, Probes};
+use kloak_webhook::mutate::{SHADOW_SUFFIX, shadow_name};
+use kloak_webhook::{LABEL_ENABLED, LABEL_MANAGED};
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use zeroize::Zeroizing;
+
+use crate::agent::{Agent, Command, SecretTable};
+use crate::certs::{self, CertOpts};
+use crate::containers::{self, ContainerId, Layout};
+use crate::policy;
+use crate::run::Mode;
+use crate::secrets::{Secret, SecretValue};
+use crate::{doctor, guardian, pods, shadow};
+
+#[derive(clap::Args, Clone)]
+pub struct ControllerOpts {
+    /// This node; only its pods are attached.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Namespace of the webhook's certificate Secret.
+    #[arg(long, env = "KLOAK_NAMESPACE", default_value = "kloak-system")]
+    pub namespace: String,
+    /// Secret holding the webhook's serving certificate.
+    #[arg(long, default_value = "kloak-webhook-tls")]
+    pub webhook_secret: String,
+    /// MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "kloak")]
+    pub webhook_config: String,
+    /// Service in front of the webhook pods (its DNS names go in the certificate).
+    #[arg(long, default_value = "kloak-webhook")]
+    pub webhook_service: String,
+    /// Extra DNS name or IP for the webhook certificate (repeatable).
+    #[arg(long = "webhook-san")]
+    pub webhook_sans: Vec<String>,
+    /// Lifetime of a webhook certificate; renewed with a third left.
+    #[arg(long, default_value_t = 365 * 24 * 3600)]
+    pub cert_validity_secs: u64,
+    /// Do not manage the webhook certificate (another component does).
+    #[arg(long)]
+    pub no_webhook_cert: bool,
+    /// Run the data path (BPF). Off: shadows and certificates only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub datapath: bool,
+    /// Rewrite backend; per-pod bindings need the pause backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    #[arg(long, default_value_t = kloak_bpf::DEFAULT_RING_BYTES)]
+    pub ring_bytes: u32,
+    #[arg(long, default_value_t = 200)]
+    pub busy_poll_us: u64,
+    /// Secrets the kernel map holds at most.
+    #[arg(long, default_value_t = 4096)]
+    pub max_secrets: u32,
+    /// A resolver whose answers verify destinations (repeatable). Default:
+    /// the nameservers in /etc/resolv.conf.
+    #[arg(long = "trusted-dns", value_name = "IP")]
+    pub trusted_dns: Vec<std::net::IpAddr>,
+    #[arg(long, default_value_t = 1024)]
+    pub dns_cache_entries: usize,
+    /// Full reconcile interval, in seconds (watch events do the real work).
+    #[arg(long, default_value_t = 5)]
+    pub resync_secs: u64,
+    /// Where the host's /sys/fs/cgroup is mounted, when not there.
+    #[arg(long, env = "KLOAK_HOST_CGROUP")]
+    pub host_cgroup: Option<PathBuf>,
+}
+
+type Key = (String, String);
+
+fn key_of(meta: &kube::api::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A watch as a map, rebuilt on every (re)list.
+struct Mirror<K> {
+    objects: BTreeMap<Key, K>,
+    relist: Option<BTreeMap<Key, K>>,
+    synced: bool,
+}
+
+impl<K: kube::Resource + Clone> Mirror<K> {
+    fn new() -> Self {
+        Mirror {
+            objects: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+
+    /// Applies one event; returns the keys it touched (all of them on a relist).
+    fn apply(&mut self, ev: watcher::Event<K>) -> Vec<Key> {
+        match ev {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(o) => {
+                let k = key_of(o.meta());
+                self.relist.get_or_insert_with(BTreeMap::new).insert(k, o);
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                let new = self.relist.take().unwrap_or_default();
+                let mut keys: BTreeSet<Key> = self.objects.keys().cloned().collect();
+                keys.extend(new.keys().cloned());
+                self.objects = new;
+                self.synced = true;
+                keys.into_iter().collect()
+            }
+            watcher::Event::Apply(o) => {
+                let k = key_of(o.meta());
+                self.objects.insert(k.clone(), o);
+                vec![k]
+            }
+            watcher::Event::Delete(o) => {
+                let k = key_of(o.meta());
+                self.objects.remove(&k);
+                vec![k]
+            }
+        }
+    }
+}
+
+/// What the data path was last given for one secret key.
+struct Published {
+    placeholder: String,
+    value: Zeroizing<Vec<u8>>,
+    rules: crate::rules::Rules,
+}
+
+struct State {
+    client: Client,
+    originals: Mirror<KubeSecret>,
+    shadows: Mirror<KubeSecret>,
+    pods: Mirror<Pod>,
+    /// Stable small ids per (namespace, secret, key), as kernel events carry.
+    ids: HashMap<(String, String, String), u32>,
+    next_id: u32,
+    published: HashMap<u32, Published>,
+    /// Published ids per original Secret.
+    by_secret: HashMap<Key, BTreeSet<u32>>,
+    /// What each tracked cgroup may receive, as last sent.
+    tracked: HashMap<u64, (Key, HashSet<u32>)>,
+    /// Container → cgroup (path, id), once found.
+    cgroups: HashMap<ContainerId, (PathBuf, u64)>,
+    layout: Layout,
+    agent: Option<mpsc::Sender<Command>>,
+    /// The reason each Secret was last refused, so it is logged once.
+    refused: HashMap<Key, String>,
+}
+
+pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (agent, agent_thread) = if opts.datapath {
+        let (tx, handle) = start_datapath(&opts, shutdown.clone())?;
+        (Some(tx), Some(handle))
+    } else {
+        (None, None)
+    };
+    if !opts.no_webhook_cert {
+        let mut sans = vec![
+            format!("{}.{}.svc", opts.webhook_service, opts.namespace),
+            format!(
+                "{}.{}.svc.cluster.local",
+                opts.webhook_service, opts.namespace
+            ),
+        ];
+        sans.extend(opts.webhook_sans.iter().cloned());
+        let cert = CertOpts {
+            namespace: opts.namespace.clone(),
+            secret: opts.webhook_secret.clone(),
+            webhook_config: opts.webhook_config.clone(),
+            sans,
+            validity: Duration::from_secs(opts.cert_validity_secs),
+        };
+        let (tx, _rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(certs::run(client.clone(), cert, tx));
+    }
+    let mut layout = Layout::detect().context("reading /proc/self/mountinfo")?;
+    if let Some(host) = &opts.host_cgroup {
+        layout = layout.rooted(std::path::Path::new("/sys/fs/cgroup"), host);
+    }
+    tracing::info!(node = %opts.node, datapath = opts.datapath, cgroup_layout = ?layout, "kloak controller starting");
+    let mut st = State {
+        client: client.clone(),
+        originals: Mirror::new(),
+        shadows: Mirror::new(),
+        pods: Mirror::new(),
+        ids: HashMap::new(),
+        next_id: 1,
+        published: HashMap::new(),
+        by_secret: HashMap::new(),
+        tracked: HashMap::new(),
+        cgroups: HashMap::new(),
+        layout,
+        agent,
+        refused: HashMap::new(),
+    };
+    let secrets: Api<KubeSecret> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let mut originals = watcher(
+        secrets.clone(),
+        watcher::Config::default().labels(&format!("{LABEL_ENABLED}=true")),
+    )
+    .default_backoff()
+    .boxed();
+    let mut shadows = watcher(
+        secrets,
+        watcher::Config::default().labels(&format!("{LABEL_MANAGED}=true")),
+    )
+    .default_backoff()
+    .boxed();
+    let mut pod_events = watcher(
+        pods_api,
+        watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node)),
+    )
+    .default_backoff()
+    .boxed();
+    let mut tick = tokio::time::interval(Duration::from_secs(opts.resync_secs.max(1)));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        let mut dirty: BTreeSet<Key> = BTreeSet::new();
+        let mut pods_dirty = false;
+        tokio::select! {
+            Some(ev) = originals.next() => match ev {
+                Ok(ev) => dirty.extend(st.originals.apply(ev)),
+                Err(e) => tracing::warn!(error = %e, "watching labeled Secrets"),
+            },
+            Some(ev) = shadows.next() => match ev {
+                Ok(ev) => dirty.extend(st.shadows.apply(ev).into_iter().filter_map(|(ns, n)| {
+                    n.strip_suffix(SHADOW_SUFFIX).map(|o| (ns, o.to_string()))
+                })),
+                Err(e) => tracing::warn!(error = %e, "watching shadow Secrets"),
+            },
+            Some(ev) = pod_events.next() => match ev {
+                Ok(ev) => { st.pods.apply(ev); pods_dirty = true; }
+                Err(e) => tracing::warn!(error = %e, "watching this node's pods"),
+            },
+            _ = tick.tick() => {
+                dirty.extend(st.originals.objects.keys().cloned());
+                dirty.extend(st.shadows.objects.keys().filter_map(|(ns, n)| {
+                    n.strip_suffix(SHADOW_SUFFIX).map(|o| (ns.clone(), o.to_string()))
+                }));
+                pods_dirty = true;
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        if !st.originals.synced || !st.shadows.synced {
+            continue;
+        }
+        let index = shadow::Index::build(st.shadows.objects.values());
+        for k in &dirty {
+            if let Err(e) = st.reconcile_shadow(k, &index).await {
+                tracing::warn!(namespace = %k.0, secret = %k.1, error = %e, "reconciling the shadow failed; retrying");
+            }
+            st.publish(k);
+        }
+        if (pods_dirty || !dirty.is_empty()) && st.pods.synced {
+            st.bind_pods();
+        }
+    }
+    tracing::info!("kloak controller stopping");
+    shutdown.store(true, Ordering::Release);
+    drop(st);
+    if let Some(h) = agent_thread {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl State {
+    /// Brings the shadow of Secret `k` in line with it, or removes it.
+    async fn reconcile_shadow(
+        &mut self,
+        k: &Key,
+        index: &shadow::Index,
+    ) -> Result<(), kube::Error> {
+        let (ns, name) = k;
+        let shadow_key = (ns.clone(), shadow_name(name));
+        let api: Api<KubeSecret> = Api::namespaced(self.client.clone(), ns);
+        let Some(orig) = self.originals.objects.get(k).cloned() else {
+            return self.remove_orphan(&api, k, &shadow_key).await;
+        };
+        let checked = match policy::check(&orig) {
+            Ok(c) => c,
+            Err(reason) => {
+                if self.refused.get(k) != Some(&reason) {
+                    tracing::warn!(namespace = %ns, secret = %name, reason = %reason, "Secret is labeled for Kloak but not usable; no placeholders are served for it");
+                    self.refused.insert(k.clone(), reason);
+                }
+                return Ok(());
+            }
+        };
+        self.refused.remove(k);
+        let stored = self.shadows.objects.get(&shadow_key);
+        if let Some(s) = stored
+            && shadow::settled(&orig, &checked, s, index)
+            && kloak_webhook::is_managed(&s.metadata)
+        {
+            return Ok(());
+        }
+        let others: Vec<&KubeSecret> = self
+            .shadows
+            .objects
+            .iter()
+            .filter(|(sk, _)| **sk != shadow_key)
+            .map(|(_, s)| s)
+            .collect();
+        let placeholders = shadow::plan(&checked, stored, &others);
+        let mut desired = shadow::build(&orig, &placeholders);
+        let written = match stored {
+            None => match api.create(&PostParams::default(), &desired).await {
+                Ok(s) => {
+                    tracing::info!(namespace = %ns, secret = %name, keys = placeholders.len(), "shadow Secret created");
+                    Some(s)
+                }
+                // Another node created it first; its watch event brings it here.
+                Err(e) if is_status(&e, 409) => {
+                    if let Some(s) = api.get_opt(&shadow_key.1).await?
+                        && !kloak_webhook::is_managed(&s.metadata)
+                    {
+                        tracing::warn!(namespace = %ns, secret = %shadow_key.1, "a Secret with the shadow's name exists and is not managed by Kloak; not overwriting it");
+                    }
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            Some(s) if shadow::up_to_date(s, &desired) => None,
+            Some(s) => {
+                desired.metadata.resource_version = s.metadata.resource_version.clone();
+                match api
+                    .replace(&shadow_key.1, &PostParams::default(), &desired)
+                    .await
+                {
+                    Ok(s) => {
+                        tracing::info!(namespace = %ns, secret = %name, "shadow Secret updated");
+                        Some(s)
+                    }
+                    // Someone wrote in between; the next event carries their version.
+                    Err(e) if is_status(&e, 409) => None,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if let Some(s) = written {
+            // Do not wait for the watch to echo our own write.
+            self.shadows.objects.insert(shadow_key, s);
+        }
+        Ok(())
+    }
+
+    /// A shadow whose Secret is gone or no longer labeled: delete it, after
+    /// confirming with the API server that the cache is not merely behind.
+    async fn remove_orphan(
+        &mut self,
+        api: &Api<KubeSecret>,
+        k: &Key,
+        shadow_key: &Key,
+    ) -> Result<(), kube::Error> {
+        let Some(stored) = self.shadows.objects.get(shadow_key) else {
+            return Ok(());
+        };
+        if let Some(orig) = api.get_opt(&k.1).await?
+            && kloak_webhook::is_enabled(&orig.metadata)
+        {
+            return Ok(());
+        }
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: stored.metadata.uid.clone(),
+                resource_version: stored.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(&shadow_key.1, &dp).await {
+            Ok(_) => {
+                tracing::info!(namespace = %k.0, secret = %k.1, "Secret gone or unlabeled: shadow deleted")
+            }
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+            Err(e) => return Err(e),
+        }
+        self.shadows.objects.remove(shadow_key);
+        Ok(())
+    }
+
+    fn id_for(&mut self, ns: &str, name: &str, key: &str) -> u32 {
+        let k = (ns.to_string(), name.to_string(), key.to_string());
+        if let Some(&id) = self.ids.get(&k) {
+            return id;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.insert(k, id);
+        id
+    }
+
+    /// Sends the data path what changed for Secret `k`.
+    fn publish(&mut self, k: &Key) {
+        let (ns, name) = k;
+        let mut want: BTreeMap<u32, Secret> = BTreeMap::new();
+        let orig = self.originals.objects.get(k).cloned();
+        let shadow = self
+            .shadows
+            .objects
+            .get(&(ns.clone(), shadow_name(name)))
+            .cloned();
+        if let (Some(orig), Some(shadow)) = (orig, shadow)
+            && shadow::owner_uid(&shadow) == orig.metadata.uid.as_deref()
+            && let Ok(checked) = policy::check(&orig)
+        {
+            let data = shadow.data.unwrap_or_default();
+            for (key, value) in &checked.values {
+                let Some(p) = data.get(key) else { continue };
+                // Mid-rotation to a new length: the old placeholder no longer fits.
+                if p.0.len() != value.len() {
+                    continue;
+                }
+                let placeholder = String::from_utf8_lossy(&p.0).into_owned();
+                let id = self.id_for(ns, name, key);
+                let hpack_safe = crate::hpack::huffman_bits(placeholder.as_bytes())
+                    == crate::hpack::huffman_bits(value.expose());
+                want.insert(
+                    id,
+                    Secret {
+                        id,
+                        name: format!("{ns}/{name}/{key}"),
+                        env: String::new(),
+                        value: SecretValue::new(value.expose().to_vec()),
+                        placeholder,
+                        rules: checked.rules.clone(),
+                        hpack_safe,
+                    },
+                );
+            }
+        }
+        let before = self.by_secret.remove(k).unwrap_or_default();
+        for id in before.iter().filter(|id| !want.contains_key(id)) {
+            self.published.remove(id);
+            self.send(Command::RemoveSecret(*id));
+        }
+        if !want.is_empty() {
+            self.by_secret
+                .insert(k.clone(), want.keys().copied().collect());
+        }
+        for (id, s) in want {
+            let same = self.published.get(&id).is_some_and(|p| {
+                p.placeholder == s.placeholder
+                    && p.value[..] == *s.value.expose()
+                    && p.rules == s.rules
+            });
+            if same {
+                continue;
+            }
+            tracing::info!(secret = %s.name, "secret published to the data path");
+            self.published.insert(
+                id,
+                Published {
+                    placeholder: s.placeholder.clone(),
+                    value: Zeroizing::new(s.value.expose().to_vec()),
+                    rules: s.rules.clone(),
+                },
+            );
+            self.send(Command::PutSecret(s));
+        }
+    }
+
+    fn send(&self, c: Command) {
+        if let Some(tx) = &self.agent
+            && tx.send(c).is_err()
+        {
+            tracing::error!("the data path is gone");
+        }
+    }
+
+    /// Tracks every container of every annotated pod on this node, bound to
+    /// the secrets that pod references; untracks the rest.
+    fn bind_pods(&mut self) {
+        let mut want: HashMap<u64, (Key, PathBuf, HashSet<u32>)> = HashMap::new();
+        let pods: Vec<Pod> = self
+            .pods
+            .objects
+            .values()
+            .filter(|p| pods::enabled(p) && p.metadata.deletion_timestamp.is_none())
+            .cloned()
+            .collect();
+        for pod in &pods {
+            let pk = key_of(&pod.metadata);
+            let mut ids = HashSet::new();
+            for (orig, keys) in pods::secret_refs(pod) {
+                for ((ns, name, key), id) in &self.ids {
+                    if *ns == pk.0
+                        && *name == orig
+                        && keys.contains(key)
+                        && self.published.contains_key(id)
+                    {
+                        ids.insert(*id);
+                    }
+                }
+            }
+            let (containers, bad) = pods::container_ids(pod);
+            for raw in bad {
+                tracing::warn!(namespace = %pk.0, pod = %pk.1, container_id = %raw, "container ID not understood; its processes are not attached");
+            }
+            for c in containers {
+                let Some((path, id)) = self.cgroup_of(&c, &pk) else {
+                    continue;
+                };
+                want.insert(id, (pk.clone(), path, ids.clone()));
+            }
+        }
+        let gone: Vec<u64> = self
+            .tracked
+            .keys()
+            .filter(|id| !want.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some((pk, _)) = self.tracked.remove(&id) {
+                tracing::info!(namespace = %pk.0, pod = %pk.1, cgroup_id = id, "container detached");
+            }
+            self.send(Command::Untrack(id));
+        }
+        for (id, (pk, path, ids)) in want {
+            if self.tracked.get(&id).is_some_and(|(_, cur)| *cur == ids) {
+                continue;
+            }
+            if !self.tracked.contains_key(&id) {
+                tracing::info!(namespace = %pk.0, pod = %pk.1, cgroup = %path.display(), secrets = ids.len(), "container attached");
+            }
+            self.tracked.insert(id, (pk, ids.clone()));
+            self.send(Command::Track {
+                cgroup: path,
+                id,
+                secrets: ids,
+            });
+        }
+        let live: HashSet<u64> = self.tracked.keys().copied().collect();
+        self.cgroups.retain(|_, (_, id)| live.contains(id));
+    }
+
+    fn cgroup_of(&mut self, c: &ContainerId, pod: &Key) -> Option<(PathBuf, u64)> {
+        if let Some(found) = self.cgroups.get(c) {
+            if found.0.exists() {
+                return Some(found.clone());
+            }
+            self.cgroups.remove(c);
+        }
+        match containers::find(&self.layout, c) {
+            Some(containers::Found {
+                unified: Some(path),
+                ..
+            }) => {
+                let id = crate::cgroup::Cgroup::open(&path).ok()?.id;
+                self.cgroups.insert(c.clone(), (path.clone(), id));
+                Some((path, id))
+            }
+            Some(containers::Found { v1: Some(path), .. }) => {
+                tracing::warn!(namespace = %pod.0, pod = %pod.1, cgroup = %path.display(), "container found only in a cgroup v1 hierarchy; this version tracks processes by cgroup v2 id, so it is not attached");
+                None
+            }
+            _ => {
+                tracing::debug!(namespace = %pod.0, pod = %pod.1, container = %c.id, "container cgroup not found yet");
+                None
+            }
+        }
+    }
+}
+
+/// Loads the BPF programs and runs the agent on its own thread; the
+/// returned sender feeds it secrets and containers.
+fn start_datapath(
+    opts: &ControllerOpts,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
+    let report = doctor::run_checks();
+    if let Some(msg) = doctor::refusal(&report) {
+        bail!(msg);
+    }
+    let backend = match opts.mode {
+        Mode::Auto | Mode::Pause => Backend::Pause,
+        Mode::Inplace => bail!(
+            "--mode inplace: the in-place backend rewrites in the kernel without asking the agent, so it cannot enforce per-pod bindings or destination rules; the controller uses --mode pause"
+        ),
+    };
+    let trusted = if opts.trusted_dns.is_empty() {
+        crate::dns::resolv_conf_nameservers(std::path::Path::new("/etc/resolv.conf"))
+    } else {
+        opts.trusted_dns.clone()
+    };
+    let guardian = guardian::spawn(None).context("starting the guardian process")?;
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let cfg = Config {
+        backend,
+        ring_bytes: opts.ring_bytes,
+        scrub: true,
+        agent_tgid: std::process::id(),
+        max_secrets: opts.max_secrets,
+        huffman_signatures: crate::hpack::prefix_signatures(),
+    };
+    let busy = Duration::from_micros(opts.busy_poll_us);
+    let dns_entries = opts.dns_cache_entries;
+    let handle = std::thread::Builder::new()
+        .name("kloak-datapath".into())
+        .spawn(move || {
+            let probes = match Probes::load(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let mut agent = Agent::new(&probes, SecretTable::default(), true)
+                .with_busy_poll(busy)
+                .with_dns(crate::dns::DnsCache::new(trusted, dns_entries))
+                .with_commands(rx, guardian);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
+            let msg = match r {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the agent thread panicked".into(),
+            };
+            // Without its agent no tracked process may meet another stop:
+            // exit, the kernel detaches every probe, the guardian continues
+            // whatever was stopped, and the DaemonSet restarts us.
+            eprintln!("kloak: data path failed: {msg}");
+            std::process::exit(70);
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("loading the BPF programs: {e}"),
+        Err(_) => bail!("the data path thread died while starting"),
+    }
+    tracing::info!(backend = backend.as_str(), "data path ready");
+    Ok((tx, handle))
+}
