@@ -9,6 +9,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 scripts/install-deps.sh
+# kube-apiserver and etcd for the Kubernetes tests, built once with the
+# machine's Go and cached under ~/.cache/kloak (several minutes cold).
+e2e/k8s-tools/build.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -484,7 +484,7 @@ impl State {
             if same {
                 continue;
             }
-            tracing::info!(secret = %s.name, "secret published to the data path");
+            tracing::debug!(secret = %s.name, "secret published to the data path");
             self.published.insert(
                 id,
                 Published {

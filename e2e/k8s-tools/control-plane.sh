@@ -2,11 +2,16 @@
 # Starts a throwaway control plane on loopback for the Kubernetes tests:
 # etcd and kube-apiserver (built by build.sh), a test CA, an admin client
 # certificate (system:masters) and a service-account signing key, all in DIR.
-# usage: control-plane.sh DIR [APISERVER_PORT] [ETCD_PORT]
+# usage: control-plane.sh [--foreground] DIR [APISERVER_PORT] [ETCD_PORT]
 # Prints "READY https://127.0.0.1:PORT" once /readyz answers; stop with
-# `kill $(cat DIR/*.pid)`.
+# `kill $(cat DIR/*.pid)`. With --foreground the script stays, and etcd and
+# the apiserver die with it (the test harness's way of never leaking them).
 set -euo pipefail
+fg=
+if [ "${1:-}" = --foreground ]; then fg=1; shift; fi
 dir=$1 port=${2:-16443} etcd_port=${3:-23790}
+run=()
+if [ -n "$fg" ]; then run=(setpriv --pdeathsig KILL --); fi
 bin=$("$(dirname "$0")/build.sh")
 mkdir -p "$dir" && cd "$dir"
 ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
@@ -21,13 +26,13 @@ leaf admin "/O=system:masters/CN=kloak-test-admin" "basicConstraints=critical,CA
 openssl genrsa -out sa.key 2048 2>/dev/null
 openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 
-"$bin/etcd" --data-dir "$dir/etcd-data" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+"${run[@]}" "$bin/etcd" --data-dir "$dir/etcd-data" --listen-client-urls "http://127.0.0.1:$etcd_port" \
   --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$((etcd_port + 10))" \
   --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 10))" \
   --initial-cluster "default=http://127.0.0.1:$((etcd_port + 10))" \
   >etcd.log 2>&1 &
 echo $! > etcd.pid
-"$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+"${run[@]}" "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
   --secure-port="$port" --tls-cert-file=apiserver.pem --tls-private-key-file=apiserver.key --client-ca-file=ca.pem \
   --service-account-issuer=https://kubernetes.default.svc --service-account-key-file=sa.pub \
   --service-account-signing-key-file=sa.key --authorization-mode=Node,RBAC \
@@ -36,6 +41,10 @@ echo $! > apiserver.pid
 for _ in $(seq 120); do
   if curl -sf --cacert ca.pem --cert admin.pem --key admin.key "https://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
     echo "READY https://127.0.0.1:$port"
+    if [ -n "$fg" ]; then
+      trap 'kill $(cat "$dir"/*.pid) 2>/dev/null' EXIT TERM INT
+      wait
+    fi
     exit 0
   fi
   sleep 0.5

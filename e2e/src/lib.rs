@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod k8s;
+
 /// Root-only tests skip outside CI and fail inside it: a skipped data-path
 /// test in CI would be a test that cannot fail.
 pub fn require_root() -> bool {
@@ -78,6 +80,16 @@ pub fn random_secret(prefix: &str, len: usize) -> String {
     }
     s.truncate(len);
     s
+}
+
+/// A random secret of `len` bytes whose characters all have 6-bit HPACK
+/// Huffman codes. Short values must have a code length a placeholder can
+/// match (Kloak refuses the others); mixed random characters often do not.
+pub fn hpack_friendly_secret(len: usize) -> String {
+    const SIX_BITS: &[u8] = b"3456789bdfghlmnpru";
+    (0..len)
+        .map(|_| SIX_BITS[rand::random_range(0..SIX_BITS.len())] as char)
+        .collect()
 }
 
 pub fn count(hay: &[u8], needle: &[u8]) -> usize {

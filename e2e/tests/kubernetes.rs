@@ -1,0 +1,825 @@
+//! Kloak against a real kube-apiserver and etcd on loopback: shadows,
+//! convergence of concurrent controllers, admission webhooks called by the
+//! API server over TLS, and a "pod" on this host whose writes are
+//! rewritten. The controller and the webhook run with a token for a
+//! ServiceAccount bound only to the seed's ClusterRole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kloak_e2e::k8s::{
+    self, FakeContainer, Gated, Kloak, control_plane, ensure_namespace, eventually,
+};
+use kloak_e2e::{TlsServer, count, hpack_friendly_secret, random_secret, root_test};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+
+const T: Duration = Duration::from_secs(20);
+
+fn secret(name: &str, enabled: bool, ann: &[(&str, &str)], data: &[(&str, &str)]) -> Secret {
+    let labels: BTreeMap<String, String> = if enabled {
+        BTreeMap::from([("getkloak.io/enabled".into(), "true".into())])
+    } else {
+        BTreeMap::new()
+    };
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels,
+            "annotations": ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+        "stringData": data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+    }))
+    .unwrap()
+}
+
+fn placeholders(s: &Secret) -> BTreeMap<String, String> {
+    s.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
+        .collect()
+}
+
+async fn shadow(api: &Api<Secret>, name: &str) -> Option<Secret> {
+    api.get_opt(&format!("{name}-kloak")).await.unwrap()
+}
+
+fn controller(kc: &std::path::Path, extra: &[&str], log: &str) -> Kloak {
+    let mut args = vec!["controller", "--resync-secs", "2"];
+    args.extend(extra);
+    Kloak::start(&args, kc, "node-e2e", log)
+}
+
+fn assert_no_values(log: &str, values: &[&str]) {
+    for v in values {
+        assert_eq!(
+            count(log.as_bytes(), v.as_bytes()),
+            0,
+            "a secret value is in the log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn shadows_follow_their_secrets_under_the_seed_role() {
+    let Some(_g) = root_test() else { return };
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-shadows").await;
+    let admin = cp.admin().await;
+    ensure_namespace(&admin, "shadows", false).await;
+    let api: Api<Secret> = Api::namespaced(admin.clone(), "shadows");
+    let mut ctl = controller(
+        &kc,
+        &["--datapath=false", "--no-webhook-cert"],
+        "shadows-controller",
+    );
+
+    let token = random_secret("tok-", 32);
+    let user = random_secret("usr-", 12);
+    let s = api
+        .create(
+            &PostParams::default(),
+            &secret(
+                "api",
+                true,
+                &[("getkloak.io/hosts", "api.example.com")],
+                &[("token", &token), ("user", &user)],
+            ),
+        )
+        .await
+        .unwrap();
+    let sh = eventually("the shadow", T, || async { shadow(&api, "api").await }).await;
+    let p = placeholders(&sh);
+    assert_eq!(p["token"].len(), token.len());
+    assert_eq!(p["user"].len(), user.len());
+    assert!(p.values().all(|v| v.starts_with("kloak:")));
+    assert_ne!(p["token"], token);
+    assert_eq!(
+        sh.metadata.labels.as_ref().unwrap()["getkloak.io/managed"],
+        "true"
+    );
+    let owner = &sh.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Secret", s.metadata.uid.as_deref().unwrap())
+    );
+    assert_eq!(sh.type_.as_deref(), Some("Opaque"));
+
+    // Rotation: token keeps its length (placeholder stays), user grows
+    // (re-minted). The user change shows the controller saw this version.
+    let token2 = random_secret("tok-", 32);
+    let user2 = random_secret("usr-", 16);
+    let mut s2 = secret(
+        "api",
+        true,
+        &[("getkloak.io/hosts", "api.example.com")],
+        &[("token", &token2), ("user", &user2)],
+    );
+    s2.metadata.resource_version = None;
+    api.patch("api", &PatchParams::default(), &Patch::Merge(&s2))
+        .await
+        .unwrap();
+    let sh2 = eventually("the re-minted user placeholder", T, || async {
+        shadow(&api, "api")
+            .await
+            .filter(|s| placeholders(s)["user"].len() == user2.len())
+    })
+    .await;
+    let p2 = placeholders(&sh2);
+    assert_eq!(
+        p2["token"], p["token"],
+        "same-length rotation keeps the placeholder"
+    );
+    assert_ne!(p2["user"], p["user"]);
+
+    // A restart keeps every placeholder: they live in the API server.
+    ctl.stop();
+    let mut ctl = controller(
+        &kc,
+        &["--datapath=false", "--no-webhook-cert"],
+        "shadows-controller-2",
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ctl.assert_running();
+    let sh3 = shadow(&api, "api").await.unwrap();
+    assert_eq!(placeholders(&sh3), p2);
+    assert_eq!(
+        sh3.metadata.resource_version, sh2.metadata.resource_version,
+        "no rewrite after restart"
+    );
+
+    // Unlabeling removes the shadow; labeling again brings one back.
+    api.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"getkloak.io/enabled": null}}})),
+    )
+    .await
+    .unwrap();
+    eventually("the shadow to go after unlabeling", T, || async {
+        shadow(&api, "api").await.is_none().then_some(())
+    })
+    .await;
+    api.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"getkloak.io/enabled": "true"}}})),
+    )
+    .await
+    .unwrap();
+    eventually("the shadow to return", T, || async {
+        shadow(&api, "api").await
+    })
+    .await;
+    api.delete("api", &DeleteParams::default()).await.unwrap();
+    eventually("the shadow to go with its Secret", T, || async {
+        shadow(&api, "api").await.is_none().then_some(())
+    })
+    .await;
+
+    // A bad labeled Secret (no webhook in this test) gets no shadow, and the
+    // log names the key, not the value.
+    let short = "s3cr3t!";
+    api.create(
+        &PostParams::default(),
+        &secret("bad", true, &[], &[("pw", short)]),
+    )
+    .await
+    .unwrap();
+    let ok = random_secret("ok-", 20);
+    api.create(
+        &PostParams::default(),
+        &secret("good", true, &[], &[("k", &ok)]),
+    )
+    .await
+    .unwrap();
+    eventually("the good shadow", T, || async {
+        shadow(&api, "good").await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(shadow(&api, "bad").await.is_none());
+    ctl.assert_running();
+    let log = ctl.log_text();
+    assert!(log.contains("\"pw\"") && log.contains("minimum"), "{log}");
+    assert_no_values(&log, &[&token, &token2, &user, &user2, short, &ok]);
+}
+
+#[tokio::test]
+async fn concurrent_controllers_converge_on_one_placeholder_per_key() {
+    let Some(_g) = root_test() else { return };
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-converge").await;
+    let admin = cp.admin().await;
+    ensure_namespace(&admin, "converge", false).await;
+    let api: Api<Secret> = Api::namespaced(admin.clone(), "converge");
+    let args = [
+        "--datapath=false",
+        "--namespace",
+        "converge",
+        "--webhook-secret",
+        "converge-cert",
+        "--webhook-config",
+        "converge-none",
+    ];
+    let mut ctls: Vec<Kloak> = (0..3)
+        .map(|i| controller(&kc, &args, &format!("converge-{i}")))
+        .collect();
+    // Short values: 2 random characters, 1,024 placeholders; clashes are likely.
+    let n = 40;
+    for i in 0..n {
+        let v = hpack_friendly_secret(8);
+        api.create(
+            &PostParams::default(),
+            &secret(&format!("s{i}"), true, &[], &[("k", &v)]),
+        )
+        .await
+        .unwrap();
+    }
+    let all = || async {
+        let mut out = BTreeMap::new();
+        for i in 0..n {
+            let s = shadow(&api, &format!("s{i}")).await?;
+            out.insert(
+                i,
+                (
+                    placeholders(&s)["k"].clone(),
+                    s.metadata.resource_version.clone(),
+                ),
+            );
+        }
+        Some(out)
+    };
+    let first = eventually("every shadow", T, all).await;
+    // Settled: a few resyncs later nothing has been rewritten, and every
+    // placeholder is distinct.
+    let settled = eventually("the shadows to settle", Duration::from_secs(60), || async {
+        let a = all().await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let b = all().await?;
+        (a == b).then_some(b)
+    })
+    .await;
+    let distinct: BTreeSet<&String> = settled.values().map(|(p, _)| p).collect();
+    assert_eq!(distinct.len(), n, "placeholders are unique: {settled:?}");
+    let moved = first.iter().filter(|(i, v)| settled[i].0 != v.0).count();
+    eprintln!("{moved} of {n} placeholders were re-minted while converging");
+
+    // One certificate Secret, however many controllers raced to make it.
+    let certs: Api<Secret> = Api::namespaced(admin.clone(), "converge");
+    let c1 = certs.get("converge-cert").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c2 = certs.get("converge-cert").await.unwrap();
+    assert_eq!(c1.metadata.resource_version, c2.metadata.resource_version);
+
+    // A forced clash: copy one shadow's placeholder into another. The
+    // junior (later creation, then greater uid) re-mints; the senior keeps it.
+    let (a, b) = (
+        shadow(&api, "s0").await.unwrap(),
+        shadow(&api, "s1").await.unwrap(),
+    );
+    let seniority = |s: &Secret| {
+        (
+            s.metadata.creation_timestamp.clone().map(|t| t.0),
+            s.metadata.uid.clone(),
+        )
+    };
+    let (senior, junior) = if seniority(&a) < seniority(&b) {
+        ("s0", "s1")
+    } else {
+        ("s1", "s0")
+    };
+    let pa = placeholders(&shadow(&api, senior).await.unwrap())["k"].clone();
+    let mut j = shadow(&api, junior).await.unwrap();
+    j.data = Some(BTreeMap::from([(
+        "k".into(),
+        k8s_openapi::ByteString(pa.clone().into_bytes()),
+    )]));
+    api.replace(&format!("{junior}-kloak"), &PostParams::default(), &j)
+        .await
+        .unwrap();
+    let pb = eventually("the junior shadow to re-mint", T, || async {
+        let p = placeholders(&shadow(&api, junior).await?)["k"].clone();
+        (p != pa).then_some(p)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(placeholders(&shadow(&api, senior).await.unwrap())["k"], pa);
+    assert_eq!(
+        placeholders(&shadow(&api, junior).await.unwrap())["k"],
+        pb,
+        "settled"
+    );
+    for c in &mut ctls {
+        c.assert_running();
+    }
+}
+
+fn webhook_config(name: &str, port: u16) -> MutatingWebhookConfiguration {
+    let hook = |hname: &str, path: &str, resource: &str, ops: &[&str], ns_sel: bool| {
+        let mut w = serde_json::json!({
+            "name": hname,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ops, "resources": [resource]}],
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        });
+        let sel = serde_json::json!({"matchLabels": {"getkloak.io/enabled": "true"}});
+        if ns_sel {
+            w["namespaceSelector"] = sel;
+        } else {
+            w["objectSelector"] = sel;
+        }
+        w
+    };
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "webhooks": [
+            hook("pods-ns.getkloak.io", "/mutate", "pods", &["CREATE"], true),
+            hook("pods-label.getkloak.io", "/mutate", "pods", &["CREATE"], false),
+            hook("secrets.getkloak.io", "/validate", "secrets", &["CREATE", "UPDATE"], false),
+        ]
+    }))
+    .unwrap()
+}
+
+fn pod(name: &str, labels: serde_json::Value, spec: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn env_pod(name: &str, secret: &str) -> Pod {
+    pod(
+        name,
+        serde_json::json!({}),
+        serde_json::json!({
+            "containers": [{"name": "app", "image": "app",
+                "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}]}],
+            "volumes": [{"name": "s", "secret": {"secretName": secret}}],
+        }),
+    )
+}
+
+fn err_message(e: kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn webhooks_mutate_deny_and_validate_through_the_apiserver() {
+    let Some(_g) = root_test() else { return };
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-webhooks").await;
+    let admin = cp.admin().await;
+    ensure_namespace(&admin, "apps", true).await;
+    ensure_namespace(&admin, "plain", false).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let _ = mwcs.delete("kloak-test", &DeleteParams::default()).await;
+    mwcs.create(&PostParams::default(), &webhook_config("kloak-test", port))
+        .await
+        .unwrap();
+    let ctl_args = [
+        "--datapath=false",
+        "--webhook-config",
+        "kloak-test",
+        "--webhook-san",
+        "127.0.0.1",
+        // Short-lived, so the test sees a rotation: renewed with 10 s left.
+        "--cert-validity-secs",
+        "30",
+    ];
+    let mut ctl = controller(&kc, &ctl_args, "webhooks-controller");
+    let listen = format!("127.0.0.1:{port}");
+    let mut hook = Kloak::start(
+        &["webhook", "--listen", &listen],
+        &kc,
+        "node-e2e",
+        "webhooks-webhook",
+    );
+    let ca = eventually("the caBundle to be patched", T, || async {
+        let c = mwcs.get("kloak-test").await.ok()?;
+        let ws = c.webhooks?;
+        let b = ws[0].client_config.ca_bundle.clone()?;
+        ws.iter()
+            .all(|w| w.client_config.ca_bundle.as_ref() == Some(&b))
+            .then_some(b)
+    })
+    .await;
+    assert!(String::from_utf8_lossy(&ca.0).contains("BEGIN CERTIFICATE"));
+
+    let apps: Api<Secret> = Api::namespaced(admin.clone(), "apps");
+    let db = random_secret("db-", 24);
+    // The first writes may race the webhook's start; retry until it answers.
+    eventually(
+        "the validating webhook to accept a good Secret",
+        T,
+        || async {
+            apps.create(
+                &PostParams::default(),
+                &secret(
+                    "db",
+                    true,
+                    &[("getkloak.io/port", "5432")],
+                    &[("token", &db)],
+                ),
+            )
+            .await
+            .ok()
+        },
+    )
+    .await;
+    eventually("the db shadow", T, || async { shadow(&apps, "db").await }).await;
+
+    // Mutation: the pod comes back pointing at the shadow, annotated.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "apps");
+    let p = pods
+        .create(&PostParams::default(), &env_pod("uses-db", "db"))
+        .await
+        .unwrap();
+    let spec = p.spec.as_ref().unwrap();
+    let env_ref = spec.containers[0].env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(env_ref.name, "db-kloak");
+    assert_eq!(
+        spec.volumes.as_ref().unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("db-kloak")
+    );
+    assert_eq!(
+        p.metadata.annotations.as_ref().unwrap()["getkloak.io/enabled"],
+        "true"
+    );
+
+    // Validation: bad labeled Secrets are refused with the reason.
+    let e = err_message(
+        apps.create(
+            &PostParams::default(),
+            &secret("short", true, &[], &[("pw", "s3cr3t!")]),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        e.contains("\"short\"") && e.contains("\"pw\"") && e.contains("minimum is 8"),
+        "{e}"
+    );
+    assert!(!e.contains("s3cr3t!"));
+    let e = err_message(
+        apps.create(
+            &PostParams::default(),
+            &secret(
+                "badhost",
+                true,
+                &[("getkloak.io/hosts", "a b")],
+                &[("k", &db)],
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        e.contains("getkloak.io/hosts") && e.contains("\"a b\""),
+        "{e}"
+    );
+    let e = err_message(
+        apps.create(
+            &PostParams::default(),
+            &secret(
+                "badport",
+                true,
+                &[("getkloak.io/port", "70000")],
+                &[("k", &db)],
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.contains("70000"), "{e}");
+    let e = err_message(
+        apps.create(
+            &PostParams::default(),
+            &secret("nohpack", true, &[], &[("k", "~~~~~~~~~~~~")]),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.contains("HPACK"), "{e}");
+    // Unlabeled Secrets are none of Kloak's business.
+    apps.create(
+        &PostParams::default(),
+        &secret("unlabeled", false, &[], &[("pw", "x")]),
+    )
+    .await
+    .unwrap();
+
+    // Fail closed: with the controller down, a new enabled Secret has no
+    // shadow, and a pod referencing it is denied with the reason.
+    ctl.stop();
+    let late = random_secret("late-", 20);
+    apps.create(
+        &PostParams::default(),
+        &secret("late", true, &[], &[("token", &late)]),
+    )
+    .await
+    .unwrap();
+    let e = err_message(
+        pods.create(&PostParams::default(), &env_pod("uses-late", "late"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("\"late\"") && e.contains("\"late-kloak\"") && e.contains("does not exist"),
+        "{e}"
+    );
+    let mut ctl = controller(&kc, &ctl_args, "webhooks-controller-2");
+    eventually(
+        "the pod to be admitted once the shadow exists",
+        T,
+        || async {
+            pods.create(&PostParams::default(), &env_pod("uses-late", "late"))
+                .await
+                .ok()
+        },
+    )
+    .await;
+
+    // Scope: a labeled pod in an unlabeled namespace is mutated; an
+    // unlabeled one there is not.
+    let plain_secrets: Api<Secret> = Api::namespaced(admin.clone(), "plain");
+    let pw = random_secret("pl-", 20);
+    plain_secrets
+        .create(
+            &PostParams::default(),
+            &secret("cfg", true, &[], &[("token", &pw)]),
+        )
+        .await
+        .unwrap();
+    eventually("the cfg shadow", T, || async {
+        shadow(&plain_secrets, "cfg").await
+    })
+    .await;
+    let plain_pods: Api<Pod> = Api::namespaced(admin.clone(), "plain");
+    let mut labeled = env_pod("labeled", "cfg");
+    labeled.metadata.labels = Some(BTreeMap::from([(
+        "getkloak.io/enabled".into(),
+        "true".into(),
+    )]));
+    let p = plain_pods
+        .create(&PostParams::default(), &labeled)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.spec.unwrap().volumes.unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("cfg-kloak")
+    );
+    let p = plain_pods
+        .create(&PostParams::default(), &env_pod("unlabeled", "cfg"))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.spec.unwrap().volumes.unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("cfg")
+    );
+
+    // Rotation: the certificate is replaced before it expires, the caBundle
+    // follows, and the API server keeps reaching the webhook.
+    let certs: Api<Secret> = Api::namespaced(admin.clone(), "kloak-system");
+    let before = certs.get("kloak-webhook-tls").await.unwrap().data.unwrap()["tls.crt"].clone();
+    eventually(
+        "the certificate to rotate",
+        Duration::from_secs(40),
+        || async {
+            let now = certs.get("kloak-webhook-tls").await.ok()?.data?["tls.crt"].clone();
+            (now != before).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually("a pod admitted after the rotation", T, || async {
+        pods.create(
+            &PostParams::default(),
+            &env_pod(&format!("after-rotation-{}", rand_suffix()), "db"),
+        )
+        .await
+        .ok()
+    })
+    .await;
+    let c = mwcs.get("kloak-test").await.unwrap();
+    let bundle = String::from_utf8(
+        c.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+            .0,
+    )
+    .unwrap();
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "new and previous CA are trusted"
+    );
+
+    ctl.assert_running();
+    hook.assert_running();
+    mwcs.delete("kloak-test", &DeleteParams::default())
+        .await
+        .unwrap();
+    for log in [ctl.log_text(), hook.log_text()] {
+        assert_no_values(&log, &[&db, &late, &pw, "s3cr3t!"]);
+    }
+}
+
+fn rand_suffix() -> String {
+    random_secret("", 8).to_lowercase()
+}
+
+/// The pod as the kubelet would report it: running containers with IDs.
+async fn set_running(pods: &Api<Pod>, name: &str, containers: &[(&str, String)]) {
+    let statuses: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|(n, id)| {
+            serde_json::json!({"name": n, "image": "app", "imageID": "", "ready": true,
+                "restartCount": 0, "containerID": id, "state": {"running": {}}})
+        })
+        .collect();
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"status": {"phase": "Running", "containerStatuses": statuses}}),
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others() {
+    let Some(_g) = root_test() else { return };
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-node").await;
+    let admin = cp.admin().await;
+    ensure_namespace(&admin, "hostpods", false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), "hostpods");
+    let token = random_secret("tok-", 28);
+    let other = random_secret("oth-", 28);
+    api.create(
+        &PostParams::default(),
+        &secret(
+            "api",
+            true,
+            &[("getkloak.io/hosts", "127.0.0.1")],
+            &[("token", &token), ("other", &other)],
+        ),
+    )
+    .await
+    .unwrap();
+    let mut ctl = controller(&kc, &["--no-webhook-cert"], "node-controller");
+    let sh = eventually("the shadow", T, || async { shadow(&api, "api").await }).await;
+    let ph = placeholders(&sh);
+
+    // Pod "one" references only key token; pod "two" only key other.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "hostpods");
+    let mk = |name: &str, key: &str| {
+        let mut p = pod(
+            name,
+            serde_json::json!({}),
+            serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": key}}}]}]}),
+        );
+        p.metadata.annotations = Some(BTreeMap::from([(
+            "getkloak.io/enabled".into(),
+            "true".into(),
+        )]));
+        p
+    };
+    let one = pods
+        .create(&PostParams::default(), &mk("one", "token"))
+        .await
+        .unwrap();
+    let two = pods
+        .create(&PostParams::default(), &mk("two", "other"))
+        .await
+        .unwrap();
+    let mut c1 = FakeContainer::new(one.metadata.uid.as_deref().unwrap(), false);
+    let mut c2 = FakeContainer::new(two.metadata.uid.as_deref().unwrap(), true);
+    let client = |srv: &TlsServer| kloak_e2e::py_cmd("gated", srv, &[]);
+    // Started before the pods are attached: the agent must find their
+    // already-loaded libssl.
+    let mut a = Gated::new(c1.spawn(&client(&srv), &[("API_TOKEN", &ph["token"])]));
+    let mut b = Gated::new(c1.spawn(&client(&srv), &[("API_TOKEN", &ph["other"])]));
+    let mut d = Gated::new(c2.spawn(&client(&srv), &[("API_TOKEN", &ph["other"])]));
+    let mut e = Gated::new(c2.spawn(&client(&srv), &[("API_TOKEN", &ph["token"])]));
+    set_running(&pods, "one", &[("app", c1.container_id())]).await;
+    set_running(&pods, "two", &[("app", c2.container_id())]).await;
+
+    // Until attached, placeholders go out unchanged; then the value arrives.
+    let sent_value = |g: &mut Gated, value: &str| {
+        srv.clear();
+        g.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        count(&r[0], value.as_bytes()) == 2
+    };
+    let deadline = std::time::Instant::now() + T;
+    while !sent_value(&mut a, &token) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod one never got its token:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while !sent_value(&mut d, &other) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod two never got its key:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both pods are attached now. Each learned the other's placeholder and
+    // gets nothing for it.
+    for (g, p) in [(&mut b, &ph["other"]), (&mut e, &ph["token"])] {
+        srv.clear();
+        g.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        assert_eq!(count(&r[0], p.as_bytes()), 2, "placeholder unchanged");
+        assert_eq!(
+            count(&r[0], token.as_bytes()) + count(&r[0], other.as_bytes()),
+            0
+        );
+    }
+
+    // Rotation to the same length reaches the running pod, no restart.
+    let token2 = random_secret("tok-", 28);
+    api.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"stringData": {"token": token2}})),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while !sent_value(&mut a, &token2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated value never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        placeholders(&shadow(&api, "api").await.unwrap())["token"],
+        ph["token"]
+    );
+
+    // The pod goes: its container is detached and writes go out unchanged.
+    pods.delete("one", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        srv.clear();
+        a.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        if count(&r[0], ph["token"].as_bytes()) == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod one was never detached"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ctl.assert_running();
+    assert_no_values(&ctl.log_text(), &[&token, &token2, &other]);
+    drop((c1, c2));
+    let _ = k8s::cgroup2_root();
+}
