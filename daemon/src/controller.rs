@@ -208,21 +208,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         layout = layout.rooted(std::path::Path::new("/sys/fs/cgroup"), host);
     }
     tracing::info!(node = %opts.node, datapath = opts.datapath, cgroup_layout = ?layout, "kloak controller starting");
-    let mut st = State {
-        client: client.clone(),
-        originals: Mirror::new(),
-        shadows: Mirror::new(),
-        pods: Mirror::new(),
-        ids: HashMap::new(),
-        next_id: 1,
-        published: HashMap::new(),
-        by_secret: HashMap::new(),
-        tracked: HashMap::new(),
-        cgroups: HashMap::new(),
-        layout,
-        agent,
-        refused: HashMap::new(),
-    };
+    let mut st = State::new(client.clone(), layout, agent);
     let secrets: Api<KubeSecret> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let mut originals = watcher(
@@ -302,6 +288,24 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 impl State {
+    fn new(client: Client, layout: Layout, agent: Option<mpsc::Sender<Command>>) -> State {
+        State {
+            client,
+            originals: Mirror::new(),
+            shadows: Mirror::new(),
+            pods: Mirror::new(),
+            ids: HashMap::new(),
+            next_id: 1,
+            published: HashMap::new(),
+            by_secret: HashMap::new(),
+            tracked: HashMap::new(),
+            cgroups: HashMap::new(),
+            layout,
+            agent,
+            refused: HashMap::new(),
+        }
+    }
+
     /// Brings the shadow of Secret `k` in line with it, or removes it.
     async fn reconcile_shadow(
         &mut self,
@@ -667,4 +671,243 @@ fn start_datapath(
     }
     tracing::info!(backend = backend.as_str(), "data path ready");
     Ok((tx, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reconciler's API traffic against kube's mock service: what it
+    //! sends, with which preconditions, and how it takes conflicts.
+
+    use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+    fn json(code: u16, v: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    fn status(code: u16, reason: &str) -> Response<Body> {
+        json(
+            code,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": reason, "code": code, "message": reason}),
+        )
+    }
+
+    async fn body_json(req: Request<Body>) -> serde_json::Value {
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn original(value: &str) -> KubeSecret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api", "namespace": "ns", "uid": "u-api", "resourceVersion": "5",
+                "labels": {"getkloak.io/enabled": "true"}},
+            "type": "Opaque",
+            "data": {"token": k8s_openapi::ByteString(value.as_bytes().to_vec())},
+        }))
+        .unwrap()
+    }
+
+    fn state() -> (State, Handle) {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let layout = Layout {
+            unified: None,
+            v1: None,
+        };
+        let mut st = State::new(Client::new(svc, "default"), layout, None);
+        st.originals.synced = true;
+        st.shadows.synced = true;
+        (st, handle)
+    }
+
+    fn key() -> Key {
+        ("ns".into(), "api".into())
+    }
+
+    #[tokio::test]
+    async fn a_missing_shadow_is_created_with_owner_label_and_placeholders() {
+        let (mut st, mut h) = state();
+        st.originals
+            .objects
+            .insert(key(), original("0123456789abcdef"));
+        let server = tokio::spawn(async move {
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::POST);
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/ns/secrets");
+            let body = body_json(req).await;
+            send.send_response(json(201, body.clone()));
+            body
+        });
+        st.reconcile_shadow(&key(), &shadow::Index::default())
+            .await
+            .unwrap();
+        let body = server.await.unwrap();
+        assert_eq!(body["metadata"]["name"], "api-kloak");
+        assert_eq!(body["metadata"]["labels"]["getkloak.io/managed"], "true");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "u-api");
+        let p: k8s_openapi::ByteString =
+            serde_json::from_value(body["data"]["token"].clone()).unwrap();
+        assert_eq!(p.0.len(), 16);
+        assert!(p.0.starts_with(b"kloak:"));
+        // Recorded at once, without waiting for the watch.
+        assert!(
+            st.shadows
+                .objects
+                .contains_key(&("ns".into(), "api-kloak".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn losing_the_create_race_adopts_instead_of_overwriting() {
+        let (mut st, mut h) = state();
+        st.originals
+            .objects
+            .insert(key(), original("0123456789abcdef"));
+        let server = tokio::spawn(async move {
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::POST);
+            send.send_response(status(409, "AlreadyExists"));
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::GET);
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/ns/secrets/api-kloak");
+            send.send_response(json(200, serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "api-kloak", "namespace": "ns", "labels": {"getkloak.io/managed": "true"}}})));
+            // Nothing else: no PUT over the winner's placeholders.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), h.next_request())
+                    .await
+                    .is_err()
+            );
+        });
+        st.reconcile_shadow(&key(), &shadow::Index::default())
+            .await
+            .unwrap();
+        server.await.unwrap();
+        assert!(
+            !st.shadows
+                .objects
+                .contains_key(&("ns".into(), "api-kloak".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_length_change_replaces_at_the_read_resource_version() {
+        let (mut st, mut h) = state();
+        st.originals
+            .objects
+            .insert(key(), original("0123456789abcdef"));
+        // Stored for a 10-byte value; the value is 16 bytes now.
+        let old = shadow::build(
+            &original("0123456789abcdef"),
+            &BTreeMap::from([("token".to_string(), "kloak:ABCD".to_string())]),
+        );
+        let mut stored = old.clone();
+        stored.metadata.resource_version = Some("41".into());
+        stored.metadata.uid = Some("u-shadow".into());
+        st.shadows
+            .objects
+            .insert(("ns".into(), "api-kloak".into()), stored);
+        let server = tokio::spawn(async move {
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::PUT);
+            let body = body_json(req).await;
+            assert_eq!(body["metadata"]["resourceVersion"], "41");
+            send.send_response(status(409, "Conflict"));
+            body
+        });
+        // A conflict is not an error: the next event brings the newer version.
+        st.reconcile_shadow(&key(), &shadow::Index::default())
+            .await
+            .unwrap();
+        let body = server.await.unwrap();
+        let p: k8s_openapi::ByteString =
+            serde_json::from_value(body["data"]["token"].clone()).unwrap();
+        assert_eq!(p.0.len(), 16, "re-minted to the new length");
+    }
+
+    #[tokio::test]
+    async fn an_orphan_is_deleted_with_preconditions_after_checking_the_original() {
+        let (mut st, mut h) = state();
+        let mut stored = shadow::build(
+            &original("0123456789abcdef"),
+            &BTreeMap::from([("token".to_string(), "kloak:ABCDEFGHJKMNPQ".to_string())]),
+        );
+        stored.metadata.resource_version = Some("7".into());
+        stored.metadata.uid = Some("u-shadow".into());
+        st.shadows
+            .objects
+            .insert(("ns".into(), "api-kloak".into()), stored);
+        let server = tokio::spawn(async move {
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(
+                (req.method(), req.uri().path()),
+                (&Method::GET, "/api/v1/namespaces/ns/secrets/api")
+            );
+            send.send_response(status(404, "NotFound"));
+            let (req, send) = h.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::DELETE);
+            let body = body_json(req).await;
+            assert_eq!(body["preconditions"]["uid"], "u-shadow");
+            assert_eq!(body["preconditions"]["resourceVersion"], "7");
+            send.send_response(json(
+                200,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ));
+        });
+        st.reconcile_shadow(&key(), &shadow::Index::default())
+            .await
+            .unwrap();
+        server.await.unwrap();
+        assert!(st.shadows.objects.is_empty());
+    }
+
+    #[test]
+    fn published_secrets_follow_the_shadow_and_drop_mid_rotation() {
+        let (svc, _h) = mock::pair::<Request<Body>, Response<Body>>();
+        let (tx, rx) = mpsc::channel();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _e = rt.enter();
+        let mut st = State::new(
+            Client::new(svc, "default"),
+            Layout {
+                unified: None,
+                v1: None,
+            },
+            Some(tx),
+        );
+        let orig = original("0123456789abcdef");
+        st.originals.objects.insert(key(), orig.clone());
+        let placeholders = BTreeMap::from([("token".to_string(), "kloak:ABCDEFGHJK".to_string())]);
+        let sh = shadow::build(&orig, &placeholders);
+        st.shadows
+            .objects
+            .insert(("ns".into(), "api-kloak".into()), sh);
+        st.publish(&key());
+        match rx.try_recv().unwrap() {
+            Command::PutSecret(s) => {
+                assert_eq!(s.placeholder, "kloak:ABCDEFGHJK");
+                assert_eq!(s.name, "ns/api/token");
+            }
+            _ => panic!("expected PutSecret"),
+        }
+        // Unchanged: nothing is sent again.
+        st.publish(&key());
+        assert!(rx.try_recv().is_err());
+        // The value grows: the old placeholder no longer fits and is withdrawn.
+        st.originals
+            .objects
+            .insert(key(), original("0123456789abcdefXY"));
+        st.publish(&key());
+        assert!(matches!(rx.try_recv().unwrap(), Command::RemoveSecret(_)));
+    }
 }

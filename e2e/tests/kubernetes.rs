@@ -17,6 +17,17 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 const T: Duration = Duration::from_secs(20);
 
+/// Root-only and serial like every data-path test; the body runs on a
+/// current-thread runtime, with the serial lock held outside it.
+fn k8s_test(body: impl std::future::Future<Output = ()>) {
+    let Some(_g) = root_test() else { return };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body);
+}
+
 fn secret(name: &str, enabled: bool, ann: &[(&str, &str)], data: &[(&str, &str)]) -> Secret {
     let labels: BTreeMap<String, String> = if enabled {
         BTreeMap::from([("getkloak.io/enabled".into(), "true".into())])
@@ -59,9 +70,12 @@ fn assert_no_values(log: &str, values: &[&str]) {
     }
 }
 
-#[tokio::test]
-async fn shadows_follow_their_secrets_under_the_seed_role() {
-    let Some(_g) = root_test() else { return };
+#[test]
+fn shadows_follow_their_secrets_under_the_seed_role() {
+    k8s_test(shadows_follow_their_secrets_under_the_seed_role_body());
+}
+
+async fn shadows_follow_their_secrets_under_the_seed_role_body() {
     let cp = control_plane();
     let kc = cp.seed_kubeconfig("kloak-shadows").await;
     let admin = cp.admin().await;
@@ -204,9 +218,12 @@ async fn shadows_follow_their_secrets_under_the_seed_role() {
     assert_no_values(&log, &[&token, &token2, &user, &user2, short, &ok]);
 }
 
-#[tokio::test]
-async fn concurrent_controllers_converge_on_one_placeholder_per_key() {
-    let Some(_g) = root_test() else { return };
+#[test]
+fn concurrent_controllers_converge_on_one_placeholder_per_key() {
+    k8s_test(concurrent_controllers_converge_on_one_placeholder_per_key_body());
+}
+
+async fn concurrent_controllers_converge_on_one_placeholder_per_key_body() {
     let cp = control_plane();
     let kc = cp.seed_kubeconfig("kloak-converge").await;
     let admin = cp.admin().await;
@@ -368,9 +385,12 @@ fn err_message(e: kube::Error) -> String {
     }
 }
 
-#[tokio::test]
-async fn webhooks_mutate_deny_and_validate_through_the_apiserver() {
-    let Some(_g) = root_test() else { return };
+#[test]
+fn webhooks_mutate_deny_and_validate_through_the_apiserver() {
+    k8s_test(webhooks_mutate_deny_and_validate_through_the_apiserver_body());
+}
+
+async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
     let cp = control_plane();
     let kc = cp.seed_kubeconfig("kloak-webhooks").await;
     let admin = cp.admin().await;
@@ -680,9 +700,12 @@ async fn set_running(pods: &Api<Pod>, name: &str, containers: &[(&str, String)])
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others() {
-    let Some(_g) = root_test() else { return };
+#[test]
+fn a_pod_on_this_host_gets_its_own_secrets_and_no_others() {
+    k8s_test(a_pod_on_this_host_gets_its_own_secrets_and_no_others_body());
+}
+
+async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others_body() {
     let cp = control_plane();
     let kc = cp.seed_kubeconfig("kloak-node").await;
     let admin = cp.admin().await;
