@@ -7,4 +7,9 @@ export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 scripts/install-deps.sh
 command -v bpftool >/dev/null || { apt-get install -y -qq bpftool >/dev/null; }
 cargo build --release -p kloak --locked
+e2e/k8s-tools/build.sh >/dev/null
+# Controller: Secret → shadow → secret_map latency and RSS with 1,000
+# Secrets, against a real kube-apiserver (target/bench/controller.json).
+KLOAK_BIN="$PWD/target/release/kloak" cargo bench -p kloak-e2e --bench controller --locked
+[ "${BENCH_CONTROLLER_ONLY:-}" = 1 ] && exit 0
 exec python3 scripts/bench.py

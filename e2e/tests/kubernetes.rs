@@ -333,10 +333,16 @@ async fn concurrent_controllers_converge_on_one_placeholder_per_key_body() {
 
 fn webhook_config(name: &str, port: u16) -> MutatingWebhookConfiguration {
     let hook = |hname: &str, path: &str, resource: &str, ops: &[&str], ns_sel: bool| {
+        let mut rules = vec![serde_json::json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ops, "resources": [resource]})];
+        if resource == "pods" {
+            // `kubectl debug` adds containers through this subresource.
+            rules.push(serde_json::json!({"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}));
+        }
         let mut w = serde_json::json!({
             "name": hname,
             "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ops, "resources": [resource]}],
+            "rules": rules,
             "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 10,
         });
@@ -485,6 +491,16 @@ async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
         p.metadata.annotations.as_ref().unwrap()["getkloak.io/enabled"],
         "true"
     );
+
+    // An ephemeral container added later is moved onto the shadow too.
+    let debug = serde_json::json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "debug",
+        "envFrom": [{"secretRef": {"name": "db"}}]}]}});
+    let p = pods
+        .patch_subresource("ephemeralcontainers", "uses-db", &PatchParams::default(), &Patch::Strategic(&debug))
+        .await
+        .unwrap();
+    let eph = &p.spec.unwrap().ephemeral_containers.unwrap()[0];
+    assert_eq!(eph.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "db-kloak");
 
     // Validation: bad labeled Secrets are refused with the reason.
     let e = err_message(

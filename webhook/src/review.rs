@@ -80,7 +80,18 @@ pub fn secret_state(
     SecretState::Ready
 }
 
-/// Pod CREATE: the patch onto shadows, or a denial naming the Secret.
+/// Whether this pod request can bring in new Secret references: a CREATE,
+/// or `kubectl debug` adding ephemeral containers through their subresource.
+pub fn pod_request_mutable(req: &AdmissionRequest<Pod>) -> bool {
+    match req.operation {
+        Operation::Create => req.sub_resource.is_none(),
+        Operation::Update => req.sub_resource.as_deref() == Some("ephemeralcontainers"),
+        _ => false,
+    }
+}
+
+/// Pod CREATE (or ephemeral containers added): the patch onto shadows, or a
+/// denial naming the Secret.
 /// `states` holds the state of every Secret the pod references.
 pub fn review_pod(
     req: &AdmissionRequest<Pod>,
@@ -91,7 +102,7 @@ pub fn review_pod(
     let Some(pod) = &req.object else {
         return resp;
     };
-    if req.operation != Operation::Create || !pod_in_scope(pod, namespace_enabled) {
+    if !pod_request_mutable(req) || !pod_in_scope(pod, namespace_enabled) {
         return resp;
     }
     let state = |name: &str| states.get(name).cloned().unwrap_or(SecretState::NotEnabled);
@@ -265,6 +276,12 @@ mod tests {
         let not_ready = BTreeMap::from([("x".to_string(), SecretState::NotReady("why".into()))]);
         let r = review_pod(&req, true, &not_ready);
         assert!(!r.allowed);
+        // A plain UPDATE cannot add references; ephemeral containers can.
+        let mut upd = req.clone();
+        upd.operation = Operation::Update;
+        assert!(review_pod(&upd, true, &not_ready).allowed);
+        upd.sub_resource = Some("ephemeralcontainers".into());
+        assert!(!review_pod(&upd, true, &not_ready).allowed);
         assert!(r.result.message.contains("\"x\"") && r.result.message.contains("why"));
     }
 

@@ -79,6 +79,9 @@ async fn pod_inputs(
     let Some(pod) = &req.object else {
         return Ok((false, BTreeMap::new()));
     };
+    if !review::pod_request_mutable(req) {
+        return Ok((false, BTreeMap::new()));
+    }
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let ns_enabled = match namespaces.get_opt(ns).await? {
         Some(n) => is_enabled(&n.metadata),
