@@ -515,6 +515,11 @@ impl Probes {
                 "sched_process_exit",
             ),
             (
+                &skel.progs.on_fork,
+                TracepointCategory::Sched,
+                "sched_process_fork",
+            ),
+            (
                 &skel.progs.on_mmap_enter,
                 TracepointCategory::Syscalls,
                 "sys_enter_mmap",
@@ -735,6 +740,36 @@ impl Probes {
             .maps
             .tracked_cgroups
             .delete(&cgroup_id.to_ne_bytes());
+    }
+
+    /// Tracks process `pid` (and, from now on, what it forks) as a member
+    /// of `group`: for containers with no cgroup v2 id to match.
+    pub fn track_pid(&self, pid: u32, group: u64) -> Result<()> {
+        self.skel
+            .maps
+            .tracked_pids
+            .update(&pid.to_ne_bytes(), &group.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "tracked_pids",
+                source,
+            })
+    }
+
+    /// Stops tracking every process of `group`.
+    pub fn untrack_pids(&self, group: u64) {
+        let m = &self.skel.maps.tracked_pids;
+        let members: Vec<Vec<u8>> = m
+            .keys()
+            .filter(|k| {
+                m.lookup(k, MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v[..] == group.to_ne_bytes())
+            })
+            .collect();
+        for k in members {
+            let _ = m.delete(&k);
+        }
     }
 
     /// Forgets a file, so that the next executable mapping of it stops for a look again.

@@ -25,10 +25,10 @@ fn pause_backend_loads_and_attaches_tracepoints() {
     // programs pass the verifier either way: they load with the rest.
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Kprobe);
-        assert_eq!(p.tracepoint_count(), 14);
+        assert_eq!(p.tracepoint_count(), 15);
     } else {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Tracepoints);
-        assert_eq!(p.tracepoint_count(), 20);
+        assert_eq!(p.tracepoint_count(), 21);
     }
 }
 

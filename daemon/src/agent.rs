@@ -149,6 +149,9 @@ pub enum Command {
         cgroup: std::path::PathBuf,
         id: u64,
         secrets: std::collections::HashSet<u32>,
+        /// The cgroup is a v1 directory with no v2 id: track its processes
+        /// by pid (the kernel follows their forks); `id` is then the agent's own.
+        by_pid: bool,
     },
     Untrack(u64),
 }
@@ -178,6 +181,10 @@ pub struct Agent<'p> {
     commands: Option<std::sync::mpsc::Receiver<Command>>,
     /// Container cgroups the controller asked for, by id.
     tracked: HashMap<u64, std::path::PathBuf>,
+    /// The pid-tracked ones among them, re-read now and then for processes
+    /// that appeared between a read of cgroup.procs and their parent's entry.
+    by_pid: HashMap<u64, std::path::PathBuf>,
+    last_rescan: Instant,
     guardian: Option<crate::guardian::Guardian>,
     pub counters: Arc<Counters>,
 }
@@ -240,6 +247,8 @@ impl<'p> Agent<'p> {
             bindings: None,
             commands: None,
             tracked: HashMap::new(),
+            by_pid: HashMap::new(),
+            last_rescan: Instant::now(),
             guardian: None,
             counters: Arc::default(),
         }
@@ -279,6 +288,7 @@ impl<'p> Agent<'p> {
                     cgroup,
                     id,
                     secrets,
+                    by_pid,
                 } => {
                     let new = self
                         .bindings
@@ -301,7 +311,19 @@ impl<'p> Agent<'p> {
                     if let Some(g) = &mut self.guardian {
                         g.watch(&cgroup, true);
                     }
-                    if let Err(e) = self.probes.track_cgroup(id) {
+                    let r = if by_pid {
+                        self.by_pid.insert(id, cgroup.clone());
+                        // Twice: a process forked by one not yet in the map
+                        // when the first read ran shows up in the second.
+                        (0..2).try_for_each(|_| {
+                            cg.pids()
+                                .into_iter()
+                                .try_for_each(|pid| self.probes.track_pid(pid, id))
+                        })
+                    } else {
+                        self.probes.track_cgroup(id)
+                    };
+                    if let Err(e) = r {
                         tracing::warn!(cgroup = %cgroup.display(), error = %e, "tracking the container failed");
                         continue;
                     }
@@ -314,7 +336,11 @@ impl<'p> Agent<'p> {
                     self.tracked.insert(id, cgroup);
                 }
                 Command::Untrack(id) => {
-                    self.probes.untrack_cgroup(id);
+                    if self.by_pid.remove(&id).is_some() {
+                        self.probes.untrack_pids(id);
+                    } else {
+                        self.probes.untrack_cgroup(id);
+                    }
                     if let Some(b) = &mut self.bindings {
                         b.remove(&id);
                     }
@@ -325,6 +351,17 @@ impl<'p> Agent<'p> {
                         self.cgroups.retain(|p| *p != path);
                     }
                     self.gc_pending = true;
+                }
+            }
+        }
+    }
+
+    fn rescan_pid_groups(&mut self) {
+        self.last_rescan = Instant::now();
+        for (&id, path) in &self.by_pid {
+            if let Ok(cg) = crate::cgroup::Cgroup::open(path) {
+                for pid in cg.pids() {
+                    let _ = self.probes.track_pid(pid, id);
                 }
             }
         }
@@ -364,6 +401,9 @@ impl<'p> Agent<'p> {
         loop {
             let done = shutdown.load(Ordering::Acquire);
             self.apply_commands();
+            if !self.by_pid.is_empty() && self.last_rescan.elapsed() >= Duration::from_secs(1) {
+                self.rescan_pid_groups();
+            }
             // Right after a stop, the next one (the scrub, the next request)
             // tends to follow within a few hundred microseconds; polling the
             // ring for that long saves the wake-up of a sleeping thread.

@@ -10,7 +10,8 @@
 //!
 //! On cgroup v2 and hybrid hosts the unified hierarchy is searched (its
 //! directory's inode is the id the BPF programs see); on v1-only hosts a
-//! controller hierarchy is, which gives the processes but no cgroup id.
+//! controller hierarchy is, which gives the processes but no cgroup id, so
+//! the agent tracks those by pid and the kernel follows their forks.
 
 use std::path::{Path, PathBuf};
 

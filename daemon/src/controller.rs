@@ -165,8 +165,8 @@ struct State {
     by_secret: HashMap<Key, BTreeSet<u32>>,
     /// What each tracked cgroup may receive, as last sent.
     tracked: HashMap<u64, (Key, HashSet<u32>)>,
-    /// Container → cgroup (path, id), once found.
-    cgroups: HashMap<ContainerId, (PathBuf, u64)>,
+    /// Container → cgroup (path, id, tracked by pid), once found.
+    cgroups: HashMap<ContainerId, (PathBuf, u64, bool)>,
     layout: Layout,
     agent: Option<mpsc::Sender<Command>>,
     /// The reason each Secret was last refused, so it is logged once.
@@ -512,7 +512,7 @@ impl State {
     /// Tracks every container of every annotated pod on this node, bound to
     /// the secrets that pod references; untracks the rest.
     fn bind_pods(&mut self) {
-        let mut want: HashMap<u64, (Key, PathBuf, HashSet<u32>)> = HashMap::new();
+        let mut want: HashMap<u64, (Key, PathBuf, HashSet<u32>, bool)> = HashMap::new();
         let pods: Vec<Pod> = self
             .pods
             .objects
@@ -539,10 +539,10 @@ impl State {
                 tracing::warn!(namespace = %pk.0, pod = %pk.1, container_id = %raw, "container ID not understood; its processes are not attached");
             }
             for c in containers {
-                let Some((path, id)) = self.cgroup_of(&c, &pk) else {
+                let Some((path, id, by_pid)) = self.cgroup_of(&c, &pk) else {
                     continue;
                 };
-                want.insert(id, (pk.clone(), path, ids.clone()));
+                want.insert(id, (pk.clone(), path, ids.clone(), by_pid));
             }
         }
         let gone: Vec<u64> = self
@@ -557,7 +557,7 @@ impl State {
             }
             self.send(Command::Untrack(id));
         }
-        for (id, (pk, path, ids)) in want {
+        for (id, (pk, path, ids, by_pid)) in want {
             if self.tracked.get(&id).is_some_and(|(_, cur)| *cur == ids) {
                 continue;
             }
@@ -569,13 +569,14 @@ impl State {
                 cgroup: path,
                 id,
                 secrets: ids,
+                by_pid,
             });
         }
         let live: HashSet<u64> = self.tracked.keys().copied().collect();
-        self.cgroups.retain(|_, (_, id)| live.contains(id));
+        self.cgroups.retain(|_, (_, id, _)| live.contains(id));
     }
 
-    fn cgroup_of(&mut self, c: &ContainerId, pod: &Key) -> Option<(PathBuf, u64)> {
+    fn cgroup_of(&mut self, c: &ContainerId, pod: &Key) -> Option<(PathBuf, u64, bool)> {
         if let Some(found) = self.cgroups.get(c) {
             if found.0.exists() {
                 return Some(found.clone());
@@ -588,12 +589,16 @@ impl State {
                 ..
             }) => {
                 let id = crate::cgroup::Cgroup::open(&path).ok()?.id;
-                self.cgroups.insert(c.clone(), (path.clone(), id));
-                Some((path, id))
+                self.cgroups.insert(c.clone(), (path.clone(), id, false));
+                Some((path, id, false))
             }
             Some(containers::Found { v1: Some(path), .. }) => {
-                tracing::warn!(namespace = %pod.0, pod = %pod.1, cgroup = %path.display(), "container found only in a cgroup v1 hierarchy; this version tracks processes by cgroup v2 id, so it is not attached");
-                None
+                // No v2 id for the kernel to match: its processes are
+                // tracked by pid, under an id of ours that no cgroup v2
+                // inode can take (the top bit).
+                let id = crate::cgroup::Cgroup::open(&path).ok()?.id | 1 << 63;
+                self.cgroups.insert(c.clone(), (path.clone(), id, true));
+                Some((path, id, true))
             }
             _ => {
                 tracing::debug!(namespace = %pod.0, pod = %pod.1, container = %c.id, "container cgroup not found yet");

@@ -99,7 +99,10 @@ async fn main() {
         while let Some(ev) = w.next().await {
             if let Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) = ev {
                 let name = s.metadata.name.clone().unwrap_or_default();
-                s2.lock().unwrap().entry(name).or_insert((Instant::now(), s));
+                s2.lock()
+                    .unwrap()
+                    .entry(name)
+                    .or_insert((Instant::now(), s));
             }
         }
     });
@@ -121,15 +124,23 @@ async fn main() {
     for i in 0..LATENCY_SAMPLES {
         let name = format!("lat{i}");
         let t0 = Instant::now();
-        api.create(&PostParams::default(), &secret(&name, &hpack_friendly_secret(32)))
-            .await
-            .unwrap();
+        api.create(
+            &PostParams::default(),
+            &secret(&name, &hpack_friendly_secret(32)),
+        )
+        .await
+        .unwrap();
         let (t_orig, _) = wait_seen(name.clone()).await;
         let (t_shadow, sh) = wait_seen(format!("{name}-kloak")).await;
         let p = sh.data.unwrap()["token"].0.clone();
         let key = map_key(&p);
         let end = Instant::now() + Duration::from_secs(10);
-        while map.lookup(&key, libbpf_rs::MapFlags::ANY).ok().flatten().is_none() {
+        while map
+            .lookup(&key, libbpf_rs::MapFlags::ANY)
+            .ok()
+            .flatten()
+            .is_none()
+        {
             assert!(Instant::now() < end, "placeholder never reached the map");
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -146,9 +157,12 @@ async fn main() {
         .map(|i| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &secret(&format!("many{i}"), &hpack_friendly_secret(32)))
-                    .await
-                    .unwrap();
+                api.create(
+                    &PostParams::default(),
+                    &secret(&format!("many{i}"), &hpack_friendly_secret(32)),
+                )
+                .await
+                .unwrap();
             }
         })
         .buffer_unordered(16);
@@ -160,7 +174,10 @@ async fn main() {
         if n >= total {
             break;
         }
-        assert!(Instant::now() < end, "only {n} of {total} placeholders reached the map");
+        assert!(
+            Instant::now() < end,
+            "only {n} of {total} placeholders reached the map"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_in = started.elapsed();
@@ -188,7 +205,11 @@ async fn main() {
     });
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("controller.json"), serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+    std::fs::write(
+        out.join("controller.json"),
+        serde_json::to_vec_pretty(&j).unwrap(),
+    )
+    .unwrap();
     println!("{}", serde_json::to_string_pretty(&j).unwrap());
     drop(ctl);
 }

@@ -308,6 +308,34 @@ impl FakeContainer {
         }
     }
 
+    /// A container that exists only in the cgroup v1 `pids` hierarchy
+    /// (cgroupfs driver naming), as on a cgroup v1 node.
+    pub fn new_v1(pod_uid: &str) -> FakeContainer {
+        let id: String = (0..64)
+            .map(|_| b"0123456789abcdef"[rand::random_range(0..16)] as char)
+            .collect();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let pids = info
+            .lines()
+            .filter_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                let mp = pre.split_ascii_whitespace().nth(4)?;
+                let mut f = post.split_ascii_whitespace();
+                let (ty, opts) = (f.next()?, f.nth(1)?);
+                (ty == "cgroup" && opts.split(',').any(|o| o == "pids")).then(|| PathBuf::from(mp))
+            })
+            .next()
+            .expect("a cgroup v1 pids hierarchy (this host is hybrid)");
+        let cgroup = pids.join(format!("kubepods/besteffort/pod{pod_uid}/{id}"));
+        std::fs::create_dir_all(&cgroup).expect("creating the v1 container cgroup");
+        FakeContainer {
+            id,
+            cgroup,
+            top: pids.join("kubepods"),
+            procs: Vec::new(),
+        }
+    }
+
     pub fn container_id(&self) -> String {
         format!("containerd://{}", self.id)
     }
@@ -361,9 +389,14 @@ pub struct Gated {
 impl Gated {
     /// Takes over a process started in `gated` mode, once it says READY.
     pub fn new(child: &mut Child) -> Gated {
+        Gated::from_pipes(child.stdin.take().unwrap(), child.stdout.take().unwrap())
+    }
+
+    /// The same, for a gated client behind a shell's pipes.
+    pub fn from_pipes(stdin: std::process::ChildStdin, stdout: std::process::ChildStdout) -> Gated {
         let mut g = Gated {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()),
+            stdin,
+            stdout: BufReader::new(stdout),
         };
         g.expect("READY");
         g

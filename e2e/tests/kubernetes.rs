@@ -333,7 +333,9 @@ async fn concurrent_controllers_converge_on_one_placeholder_per_key_body() {
 
 fn webhook_config(name: &str, port: u16) -> MutatingWebhookConfiguration {
     let hook = |hname: &str, path: &str, resource: &str, ops: &[&str], ns_sel: bool| {
-        let mut rules = vec![serde_json::json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ops, "resources": [resource]})];
+        let mut rules = vec![
+            serde_json::json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ops, "resources": [resource]}),
+        ];
         if resource == "pods" {
             // `kubectl debug` adds containers through this subresource.
             rules.push(serde_json::json!({"apiGroups": [""], "apiVersions": ["v1"],
@@ -496,11 +498,23 @@ async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
     let debug = serde_json::json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "debug",
         "envFrom": [{"secretRef": {"name": "db"}}]}]}});
     let p = pods
-        .patch_subresource("ephemeralcontainers", "uses-db", &PatchParams::default(), &Patch::Strategic(&debug))
+        .patch_subresource(
+            "ephemeralcontainers",
+            "uses-db",
+            &PatchParams::default(),
+            &Patch::Strategic(&debug),
+        )
         .await
         .unwrap();
     let eph = &p.spec.unwrap().ephemeral_containers.unwrap()[0];
-    assert_eq!(eph.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "db-kloak");
+    assert_eq!(
+        eph.env_from.as_ref().unwrap()[0]
+            .secret_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "db-kloak"
+    );
 
     // Validation: bad labeled Secrets are refused with the reason.
     let e = err_message(
@@ -861,4 +875,89 @@ async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others_body() {
     assert_no_values(&ctl.log_text(), &[&token, &token2, &other]);
     drop((c1, c2));
     let _ = k8s::cgroup2_root();
+}
+
+#[test]
+fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid() {
+    k8s_test(a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body());
+}
+
+/// On cgroup v1 the kernel has no cgroup id for the container, so the agent
+/// tracks its processes by pid and follows their forks. This host is hybrid:
+/// the container exists only in the v1 `pids` hierarchy, as on a v1 node.
+async fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body() {
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-v1").await;
+    let admin = cp.admin().await;
+    ensure_namespace(&admin, "v1pods", false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), "v1pods");
+    let token = random_secret("tok-", 28);
+    api.create(
+        &PostParams::default(),
+        &secret("api", true, &[], &[("token", &token)]),
+    )
+    .await
+    .unwrap();
+    let mut ctl = controller(&kc, &["--no-webhook-cert"], "v1-controller");
+    let ph =
+        placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "v1pods");
+    let mut p = pod(
+        "v1",
+        serde_json::json!({}),
+        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": "token"}}}]}]}),
+    );
+    p.metadata.annotations = Some(BTreeMap::from([(
+        "getkloak.io/enabled".into(),
+        "true".into(),
+    )]));
+    let p = pods.create(&PostParams::default(), &p).await.unwrap();
+    let mut c = FakeContainer::new_v1(p.metadata.uid.as_deref().unwrap());
+    let client = kloak_e2e::py_cmd("gated", &srv, &[]);
+    let env = [("API_TOKEN", ph["token"].as_str())];
+    let mut a = Gated::new(c.spawn(&client, &env));
+    // A shell that forks the client only when told: a process that did not
+    // exist when the container was attached.
+    let mut forked = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        "read x; \"$@\"; :".to_string(),
+        "sh".to_string(),
+    ];
+    forked.extend(client.iter().cloned());
+    let shell = c.spawn(&forked, &env);
+    let mut shell_in = shell.stdin.take().unwrap();
+    let shell_out = shell.stdout.take().unwrap();
+    set_running(&pods, "v1", &[("app", c.container_id())]).await;
+
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        srv.clear();
+        a.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        if count(&r[0], token.as_bytes()) == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v1 container was never attached:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    use std::io::Write;
+    writeln!(shell_in, "fork").unwrap();
+    let mut b = Gated::from_pipes(shell_in, shell_out);
+    srv.clear();
+    b.send();
+    let r = srv.wait_for(1, Duration::from_secs(5));
+    assert_eq!(
+        count(&r[0], token.as_bytes()),
+        2,
+        "the forked client's write was rewritten"
+    );
+    ctl.assert_running();
+    assert_no_values(&ctl.log_text(), &[&token]);
 }

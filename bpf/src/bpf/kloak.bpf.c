@@ -46,6 +46,18 @@ struct {
 	__type(value, __u32);
 } tracked_cgroups SEC(".maps");
 
+/* Processes tracked by pid, for containers that exist only in cgroup v1
+ * hierarchies (no cgroup v2 id to match): tgid, or the tid of a thread a
+ * tracked process created, -> the agent's id for the container. Forks are
+ * followed here; exits remove. LRU: under pressure an entry goes, and that
+ * process's placeholders go out unchanged. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u64);
+} tracked_pids SEC(".maps");
+
 /* Files the agent has already looked at; mapping them again needs no stop. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -211,10 +223,23 @@ static __always_inline void stat_add(__u32 idx, __u64 n)
 
 static __always_inline bool tracked(void)
 {
-	__u64 cg = bpf_get_current_cgroup_id();
-	if (!bpf_map_lookup_elem(&tracked_cgroups, &cg))
+	__u64 pt = bpf_get_current_pid_tgid();
+	__u32 tgid = pt >> 32;
+	if (tgid == cfg_agent_tgid)
 		return false;
-	return (bpf_get_current_pid_tgid() >> 32) != cfg_agent_tgid;
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (bpf_map_lookup_elem(&tracked_cgroups, &cg))
+		return true;
+	return bpf_map_lookup_elem(&tracked_pids, &tgid) != 0;
+}
+
+/* What events report as the writer's group: the container id the agent
+ * gave a pid-tracked process, else the cgroup v2 id. */
+static __always_inline __u64 current_group(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 *g = bpf_map_lookup_elem(&tracked_pids, &tgid);
+	return g ? *g : bpf_get_current_cgroup_id();
 }
 
 /* ------------------------------------------------------------------ */
@@ -510,7 +535,7 @@ static __always_inline struct tls_event *new_event(__u32 kind)
 	}
 	__u64 pt = bpf_get_current_pid_tgid();
 	e->ts_ns = bpf_ktime_get_ns();
-	e->cgroup = bpf_get_current_cgroup_id();
+	e->cgroup = current_group();
 	e->kind = kind;
 	e->tgid = pt >> 32;
 	e->tid = (__u32)pt;
@@ -728,16 +753,31 @@ int tls_write_return_inplace(struct pt_regs *ctx)
 /* Following processes: exec and executable mappings stop the thread   */
 /* until the agent has attached to whatever TLS library they bring.    */
 
+SEC("tp/sched/sched_process_fork")
+int on_fork(struct trace_event_raw_sched_process_fork *ctx)
+{
+	__u32 parent = bpf_get_current_pid_tgid() >> 32;
+	__u64 *g = bpf_map_lookup_elem(&tracked_pids, &parent);
+	if (!g)
+		return 0;
+	__u64 group = *g;
+	__u32 child = ctx->child_pid;
+	bpf_map_update_elem(&tracked_pids, &child, &group, BPF_ANY);
+	return 0;
+}
+
 SEC("tp/sched/sched_process_exit")
 int on_exit(void *ctx)
 {
 	__u64 pt = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pt;
 	/* Whole processes only: the leader's exit. */
-	if ((__u32)pt != (pt >> 32) || !tracked())
-		return 0;
-	struct tls_event *e = new_event(EV_EXIT);
-	if (e)
-		bpf_ringbuf_submit(e, 0);
+	if (tid == (pt >> 32) && tracked()) {
+		struct tls_event *e = new_event(EV_EXIT);
+		if (e)
+			bpf_ringbuf_submit(e, 0);
+	}
+	bpf_map_delete_elem(&tracked_pids, &tid);
 	return 0;
 }
 

@@ -82,6 +82,13 @@ struct trace_event_raw_sys_enter {
 	unsigned long args[6];
 };
 
+/* Field offsets differ across kernels (comm became __data_loc in 6.x). */
+struct trace_event_raw_sched_process_fork {
+	struct trace_entry ent;
+	int parent_pid;
+	int child_pid;
+} __attribute__((preserve_access_index));
+
 struct trace_event_raw_sys_exit {
 	struct trace_entry ent;
 	long id;
