@@ -755,6 +755,18 @@ impl Probes {
             })
     }
 
+    /// The group a pid-tracked process belongs to, if any.
+    pub fn pid_group(&self, pid: u32) -> Option<u64> {
+        let v = self
+            .skel
+            .maps
+            .tracked_pids
+            .lookup(&pid.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()?;
+        Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?))
+    }
+
     /// Stops tracking every process of `group`.
     pub fn untrack_pids(&self, group: u64) {
         let m = &self.skel.maps.tracked_pids;
@@ -1034,6 +1046,33 @@ impl EventReader<'_> {
             Err(e) if e.kind() == libbpf_rs::ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(Error::Poll(e)),
         }
+    }
+
+    /// Like [`poll`](Self::poll), but also returns early when `wake`
+    /// becomes readable; says whether it did. The caller resets `wake`.
+    pub fn poll_or_wake(
+        &self,
+        timeout: Duration,
+        wake: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<bool> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        // SAFETY: the epoll fd belongs to `self.rb`, which outlives this borrow.
+        let ep = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.rb.epoll_fd()) };
+        let mut fds = [
+            PollFd::new(ep, PollFlags::POLLIN),
+            PollFd::new(wake, PollFlags::POLLIN),
+        ];
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(Error::Poll(libbpf_rs::Error::from_raw_os_error(e as i32))),
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
+        if ready(&fds[0]) {
+            self.drain()?;
+        }
+        Ok(ready(&fds[1]))
     }
 
     /// Runs the callback on whatever is queued, without waiting.

@@ -33,6 +33,52 @@ fn pause_backend_loads_and_attaches_tracepoints() {
 }
 
 #[test]
+fn pid_tracking_follows_forks_and_forgets_exits() {
+    if !is_root() {
+        return;
+    }
+    let p = Probes::load(&Config::default()).expect("pause backend loads");
+    // A shell that forks a subshell (no exec, so no stop on a new mapping:
+    // there is no agent here to continue it) once told to, and reports its pid.
+    let mut sh = std::process::Command::new("sh")
+        .args(["-c", "echo ready; read x; (read z) & echo $!; read y"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    let mut out = std::io::BufReader::new(sh.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let group = 1u64 << 63 | 42;
+    p.track_pid(sh.id(), group).unwrap();
+    let mut stdin = sh.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let child: u32 = line.trim().parse().unwrap();
+    assert_eq!(p.pid_group(child), Some(group), "the fork was followed");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while p.pid_group(child).is_some() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the exit was not forgotten"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    p.untrack_pids(group);
+    assert_eq!(p.pid_group(sh.id()), None);
+    drop(stdin);
+    let _ = sh.wait();
+}
+
+#[test]
 fn inplace_programs_pass_the_verifier_with_the_write_helper_swapped() {
     if !is_root() {
         return;

@@ -179,6 +179,9 @@ pub struct Agent<'p> {
     /// run) means every secret is theirs.
     bindings: Option<HashMap<u64, std::collections::HashSet<u32>>>,
     commands: Option<std::sync::mpsc::Receiver<Command>>,
+    /// Written by the controller after each command, so the loop wakes at
+    /// once instead of at its next poll timeout.
+    wake: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Container cgroups the controller asked for, by id.
     tracked: HashMap<u64, std::path::PathBuf>,
     /// The pid-tracked ones among them, re-read now and then for processes
@@ -222,9 +225,11 @@ impl<'p> Agent<'p> {
     pub fn with_commands(
         mut self,
         rx: std::sync::mpsc::Receiver<Command>,
+        wake: Arc<nix::sys::eventfd::EventFd>,
         guardian: crate::guardian::Guardian,
     ) -> Self {
         self.commands = Some(rx);
+        self.wake = Some(wake);
         self.bindings = Some(HashMap::new());
         self.guardian = Some(guardian);
         self
@@ -246,6 +251,7 @@ impl<'p> Agent<'p> {
             huffman_scrubs: HashMap::new(),
             bindings: None,
             commands: None,
+            wake: None,
             tracked: HashMap::new(),
             by_pid: HashMap::new(),
             last_rescan: Instant::now(),
@@ -412,6 +418,10 @@ impl<'p> Agent<'p> {
                 if queue.borrow().is_empty() {
                     std::thread::yield_now();
                     continue;
+                }
+            } else if let Some(w) = &self.wake {
+                if reader.poll_or_wake(Duration::from_millis(50), std::os::fd::AsFd::as_fd(&**w))? {
+                    let _ = w.read();
                 }
             } else {
                 reader.poll(Duration::from_millis(50))?;

@@ -23,6 +23,7 @@ use kloak_webhook::{LABEL_ENABLED, LABEL_MANAGED};
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use zeroize::Zeroizing;
 
 use crate::agent::{Agent, Command, SecretTable};
@@ -87,6 +88,9 @@ pub struct ControllerOpts {
 }
 
 type Key = (String, String);
+
+/// How the controller reaches the agent thread: commands, and a wake-up.
+type AgentLink = (mpsc::Sender<Command>, Arc<EventFd>);
 
 fn key_of(meta: &kube::api::ObjectMeta) -> Key {
     (
@@ -168,7 +172,7 @@ struct State {
     /// Container → cgroup (path, id, tracked by pid), once found.
     cgroups: HashMap<ContainerId, (PathBuf, u64, bool)>,
     layout: Layout,
-    agent: Option<mpsc::Sender<Command>>,
+    agent: Option<AgentLink>,
     /// The reason each Secret was last refused, so it is logged once.
     refused: HashMap<Key, String>,
 }
@@ -288,7 +292,7 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 impl State {
-    fn new(client: Client, layout: Layout, agent: Option<mpsc::Sender<Command>>) -> State {
+    fn new(client: Client, layout: Layout, agent: Option<AgentLink>) -> State {
         State {
             client,
             originals: Mirror::new(),
@@ -502,10 +506,11 @@ impl State {
     }
 
     fn send(&self, c: Command) {
-        if let Some(tx) = &self.agent
-            && tx.send(c).is_err()
-        {
-            tracing::error!("the data path is gone");
+        if let Some((tx, wake)) = &self.agent {
+            if tx.send(c).is_err() {
+                tracing::error!("the data path is gone");
+            }
+            let _ = wake.write(1);
         }
     }
 
@@ -613,7 +618,7 @@ impl State {
 fn start_datapath(
     opts: &ControllerOpts,
     shutdown: Arc<AtomicBool>,
-) -> anyhow::Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
+) -> anyhow::Result<(AgentLink, std::thread::JoinHandle<()>)> {
     let report = doctor::run_checks();
     if let Some(msg) = doctor::refusal(&report) {
         bail!(msg);
@@ -631,6 +636,11 @@ fn start_datapath(
     };
     let guardian = guardian::spawn(None).context("starting the guardian process")?;
     let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .context("creating the data path's wake-up eventfd")?,
+    );
+    let agent_wake = wake.clone();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let cfg = Config {
         backend,
@@ -656,7 +666,7 @@ fn start_datapath(
             let mut agent = Agent::new(&probes, SecretTable::default(), true)
                 .with_busy_poll(busy)
                 .with_dns(crate::dns::DnsCache::new(trusted, dns_entries))
-                .with_commands(rx, guardian);
+                .with_commands(rx, agent_wake, guardian);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
             let msg = match r {
                 Ok(Ok(())) => return,
@@ -675,7 +685,7 @@ fn start_datapath(
         Err(_) => bail!("the data path thread died while starting"),
     }
     tracing::info!(backend = backend.as_str(), "data path ready");
-    Ok((tx, handle))
+    Ok(((tx, wake), handle))
 }
 
 #[cfg(test)]
@@ -882,13 +892,14 @@ mod tests {
             .build()
             .unwrap();
         let _e = rt.enter();
+        let wake = Arc::new(EventFd::new().unwrap());
         let mut st = State::new(
             Client::new(svc, "default"),
             Layout {
                 unified: None,
                 v1: None,
             },
-            Some(tx),
+            Some((tx, wake)),
         );
         let orig = original("0123456789abcdef");
         st.originals.objects.insert(key(), orig.clone());

@@ -928,8 +928,20 @@ async fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body() {
     ];
     forked.extend(client.iter().cloned());
     let shell = c.spawn(&forked, &env);
+    let shell_pid = shell.id();
     let mut shell_in = shell.stdin.take().unwrap();
     let shell_out = shell.stdout.take().unwrap();
+    // The shell must be in the container before it is attached, as a
+    // runtime's processes are.
+    let procs = c.cgroup.join("cgroup.procs");
+    eventually("the shell to join the container", T, || async {
+        std::fs::read_to_string(&procs)
+            .ok()?
+            .lines()
+            .any(|l| l.trim() == shell_pid.to_string())
+            .then_some(())
+    })
+    .await;
     set_running(&pods, "v1", &[("app", c.container_id())]).await;
 
     let deadline = std::time::Instant::now() + T;
