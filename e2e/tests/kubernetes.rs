@@ -670,7 +670,15 @@ async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The webhook serves the new certificate without a restart.
+    let new_cert = certs.get("kloak-webhook-tls").await.unwrap().data.unwrap()["tls.crt"].clone();
+    let new_cert = String::from_utf8(new_cert.0).unwrap();
+    eventually(
+        "the webhook to serve the rotated certificate",
+        T,
+        || async { (served_certificate(port).as_deref() == Some(new_cert.trim())).then_some(()) },
+    )
+    .await;
     eventually("a pod admitted after the rotation", T, || async {
         pods.create(
             &PostParams::default(),
@@ -704,6 +712,19 @@ async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
     for log in [ctl.log_text(), hook.log_text()] {
         assert_no_values(&log, &[&db, &late, &pw, "s3cr3t!"]);
     }
+}
+
+/// The certificate a TLS server on 127.0.0.1:`port` presents, as PEM.
+fn served_certificate(port: u16) -> Option<String> {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+    Some(text[start..end].to_string())
 }
 
 fn rand_suffix() -> String {
