@@ -66,8 +66,10 @@ pub struct ControllerOpts {
     /// Rewrite backend; per-pod bindings need the pause backend.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
+    /// Size of the tls_events ring buffer in bytes (a power of two).
     #[arg(long, default_value_t = kloak_bpf::DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
+    /// After a stop, poll for the next event this long before sleeping. 0 = off.
     #[arg(long, default_value_t = 200)]
     pub busy_poll_us: u64,
     /// Secrets the kernel map holds at most.
@@ -77,6 +79,7 @@ pub struct ControllerOpts {
     /// the nameservers in /etc/resolv.conf.
     #[arg(long = "trusted-dns", value_name = "IP")]
     pub trusted_dns: Vec<std::net::IpAddr>,
+    /// Addresses the DNS cache remembers before evicting the oldest.
     #[arg(long, default_value_t = 1024)]
     pub dns_cache_entries: usize,
     /// Full reconcile interval, in seconds (watch events do the real work).
