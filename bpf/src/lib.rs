@@ -300,6 +300,46 @@ pub struct DnsEvent {
     pub payload: Vec<u8>,
 }
 
+/// What `conn_events` reports about a tracked process's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnChange {
+    /// Connected, to there.
+    Open(Conn),
+    Closed,
+    /// The TLS object at this address writes to the socket.
+    Ssl(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub tgid: u32,
+    pub fd: i32,
+    pub change: ConnChange,
+}
+
+impl ConnEvent {
+    fn parse(data: &[u8]) -> Option<ConnEvent> {
+        let e: types::conn_event = read_pod(data)?;
+        let change = match e.kind {
+            1 => ConnChange::Open(Conn {
+                dest: std::net::SocketAddr::new(
+                    ip_from(e.v.family, &e.v.addr)?,
+                    u16::from_be(e.v.port),
+                ),
+                connected_ns: e.v.ts_ns,
+            }),
+            2 => ConnChange::Closed,
+            3 => ConnChange::Ssl(e.obj),
+            _ => return None,
+        };
+        Some(ConnEvent {
+            tgid: e.tgid,
+            fd: e.fd,
+            change,
+        })
+    }
+}
+
 impl DnsEvent {
     fn parse(data: &[u8]) -> Option<DnsEvent> {
         let e: types::dns_event = read_pod(data)?;
@@ -891,16 +931,18 @@ impl Probes {
         }
     }
 
-    /// A consumer of `tls_events` and `dns_events`, handing each parsed record
-    /// to its callback.
-    pub fn event_reader<'a, F, D>(
+    /// A consumer of `tls_events`, `dns_events` and `conn_events`, handing
+    /// each parsed record to its callback.
+    pub fn event_reader<'a, F, D, C>(
         &'a self,
         mut on_event: F,
         mut on_dns: D,
+        mut on_conn: C,
     ) -> Result<EventReader<'a>>
     where
         F: FnMut(Event) + 'a,
         D: FnMut(DnsEvent) + 'a,
+        C: FnMut(ConnEvent) + 'a,
     {
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&self.skel.maps.tls_events, move |data: &[u8]| {
@@ -913,6 +955,13 @@ impl Probes {
         b.add(&self.skel.maps.dns_events, move |data: &[u8]| {
             if let Some(e) = DnsEvent::parse(data) {
                 on_dns(e);
+            }
+            0
+        })
+        .map_err(Error::Poll)?;
+        b.add(&self.skel.maps.conn_events, move |data: &[u8]| {
+            if let Some(e) = ConnEvent::parse(data) {
+                on_conn(e);
             }
             0
         })
@@ -936,6 +985,52 @@ impl Probes {
             dest: std::net::SocketAddr::new(ip_from(c.family, &c.addr)?, u16::from_be(c.port)),
             connected_ns: c.ts_ns,
         })
+    }
+
+    /// Puts back where socket `fd` of `tgid` was connected (a restarted
+    /// agent, from its mirror).
+    pub fn put_conn(&self, tgid: u32, fd: i32, c: &Conn) -> Result<()> {
+        let key = types::conn_key { tgid, fd };
+        let (family, addr) = match c.dest.ip() {
+            std::net::IpAddr::V4(v4) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&v4.octets());
+                (2u16, a)
+            }
+            std::net::IpAddr::V6(v6) => (10u16, v6.octets()),
+        };
+        let v = types::conn_val {
+            ts_ns: c.connected_ns,
+            family,
+            port: c.dest.port().to_be(),
+            addr,
+            ..Default::default()
+        };
+        self.skel
+            .maps
+            .conn_ip_map
+            .update(pod_bytes(&key), pod_bytes(&v), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "conn_ip_map",
+                source,
+            })
+    }
+
+    /// Puts back which socket a process's TLS object writes to.
+    pub fn put_ssl_fd(&self, tgid: u32, ssl: u64, fd: i32) -> Result<()> {
+        let key = types::obj_key {
+            tgid,
+            _pad: 0,
+            ptr: ssl,
+        };
+        self.skel
+            .maps
+            .ssl_fd
+            .update(pod_bytes(&key), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "ssl_fd",
+                source,
+            })
     }
 
     /// Attaches the hooks that tell which socket an SSL* writes to.

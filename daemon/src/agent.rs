@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kloak_bpf::{DnsEvent, Event, EventKind, Hit, KEY_LEN, MAX_HITS, PREFIX, PREFIX_LEN, Probes};
+use kloak_bpf::{
+    ConnEvent, DnsEvent, Event, EventKind, Hit, KEY_LEN, MAX_HITS, PREFIX, PREFIX_LEN, Probes,
+};
 use libbpf_rs::Link;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -154,6 +156,13 @@ pub enum Command {
         by_pid: bool,
     },
     Untrack(u64),
+    /// What a previous agent knew (from the state file): answers and
+    /// connection destinations of processes that still run.
+    Restore {
+        dns: Vec<kloak_storage::DnsRecord>,
+        conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
+        ssl: Vec<kloak_storage::SslRecord>,
+    },
 }
 
 enum FileState {
@@ -189,6 +198,9 @@ pub struct Agent<'p> {
     by_pid: HashMap<u64, std::path::PathBuf>,
     last_rescan: Instant,
     guardian: Option<crate::guardian::Guardian>,
+    mirror: Option<crate::mirror::Mirror>,
+    /// Start times of processes seen, for naming them in the state file.
+    start_times: HashMap<u32, u64>,
     pub counters: Arc<Counters>,
 }
 
@@ -256,8 +268,111 @@ impl<'p> Agent<'p> {
             by_pid: HashMap::new(),
             last_rescan: Instant::now(),
             guardian: None,
+            mirror: None,
+            start_times: HashMap::new(),
             counters: Arc::default(),
         }
+    }
+
+    /// Follows DNS answers and connections into the state file.
+    pub fn with_mirror(mut self, m: crate::mirror::Mirror) -> Self {
+        self.mirror = Some(m);
+        self
+    }
+
+    fn start_time(&mut self, tgid: u32) -> Option<u64> {
+        if let Some(&t) = self.start_times.get(&tgid) {
+            return Some(t);
+        }
+        let t = crate::mirror::start_time(tgid)?;
+        self.start_times.insert(tgid, t);
+        Some(t)
+    }
+
+    fn mirror_conns(&mut self, events: Vec<ConnEvent>) {
+        if self.mirror.is_none() {
+            return;
+        }
+        for c in events {
+            let Some(start_time) = self.start_time(c.tgid) else {
+                continue;
+            };
+            let key = kloak_storage::ConnKey {
+                tgid: c.tgid,
+                start_time,
+                fd: c.fd,
+            };
+            let op = match c.change {
+                kloak_bpf::ConnChange::Open(conn) => crate::mirror::Op::Conn(
+                    key,
+                    kloak_storage::ConnRecord {
+                        dest: conn.dest.to_string(),
+                        connected_ns: conn.connected_ns,
+                    },
+                ),
+                kloak_bpf::ConnChange::Closed => crate::mirror::Op::Closed(key),
+                kloak_bpf::ConnChange::Ssl(ptr) => {
+                    crate::mirror::Op::Ssl(kloak_storage::SslRecord {
+                        tgid: c.tgid,
+                        start_time,
+                        ptr,
+                        fd: c.fd,
+                    })
+                }
+            };
+            if let Some(m) = &self.mirror {
+                m.send(op);
+            }
+        }
+    }
+
+    fn restore(
+        &mut self,
+        dns: Vec<kloak_storage::DnsRecord>,
+        conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
+        ssl: Vec<kloak_storage::SslRecord>,
+    ) {
+        let (mut answers, mut sockets, mut tls) = (0, 0, 0);
+        for r in ssl {
+            if crate::mirror::process_alive(r.tgid, r.start_time)
+                && self.probes.put_ssl_fd(r.tgid, r.ptr, r.fd).is_ok()
+            {
+                tls += 1;
+            }
+        }
+        for d in dns {
+            if crate::mirror::process_alive(d.tgid, d.start_time)
+                && let Ok(ip) = d.ip.parse()
+            {
+                self.dns
+                    .restore(d.tgid, ip, d.name, d.seen_ns, d.expires_ns);
+                answers += 1;
+            }
+        }
+        for (k, c) in conns {
+            let Ok(dest) = c.dest.parse() else { continue };
+            if crate::mirror::process_alive(k.tgid, k.start_time)
+                && self
+                    .probes
+                    .put_conn(
+                        k.tgid,
+                        k.fd,
+                        &kloak_bpf::Conn {
+                            dest,
+                            connected_ns: c.connected_ns,
+                        },
+                    )
+                    .is_ok()
+            {
+                sockets += 1;
+            }
+        }
+        tracing::info!(
+            answers,
+            sockets,
+            tls_objects = tls,
+            "DNS answers and connections restored from the state file"
+        );
     }
 
     /// Applies what the controller sent since the last look.
@@ -341,6 +456,7 @@ impl<'p> Agent<'p> {
                     self.cgroups.push(cgroup.clone());
                     self.tracked.insert(id, cgroup);
                 }
+                Command::Restore { dns, conns, ssl } => self.restore(dns, conns, ssl),
                 Command::Untrack(id) => {
                     if self.by_pid.remove(&id).is_some() {
                         self.probes.untrack_pids(id);
@@ -399,9 +515,11 @@ impl<'p> Agent<'p> {
         let _ = nix::sys::prctl::set_timerslack(1);
         let queue = RefCell::new(Vec::new());
         let dns_queue: RefCell<Vec<DnsEvent>> = RefCell::new(Vec::new());
+        let conn_queue: RefCell<Vec<ConnEvent>> = RefCell::new(Vec::new());
         let reader = probes.event_reader(
             |e| queue.borrow_mut().push(e),
             |d| dns_queue.borrow_mut().push(d),
+            |c| conn_queue.borrow_mut().push(c),
         )?;
         let mut busy_until = Instant::now();
         loop {
@@ -429,6 +547,9 @@ impl<'p> Agent<'p> {
             self.record_dns(dns_queue.take());
             let batch = queue.take();
             self.gc_pending |= batch.iter().any(|e| e.kind == EventKind::Exit);
+            for e in batch.iter().filter(|e| e.kind == EventKind::Exit) {
+                self.start_times.remove(&e.tgid);
+            }
             let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
                 self.process(batch, &|| {
@@ -436,6 +557,7 @@ impl<'p> Agent<'p> {
                     Ok((queue.take(), dns_queue.take()))
                 })?;
             }
+            self.mirror_conns(conn_queue.take());
             if self.gc_pending && self.last_gc.elapsed() >= GC_EVERY {
                 self.collect_unused_files();
             }
@@ -508,8 +630,24 @@ impl<'p> Agent<'p> {
     fn record_dns(&mut self, answers: Vec<DnsEvent>) {
         for d in answers {
             let before = self.dns.stats;
-            self.dns.record(d.tgid, d.source, d.ts_ns, &d.payload);
+            let learned = self.dns.record(d.tgid, d.source, d.ts_ns, &d.payload);
             let after = self.dns.stats;
+            if self.mirror.is_some()
+                && !learned.is_empty()
+                && let Some(start_time) = self.start_time(d.tgid)
+                && let Some(m) = &self.mirror
+            {
+                for (ip, name, seen_ns, expires_ns) in learned {
+                    m.send(crate::mirror::Op::Dns(kloak_storage::DnsRecord {
+                        tgid: d.tgid,
+                        start_time,
+                        ip: ip.to_string(),
+                        name,
+                        seen_ns,
+                        expires_ns,
+                    }));
+                }
+            }
             if after.untrusted > before.untrusted {
                 inc(&self.counters.dns_untrusted);
                 tracing::warn!(pid = d.tgid, source = %d.source, "DNS answer from an untrusted source ignored");
@@ -1026,6 +1164,10 @@ fn wait_group(tgid: u32, g: &mut Group, timeout: Duration) -> GroupState {
             }
         }
         if all_stopped {
+            // Only zombies left: the process is exiting, nothing to patch.
+            if live == 0 && !stale {
+                return GroupState::Gone;
+            }
             let Some(n) = read_stat(&g.stat, &mut buf).and_then(num_threads) else {
                 return GroupState::Gone;
             };
@@ -1036,10 +1178,14 @@ fn wait_group(tgid: u32, g: &mut Group, timeout: Duration) -> GroupState {
             if g.refresh(tgid).is_none() {
                 return GroupState::Gone;
             }
-            continue;
         }
+        // However the group looks, the wait is bounded: a thread count
+        // that never matches (an exiting group) must not hold the agent.
         if Instant::now() > deadline {
             return GroupState::TimedOut;
+        }
+        if all_stopped {
+            continue;
         }
         // The threads we wait for need a CPU to reach their stop; a busy
         // agent on a small node would only delay them. Yield first, then

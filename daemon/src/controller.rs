@@ -29,10 +29,12 @@ use zeroize::Zeroizing;
 use crate::agent::{Agent, Command, SecretTable};
 use crate::certs::{self, CertOpts};
 use crate::containers::{self, ContainerId, Layout};
+use crate::mirror::{Mirror, Op as MirrorOp};
 use crate::policy;
 use crate::run::Mode;
 use crate::secrets::{Secret, SecretValue};
 use crate::{doctor, guardian, pods, shadow};
+use kloak_storage::{SecretRecord, TrackedRecord};
 
 #[derive(clap::Args, Clone)]
 pub struct ControllerOpts {
@@ -85,6 +87,18 @@ pub struct ControllerOpts {
     /// Full reconcile interval, in seconds (watch events do the real work).
     #[arg(long, default_value_t = 5)]
     pub resync_secs: u64,
+    /// The state file a restarted agent reloads its maps from (keep it on
+    /// tmpfs: a reboot restarts every pod anyway).
+    #[arg(long, env = "KLOAK_STATE", default_value = "/run/kloak/state.redb")]
+    pub state: PathBuf,
+    /// 32-byte key (raw or hex, mode 0600) sealing secret values in the
+    /// state file. Default: `state.key` next to the state file, made on
+    /// first start.
+    #[arg(long, env = "KLOAK_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+    /// Keep no state file: a restart starts empty and waits for the API.
+    #[arg(long)]
+    pub no_state: bool,
     /// Where the host's /sys/fs/cgroup is mounted, when not there.
     #[arg(long, env = "KLOAK_HOST_CGROUP")]
     pub host_cgroup: Option<PathBuf>,
@@ -103,15 +117,15 @@ fn key_of(meta: &kube::api::ObjectMeta) -> Key {
 }
 
 /// A watch as a map, rebuilt on every (re)list.
-struct Mirror<K> {
+struct WatchMap<K> {
     objects: BTreeMap<Key, K>,
     relist: Option<BTreeMap<Key, K>>,
     synced: bool,
 }
 
-impl<K: kube::Resource + Clone> Mirror<K> {
+impl<K: kube::Resource + Clone> WatchMap<K> {
     fn new() -> Self {
-        Mirror {
+        WatchMap {
             objects: BTreeMap::new(),
             relist: None,
             synced: false,
@@ -161,9 +175,9 @@ struct Published {
 
 struct State {
     client: Client,
-    originals: Mirror<KubeSecret>,
-    shadows: Mirror<KubeSecret>,
-    pods: Mirror<Pod>,
+    originals: WatchMap<KubeSecret>,
+    shadows: WatchMap<KubeSecret>,
+    pods: WatchMap<Pod>,
     /// Stable small ids per (namespace, secret, key), as kernel events carry.
     ids: HashMap<(String, String, String), u32>,
     next_id: u32,
@@ -178,6 +192,10 @@ struct State {
     agent: Option<AgentLink>,
     /// The reason each Secret was last refused, so it is logged once.
     refused: HashMap<Key, String>,
+    mirror: Option<Mirror>,
+    /// The source has been listed once since start: what the state file
+    /// restored is now checked against it.
+    reconciled: bool,
 }
 
 pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
@@ -185,8 +203,27 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let shutdown = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    // Start-up order: the state file, continue what a dead agent left
+    // stopped, load the maps, attach, serve; reconcile with the API after.
+    let restored = if opts.datapath && !opts.no_state {
+        Some(open_state(&opts)?)
+    } else {
+        None
+    };
+    if let Some(r) = &restored {
+        for t in &r.tracked {
+            if let Ok(cg) = crate::cgroup::Cgroup::open(&t.cgroup) {
+                let n = guardian::sweep(&cg);
+                if n > 0 {
+                    tracing::warn!(cgroup = %t.cgroup.display(), continued = n, "continued processes the previous agent left stopped");
+                }
+            }
+        }
+    }
+    let mirror = restored.as_ref().map(|r| r.mirror.clone());
     let (agent, agent_thread) = if opts.datapath {
-        let (tx, handle) = start_datapath(&opts, shutdown.clone())?;
+        let (tx, handle) = start_datapath(&opts, shutdown.clone(), mirror.clone())?;
         (Some(tx), Some(handle))
     } else {
         (None, None)
@@ -216,6 +253,44 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     }
     tracing::info!(node = %opts.node, datapath = opts.datapath, cgroup_layout = ?layout, "kloak controller starting");
     let mut st = State::new(client.clone(), layout, agent);
+    st.mirror = mirror;
+    if let Some(r) = restored {
+        st.restore(&r.secrets, &r.tracked);
+        for rec in &r.secrets {
+            if let Ok(rules) = crate::rules::Rules::parse(&rec.hosts, &rec.ports) {
+                let hpack_safe = crate::hpack::huffman_bits(rec.placeholder.as_bytes())
+                    == crate::hpack::huffman_bits(&rec.value);
+                st.send(Command::PutSecret(Secret {
+                    id: rec.id,
+                    name: rec.name.clone(),
+                    env: String::new(),
+                    value: SecretValue::new(rec.value.clone()),
+                    placeholder: rec.placeholder.clone(),
+                    rules,
+                    hpack_safe,
+                }));
+            }
+        }
+        for t in &r.tracked {
+            st.send(Command::Track {
+                cgroup: t.cgroup.clone(),
+                id: t.id,
+                secrets: t.secrets.iter().copied().collect(),
+                by_pid: t.by_pid,
+            });
+        }
+        st.send(Command::Restore {
+            dns: r.dns,
+            conns: r.conns,
+            ssl: r.ssl,
+        });
+        tracing::info!(
+            secrets = r.secrets.len(),
+            containers = r.tracked.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "serving from the state file; reconciling with the API next"
+        );
+    }
     let secrets: Api<KubeSecret> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let mut originals = watcher(
@@ -270,6 +345,13 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         if !st.originals.synced || !st.shadows.synced {
             continue;
         }
+        if !st.reconciled {
+            // The source is the truth: what the state file restored for
+            // Secrets deleted while the agent was down goes now.
+            st.reconciled = true;
+            dirty.extend(st.by_secret.keys().cloned());
+            pods_dirty = true;
+        }
         let index = shadow::Index::build(st.shadows.objects.values());
         for k in &dirty {
             if let Err(e) = st.reconcile_shadow(k, &index).await {
@@ -280,6 +362,16 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         if (pods_dirty || !dirty.is_empty()) && st.pods.synced {
             st.bind_pods();
         }
+    }
+    if let Some(m) = &st.mirror {
+        let s = &m.stats;
+        tracing::info!(
+            batches = s.batches.load(Ordering::Relaxed),
+            records = s.records.load(Ordering::Relaxed),
+            failures = s.failures.load(Ordering::Relaxed),
+            degraded = s.degraded.load(Ordering::Relaxed),
+            "state file"
+        );
     }
     tracing::info!("kloak controller stopping");
     shutdown.store(true, Ordering::Release);
@@ -298,9 +390,9 @@ impl State {
     fn new(client: Client, layout: Layout, agent: Option<AgentLink>) -> State {
         State {
             client,
-            originals: Mirror::new(),
-            shadows: Mirror::new(),
-            pods: Mirror::new(),
+            originals: WatchMap::new(),
+            shadows: WatchMap::new(),
+            pods: WatchMap::new(),
             ids: HashMap::new(),
             next_id: 1,
             published: HashMap::new(),
@@ -310,6 +402,44 @@ impl State {
             layout,
             agent,
             refused: HashMap::new(),
+            mirror: None,
+            reconciled: false,
+        }
+    }
+
+    /// Takes over what a previous agent published, as restored from the
+    /// state file, so that the first reconcile withdraws what the source
+    /// deleted meanwhile and re-sends nothing else.
+    fn restore(&mut self, secrets: &[SecretRecord], tracked: &[TrackedRecord]) {
+        for r in secrets {
+            let mut parts = r.name.splitn(3, '/');
+            let (Some(ns), Some(name), Some(key)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            self.ids.insert((ns.into(), name.into(), key.into()), r.id);
+            self.next_id = self.next_id.max(r.id + 1);
+            self.by_secret
+                .entry((ns.into(), name.into()))
+                .or_default()
+                .insert(r.id);
+            if let Ok(rules) = crate::rules::Rules::parse(&r.hosts, &r.ports) {
+                self.published.insert(
+                    r.id,
+                    Published {
+                        placeholder: r.placeholder.clone(),
+                        value: Zeroizing::new(r.value.clone()),
+                        rules,
+                    },
+                );
+            }
+        }
+        for t in tracked {
+            let (ns, pod) = t.pod.split_once('/').unwrap_or(("", &t.pod));
+            self.tracked.insert(
+                t.id,
+                ((ns.into(), pod.into()), t.secrets.iter().copied().collect()),
+            );
         }
     }
 
@@ -442,6 +572,7 @@ impl State {
     fn publish(&mut self, k: &Key) {
         let (ns, name) = k;
         let mut want: BTreeMap<u32, Secret> = BTreeMap::new();
+        let mut raw_rules: HashMap<u32, (Vec<String>, Vec<u16>)> = HashMap::new();
         let orig = self.originals.objects.get(k).cloned();
         let shadow = self
             .shadows
@@ -461,6 +592,7 @@ impl State {
                 }
                 let placeholder = String::from_utf8_lossy(&p.0).into_owned();
                 let id = self.id_for(ns, name, key);
+                raw_rules.insert(id, (checked.hosts.clone(), checked.ports.clone()));
                 let hpack_safe = crate::hpack::huffman_bits(placeholder.as_bytes())
                     == crate::hpack::huffman_bits(value.expose());
                 want.insert(
@@ -481,6 +613,9 @@ impl State {
         for id in before.iter().filter(|id| !want.contains_key(id)) {
             self.published.remove(id);
             self.send(Command::RemoveSecret(*id));
+            if let Some(m) = &self.mirror {
+                m.send(MirrorOp::RemoveSecret(*id));
+            }
         }
         if !want.is_empty() {
             self.by_secret
@@ -496,6 +631,18 @@ impl State {
                 continue;
             }
             tracing::debug!(secret = %s.name, "secret published to the data path");
+            if let Some(m) = &self.mirror
+                && let Some((hosts, ports)) = raw_rules.get(&id)
+            {
+                m.send(MirrorOp::Secret(SecretRecord {
+                    id,
+                    name: s.name.clone(),
+                    placeholder: s.placeholder.clone(),
+                    value: s.value.expose().to_vec(),
+                    hosts: hosts.clone(),
+                    ports: ports.clone(),
+                }));
+            }
             self.published.insert(
                 id,
                 Published {
@@ -564,6 +711,9 @@ impl State {
                 tracing::info!(namespace = %pk.0, pod = %pk.1, cgroup_id = id, "container detached");
             }
             self.send(Command::Untrack(id));
+            if let Some(m) = &self.mirror {
+                m.send(MirrorOp::Untracked(id));
+            }
         }
         for (id, (pk, path, ids, by_pid)) in want {
             if self.tracked.get(&id).is_some_and(|(_, cur)| *cur == ids) {
@@ -571,6 +721,15 @@ impl State {
             }
             if !self.tracked.contains_key(&id) {
                 tracing::info!(namespace = %pk.0, pod = %pk.1, cgroup = %path.display(), secrets = ids.len(), "container attached");
+            }
+            if let Some(m) = &self.mirror {
+                m.send(MirrorOp::Tracked(TrackedRecord {
+                    id,
+                    cgroup: path.clone(),
+                    by_pid,
+                    pod: format!("{}/{}", pk.0, pk.1),
+                    secrets: ids.iter().copied().collect(),
+                }));
             }
             self.tracked.insert(id, (pk, ids.clone()));
             self.send(Command::Track {
@@ -618,9 +777,63 @@ impl State {
 
 /// Loads the BPF programs and runs the agent on its own thread; the
 /// returned sender feeds it secrets and containers.
+/// What the state file held at start, and the mirror that now follows it.
+struct Restored {
+    mirror: Mirror,
+    secrets: Vec<SecretRecord>,
+    tracked: Vec<TrackedRecord>,
+    dns: Vec<kloak_storage::DnsRecord>,
+    conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
+    ssl: Vec<kloak_storage::SslRecord>,
+}
+
+fn open_state(opts: &ControllerOpts) -> anyhow::Result<Restored> {
+    let dir = opts
+        .state
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let key = match &opts.state_key_file {
+        Some(p) => kloak_storage::Key::from_file(p)?,
+        None => kloak_storage::Key::load_or_create(&dir.join("state.key"))?,
+    };
+    let (store, report) = kloak_storage::Store::open(&opts.state, key)?;
+    if let Some((aside, reason)) = &report.moved_aside {
+        tracing::warn!(state = %opts.state.display(), moved_to = %aside.display(), reason = %reason, "the state file was unusable; rebuilding from the API");
+    }
+    if report.rebooted {
+        tracing::info!(
+            "the node rebooted since the state file was written: connections and DNS answers dropped"
+        );
+    }
+    // Records the file holds that fail to read are a damaged file too.
+    let read = || -> kloak_storage::Result<_> {
+        Ok((
+            store.secrets()?,
+            store.tracked()?,
+            store.dns()?,
+            store.conns()?,
+            store.ssl_fds()?,
+        ))
+    };
+    let (secrets, tracked, dns, conns, ssl) = read()?;
+    Ok(Restored {
+        mirror: Mirror::spawn(store),
+        secrets,
+        tracked,
+        dns,
+        conns,
+        ssl,
+    })
+}
+
 fn start_datapath(
     opts: &ControllerOpts,
     shutdown: Arc<AtomicBool>,
+    mirror: Option<Mirror>,
 ) -> anyhow::Result<(AgentLink, std::thread::JoinHandle<()>)> {
     let report = doctor::run_checks();
     if let Some(msg) = doctor::refusal(&report) {
@@ -670,6 +883,9 @@ fn start_datapath(
                 .with_busy_poll(busy)
                 .with_dns(crate::dns::DnsCache::new(trusted, dns_entries))
                 .with_commands(rx, agent_wake, guardian);
+            if let Some(m) = mirror {
+                agent = agent.with_mirror(m);
+            }
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
             let msg = match r {
                 Ok(Ok(())) => return,

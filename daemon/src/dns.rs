@@ -69,21 +69,31 @@ impl DnsCache {
     }
 
     /// Records an answer process `tgid` received at `ts_ns` (kernel monotonic
-    /// clock) from `source`.
-    pub fn record(&mut self, tgid: u32, source: SocketAddr, ts_ns: u64, payload: &[u8]) {
+    /// clock) from `source`. Returns what it learned, (address, name, valid
+    /// from, valid until), for the state file.
+    pub fn record(
+        &mut self,
+        tgid: u32,
+        source: SocketAddr,
+        ts_ns: u64,
+        payload: &[u8],
+    ) -> Vec<(IpAddr, String, u64, u64)> {
+        let mut learned = Vec::new();
         if !self.trusted.contains(&source.ip()) {
             self.stats.untrusted += 1;
-            return;
+            return learned;
         }
         let Ok(p) = Packet::parse(payload) else {
             self.stats.malformed += 1;
-            return;
+            return learned;
         };
         if !p.has_flags(PacketFlag::RESPONSE) {
-            return;
+            return learned;
         }
         self.stats.answers += 1;
-        let Some(q) = p.questions.first() else { return };
+        let Some(q) = p.questions.first() else {
+            return learned;
+        };
         let asked = normalise(&q.qname.to_string());
 
         // Follow the CNAME chain from the name asked for; every address at the
@@ -118,8 +128,15 @@ impl DnsCache {
             let ttl = u64::from(rr.ttl.min(chain_ttl));
             for (name, _) in chain.iter().filter(|(n, _)| *n == asked || *n == owner) {
                 self.insert((tgid, ip), name.clone(), ts_ns, ts_ns + ttl * NS);
+                learned.push((ip, name.clone(), ts_ns, ts_ns + ttl * NS));
             }
         }
+        learned
+    }
+
+    /// Puts back an answer a previous agent recorded (from the state file).
+    pub fn restore(&mut self, tgid: u32, ip: IpAddr, name: String, seen_ns: u64, expires_ns: u64) {
+        self.insert((tgid, ip), name, seen_ns, expires_ns);
     }
 
     fn insert(&mut self, key: (u32, IpAddr), name: String, seen_ns: u64, expires_ns: u64) {

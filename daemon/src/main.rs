@@ -15,6 +15,7 @@ mod dns;
 mod doctor;
 mod guardian;
 mod hpack;
+mod mirror;
 mod pods;
 mod policy;
 mod procmem;

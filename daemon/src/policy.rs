@@ -17,6 +17,9 @@ use crate::secrets::SecretValue;
 pub struct Checked {
     pub values: BTreeMap<String, SecretValue>,
     pub rules: Rules,
+    /// The rules as written, for the state file.
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
     pub warnings: Vec<String>,
 }
 
@@ -116,6 +119,8 @@ pub fn check(s: &KubeSecret) -> Result<Checked, String> {
     Ok(Checked {
         values,
         rules,
+        hosts,
+        ports,
         warnings,
     })
 }

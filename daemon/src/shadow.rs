@@ -204,6 +204,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), SecretValue::new(v.to_vec())))
                 .collect(),
             rules: Default::default(),
+            hosts: vec![],
+            ports: vec![],
             warnings: vec![],
         }
     }

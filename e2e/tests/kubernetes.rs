@@ -54,8 +54,14 @@ async fn shadow(api: &Api<Secret>, name: &str) -> Option<Secret> {
     api.get_opt(&format!("{name}-kloak")).await.unwrap()
 }
 
+/// A controller with its own state file (per test, kept across restarts
+/// within the test).
 fn controller(kc: &std::path::Path, extra: &[&str], log: &str) -> Kloak {
-    let mut args = vec!["controller", "--resync-secs", "2"];
+    let state = control_plane()
+        .dir
+        .join(format!("state-{}", log.split('-').next().unwrap_or(log)));
+    let state = state.join("state.redb").display().to_string();
+    let mut args = vec!["controller", "--resync-secs", "2", "--state", &state];
     args.extend(extra);
     Kloak::start(&args, kc, "node-e2e", log)
 }

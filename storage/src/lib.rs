@@ -1,8 +1,9 @@
 //! The node agent's durable state: a redb file mirroring what the agent
 //! knows — secrets, trusted DNS answers, connection destinations, the
-//! containers it tracks (whose stopped processes a restarted agent continues
-//! first) — so that a restarted agent reloads its maps and keeps serving
-//! connections that were opened before it died.
+//! containers it tracks with the secrets each pod references (a restarted
+//! agent continues their stopped processes first) — so that a restarted
+//! agent reloads its maps and keeps serving connections opened before it
+//! died.
 //!
 //! Secret records are sealed with ChaCha20-Poly1305 (ring) under a 32-byte
 //! key from a 0600 file, with the table and record key as associated data,
@@ -19,7 +20,8 @@ mod store;
 
 pub use seal::{Key, KeyError};
 pub use store::{
-    ConnKey, ConnRecord, DnsRecord, OpenReport, SCHEMA_VERSION, SecretRecord, Store, TrackedRecord,
+    Batch, ConnKey, ConnRecord, DnsRecord, OpenReport, SCHEMA_VERSION, SecretRecord, SslRecord,
+    Store, TrackedRecord,
 };
 
 #[derive(Debug, thiserror::Error)]

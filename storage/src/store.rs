@@ -23,6 +23,8 @@ const SECRETS: TableDefinition<u32, &[u8]> = TableDefinition::new("secrets");
 const DNS: TableDefinition<&str, &[u8]> = TableDefinition::new("dns");
 const CONNS: TableDefinition<(u32, u64, i32), &[u8]> = TableDefinition::new("conns");
 const TRACKED: TableDefinition<u64, &[u8]> = TableDefinition::new("tracked");
+/// (tgid, start time, TLS object address) -> the socket fd it writes to.
+const SSL_FDS: TableDefinition<(u32, u64, u64), i32> = TableDefinition::new("ssl_fds");
 
 /// One secret as the data path needs it after a restart.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,8 +36,6 @@ pub struct SecretRecord {
     pub value: Vec<u8>,
     pub hosts: Vec<String>,
     pub ports: Vec<u16>,
-    /// `namespace/pod` of every pod that references it.
-    pub pods: Vec<String>,
 }
 
 impl Drop for SecretRecord {
@@ -89,6 +89,15 @@ pub struct ConnRecord {
     pub connected_ns: u64,
 }
 
+/// A TLS object (an `SSL*`) of a process, and the socket it writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SslRecord {
+    pub tgid: u32,
+    pub start_time: u64,
+    pub ptr: u64,
+    pub fd: i32,
+}
+
 /// A container the agent tracks, and what its processes may receive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackedRecord {
@@ -99,6 +108,44 @@ pub struct TrackedRecord {
     /// `namespace/pod`.
     pub pod: String,
     pub secrets: Vec<u32>,
+}
+
+/// Changes applied together in one transaction: the agent batches what
+/// the kernel reports, so the file sees one commit per batch, not per event.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub secrets: Vec<SecretRecord>,
+    pub removed_secrets: Vec<u32>,
+    pub tracked: Vec<TrackedRecord>,
+    pub untracked: Vec<u64>,
+    pub dns: Vec<DnsRecord>,
+    pub conns: Vec<(ConnKey, ConnRecord)>,
+    pub closed: Vec<ConnKey>,
+    pub ssl: Vec<SslRecord>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+            && self.removed_secrets.is_empty()
+            && self.tracked.is_empty()
+            && self.untracked.is_empty()
+            && self.dns.is_empty()
+            && self.conns.is_empty()
+            && self.closed.is_empty()
+            && self.ssl.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.secrets.len()
+            + self.removed_secrets.len()
+            + self.tracked.len()
+            + self.untracked.len()
+            + self.dns.len()
+            + self.conns.len()
+            + self.closed.len()
+            + self.ssl.len()
+    }
 }
 
 /// What opening found.
@@ -300,6 +347,7 @@ impl Store {
                 w.delete_table(DNS).map_err(|e| e.to_string())?;
                 w.delete_table(CONNS).map_err(|e| e.to_string())?;
                 w.delete_table(TRACKED).map_err(|e| e.to_string())?;
+                w.delete_table(SSL_FDS).map_err(|e| e.to_string())?;
                 rebooted = true;
             }
             meta.insert("boot_id", &boot[..])
@@ -309,6 +357,7 @@ impl Store {
             w.open_table(DNS).map_err(|e| e.to_string())?;
             w.open_table(CONNS).map_err(|e| e.to_string())?;
             w.open_table(TRACKED).map_err(|e| e.to_string())?;
+            w.open_table(SSL_FDS).map_err(|e| e.to_string())?;
         }
         w.commit().map_err(|e| e.to_string())?;
         self.secrets().map_err(|e| e.to_string())?;
@@ -329,6 +378,132 @@ impl Store {
         let w = self.db.begin_write().map_err(db_err)?;
         f(&w).map_err(db_err)?;
         w.commit().map_err(db_err)
+    }
+
+    /// Applies a batch in one transaction, in the order: removals after
+    /// puts of the same kind, so a put then a removal in one batch removes.
+    pub fn apply(&self, b: &Batch) -> Result<()> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let sealed: Vec<(u32, Vec<u8>)> = b
+            .secrets
+            .iter()
+            .map(|r| {
+                let plain =
+                    zeroize::Zeroizing::new(serde_json::to_vec(r).expect("records serialise"));
+                (r.id, self.key.seal(&Store::aad(r.id), &plain))
+            })
+            .collect();
+        self.write(|w| {
+            {
+                let mut t = w.open_table(SECRETS)?;
+                for (id, v) in &sealed {
+                    t.insert(*id, &v[..])?;
+                }
+                for id in &b.removed_secrets {
+                    t.remove(*id)?;
+                }
+            }
+            {
+                let mut t = w.open_table(TRACKED)?;
+                for r in &b.tracked {
+                    let v = serde_json::to_vec(r).expect("records serialise");
+                    t.insert(r.id, &v[..])?;
+                }
+                for id in &b.untracked {
+                    t.remove(*id)?;
+                }
+            }
+            {
+                let mut t = w.open_table(DNS)?;
+                for r in &b.dns {
+                    let v = serde_json::to_vec(r).expect("records serialise");
+                    t.insert(Store::dns_key(r).as_str(), &v[..])?;
+                }
+            }
+            {
+                let mut t = w.open_table(CONNS)?;
+                for (k, r) in &b.conns {
+                    let v = serde_json::to_vec(r).expect("records serialise");
+                    t.insert((k.tgid, k.start_time, k.fd), &v[..])?;
+                }
+                for k in &b.closed {
+                    t.remove((k.tgid, k.start_time, k.fd))?;
+                }
+            }
+            {
+                let mut t = w.open_table(SSL_FDS)?;
+                for r in &b.ssl {
+                    t.insert((r.tgid, r.start_time, r.ptr), r.fd)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn ssl_fds(&self) -> Result<Vec<SslRecord>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(SSL_FDS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (tgid, start_time, ptr) = k.value();
+            out.push(SslRecord {
+                tgid,
+                start_time,
+                ptr,
+                fd: v.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops the connections and DNS answers of processes that are gone:
+    /// `alive` says whether (tgid, start time) still runs.
+    pub fn prune_processes(&self, alive: impl Fn(u32, u64) -> bool) -> Result<usize> {
+        let conns: Vec<ConnKey> = self
+            .conns()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !alive(k.tgid, k.start_time))
+            .collect();
+        let dns: Vec<String> = self
+            .dns()?
+            .into_iter()
+            .filter(|r| !alive(r.tgid, r.start_time))
+            .map(|r| Store::dns_key(&r))
+            .collect();
+        let ssl: Vec<(u32, u64, u64)> = self
+            .ssl_fds()?
+            .into_iter()
+            .filter(|r| !alive(r.tgid, r.start_time))
+            .map(|r| (r.tgid, r.start_time, r.ptr))
+            .collect();
+        let n = conns.len() + dns.len() + ssl.len();
+        if n > 0 {
+            self.write(|w| {
+                let mut t = w.open_table(CONNS)?;
+                for k in &conns {
+                    t.remove((k.tgid, k.start_time, k.fd))?;
+                }
+                let mut t = w.open_table(DNS)?;
+                for k in &dns {
+                    t.remove(k.as_str())?;
+                }
+                let mut t = w.open_table(SSL_FDS)?;
+                for k in &ssl {
+                    t.remove(*k)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(n)
+    }
+
+    /// Size of the state file in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
 
     fn aad(id: u32) -> Vec<u8> {
@@ -551,7 +726,6 @@ mod tests {
             value: format!("real-value-{id:06}").into_bytes(),
             hosts: vec!["api.example.com".into()],
             ports: vec![443],
-            pods: vec!["ns/p".into()],
         }
     }
 
@@ -653,6 +827,50 @@ mod tests {
         assert!(rep.rebooted && !rep.fresh);
         assert!(s.conns().unwrap().is_empty());
         assert_eq!(s.secrets().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn batches_apply_in_one_transaction_and_prune_dead_processes() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&d.path().join("s.redb"), key(1)).unwrap();
+        let ck = |tgid| ConnKey {
+            tgid,
+            start_time: 5,
+            fd: 3,
+        };
+        let c = ConnRecord {
+            dest: "10.0.0.1:443".into(),
+            connected_ns: 1,
+        };
+        let b = Batch {
+            secrets: vec![rec(1), rec(2)],
+            removed_secrets: vec![2],
+            conns: vec![(ck(1), c.clone()), (ck(2), c.clone())],
+            closed: vec![ck(2)],
+            ssl: vec![SslRecord {
+                tgid: 1,
+                start_time: 5,
+                ptr: 0x5555_0000,
+                fd: 3,
+            }],
+            dns: vec![DnsRecord {
+                tgid: 1,
+                start_time: 5,
+                ip: "10.0.0.1".into(),
+                name: "a.test".into(),
+                seen_ns: 1,
+                expires_ns: 2,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(b.len(), 8);
+        s.apply(&b).unwrap();
+        assert_eq!(s.secrets().unwrap(), vec![rec(1)]);
+        assert_eq!(s.conns().unwrap().len(), 1);
+        assert_eq!(s.ssl_fds().unwrap()[0].fd, 3);
+        assert_eq!(s.prune_processes(|tgid, _| tgid != 1).unwrap(), 3);
+        assert!(s.ssl_fds().unwrap().is_empty());
+        assert!(s.conns().unwrap().is_empty() && s.dns().unwrap().is_empty());
     }
 
     #[test]

@@ -168,11 +168,11 @@ struct {
 	__type(value, struct connect_arg);
 } connect_args SEC(".maps");
 
-/* SSL* -> socket fd, from SSL_set_fd or the first socket write of a handshake. */
+/* (tgid, SSL*) -> socket fd, from SSL_set_fd or the first socket write of a handshake. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__type(key, struct obj_key);
 	__type(value, __s32);
 } ssl_fd SEC(".maps");
 
@@ -209,7 +209,44 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } dns_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} conn_events SEC(".maps");
+
+/* Best effort: a full ring loses mirroring of this socket, never data. */
+static __always_inline void emit_conn(__u32 kind, struct conn_key *k, struct conn_val *v)
+{
+	struct conn_event *e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->kind = kind;
+	e->tgid = k->tgid;
+	e->fd = k->fd;
+	e->_pad = 0;
+	e->obj = 0;
+	e->v = *v;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* The mirror follows which socket each TLS object writes to, too: a
+ * restarted agent could not learn it again until the next handshake. */
+static __always_inline void emit_ssl(struct obj_key *k, __s32 fd)
+{
+	struct conn_event *e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = CONN_SSL;
+	e->tgid = k->tgid;
+	e->fd = fd;
+	e->obj = k->ptr;
+	bpf_ringbuf_submit(e, 0);
+}
+
 /* Give the skeleton Rust types for the event layouts. */
+struct conn_event _conn_event_type = {};
+struct obj_key _obj_key_type = {};
 struct tls_event _event_type = {};
 struct dns_event _dns_event_type = {};
 struct conn_val _conn_val_type = {};
@@ -245,9 +282,16 @@ static __always_inline __u64 current_group(void)
 /* ------------------------------------------------------------------ */
 /* Phase 1                                                             */
 
+static __always_inline struct obj_key obj_key_of(__u64 ptr)
+{
+	struct obj_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, ._pad = 0, .ptr = ptr };
+	return k;
+}
+
 static __always_inline __s32 ssl_to_fd(__u64 ssl)
 {
-	__s32 *fd = bpf_map_lookup_elem(&ssl_fd, &ssl);
+	struct obj_key k = obj_key_of(ssl);
+	__s32 *fd = bpf_map_lookup_elem(&ssl_fd, &k);
 	return fd ? *fd : -1;
 }
 
@@ -859,7 +903,9 @@ int ssl_set_fd(struct pt_regs *ctx)
 	if (v >= (1 << 20))
 		return 0;
 	__s32 fd = (__s32)v;
-	bpf_map_update_elem(&ssl_fd, &ssl, &fd, BPF_ANY);
+	struct obj_key k = obj_key_of(ssl);
+	bpf_map_update_elem(&ssl_fd, &k, &fd, BPF_ANY);
+	emit_ssl(&k, fd);
 	return 0;
 }
 
@@ -869,7 +915,8 @@ int ssl_handshake_enter(struct pt_regs *ctx)
 	if (!tracked())
 		return 0;
 	__u64 ssl = ctx->di;
-	if (bpf_map_lookup_elem(&ssl_fd, &ssl))
+	struct obj_key k = obj_key_of(ssl);
+	if (bpf_map_lookup_elem(&ssl_fd, &k))
 		return 0;
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&hs_ssl, &tid, &ssl, BPF_ANY);
@@ -884,11 +931,11 @@ int ssl_handshake_exit(struct pt_regs *ctx)
 	return 0;
 }
 
-/* BIO* -> fd, for socket BIOs made with BIO_new_socket (openssl s_client). */
+/* (tgid, BIO*) -> fd, for socket BIOs made with BIO_new_socket (openssl s_client). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__type(key, struct obj_key);
 	__type(value, __s32);
 } bio_fd SEC(".maps");
 
@@ -920,8 +967,10 @@ int bio_new_socket_exit(struct pt_regs *ctx)
 	__s32 v = *fd;
 	__u64 bio = ctx->ax;
 	bpf_map_delete_elem(&bio_args, &tid);
-	if (bio)
-		bpf_map_update_elem(&bio_fd, &bio, &v, BPF_ANY);
+	if (bio) {
+		struct obj_key k = obj_key_of(bio);
+		bpf_map_update_elem(&bio_fd, &k, &v, BPF_ANY);
+	}
 	return 0;
 }
 
@@ -932,10 +981,13 @@ int ssl_set_bio(struct pt_regs *ctx)
 	if (!tracked())
 		return 0;
 	__u64 ssl = ctx->di, wbio = ctx->dx;
-	__s32 *fd = bpf_map_lookup_elem(&bio_fd, &wbio);
+	struct obj_key bk = obj_key_of(wbio);
+	__s32 *fd = bpf_map_lookup_elem(&bio_fd, &bk);
 	if (fd) {
 		__s32 v = *fd;
-		bpf_map_update_elem(&ssl_fd, &ssl, &v, BPF_ANY);
+		struct obj_key k = obj_key_of(ssl);
+		bpf_map_update_elem(&ssl_fd, &k, &v, BPF_ANY);
+		emit_ssl(&k, v);
 	}
 	return 0;
 }
@@ -947,9 +999,10 @@ static __always_inline void handshake_write(long fd)
 	__u64 *ssl = bpf_map_lookup_elem(&hs_ssl, &tid);
 	if (!ssl)
 		return;
-	__u64 key = *ssl;
+	struct obj_key key = obj_key_of(*ssl);
 	__s32 v = (__s32)fd;
-	bpf_map_update_elem(&ssl_fd, &key, &v, BPF_NOEXIST);
+	if (bpf_map_update_elem(&ssl_fd, &key, &v, BPF_NOEXIST) == 0)
+		emit_ssl(&key, v);
 	bpf_map_delete_elem(&hs_ssl, &tid);
 }
 
@@ -1024,6 +1077,7 @@ int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	v.ts_ns = bpf_ktime_get_ns();
 	struct conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = arg.fd };
 	bpf_map_update_elem(&conn_ip_map, &k, &v, BPF_ANY);
+	emit_conn(CONN_OPEN, &k, &v);
 	return 0;
 }
 
@@ -1033,7 +1087,11 @@ int on_close(struct trace_event_raw_sys_enter *ctx)
 	if (!tracked())
 		return 0;
 	struct conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = (__s32)ctx->args[0] };
-	bpf_map_delete_elem(&conn_ip_map, &k);
+	/* Most closed fds were never connected sockets: only real ones are news. */
+	if (bpf_map_delete_elem(&conn_ip_map, &k) == 0) {
+		struct conn_val none = {};
+		emit_conn(CONN_CLOSE, &k, &none);
+	}
 	return 0;
 }
 

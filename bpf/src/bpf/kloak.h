@@ -64,6 +64,28 @@ struct conn_val {
 	__u8 addr[16];
 };
 
+/* A tracked socket connected or closed: the agent mirrors conn_ip_map
+ * from these, so a restarted agent knows where open sockets go. */
+#define CONN_OPEN 1
+#define CONN_CLOSE 2
+#define CONN_SSL 3    /* a TLS object (obj) was bound to socket fd */
+struct conn_event {
+	__u32 kind;
+	__u32 tgid;
+	__s32 fd;
+	__u32 _pad;
+	__u64 obj;
+	struct conn_val v;  /* zero unless CONN_OPEN */
+};
+
+/* A TLS object or BIO of one process: pointers are only unique within an
+ * address space, and forked workers share their heap layout. */
+struct obj_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 ptr;
+};
+
 enum stat_idx {
 	ST_WRITES = 0,       /* TLS writes scanned */
 	ST_BYTES = 1,        /* bytes scanned */

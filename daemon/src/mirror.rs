@@ -1,0 +1,197 @@
+//! Follows the agent's state into the state file, off the event loop.
+//!
+//! The agent and the controller send changes down a channel (a send costs
+//! the event loop well under a microsecond); one thread commits them in
+//! batches of at most `BATCH_WINDOW`. That window is what a SIGKILL can
+//! lose: answers and connections younger than it. A full disk turns the
+//! mirror off (the agent keeps serving from memory) and says so.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kloak_storage::{
+    Batch, ConnKey, ConnRecord, DnsRecord, SecretRecord, SslRecord, Store, TrackedRecord,
+};
+
+/// How long changes gather before one commit.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
+const MAX_BATCH: usize = 4096;
+/// How often records of processes that are gone are dropped from the file.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+pub enum Op {
+    Secret(SecretRecord),
+    RemoveSecret(u32),
+    Tracked(TrackedRecord),
+    Untracked(u64),
+    Dns(DnsRecord),
+    Conn(ConnKey, ConnRecord),
+    Closed(ConnKey),
+    Ssl(SslRecord),
+}
+
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    pub batches: AtomicU64,
+    pub records: AtomicU64,
+    pub failures: AtomicU64,
+    /// The disk is full (or the file failed otherwise for good): serving
+    /// from memory only.
+    pub degraded: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+pub struct Mirror {
+    tx: mpsc::Sender<Op>,
+    pub stats: Arc<MirrorStats>,
+}
+
+impl Mirror {
+    pub fn spawn(store: Store) -> Mirror {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(MirrorStats::default());
+        let st = stats.clone();
+        std::thread::Builder::new()
+            .name("kloak-mirror".into())
+            .spawn(move || run(store, rx, &st))
+            .expect("spawning the mirror thread");
+        Mirror { tx, stats }
+    }
+
+    pub fn send(&self, op: Op) {
+        // A gone mirror thread only means nothing more is persisted.
+        let _ = self.tx.send(op);
+    }
+}
+
+fn add(b: &mut Batch, op: Op) {
+    match op {
+        Op::Secret(r) => b.secrets.push(r),
+        Op::RemoveSecret(id) => {
+            b.secrets.retain(|r| r.id != id);
+            b.removed_secrets.push(id);
+        }
+        Op::Tracked(t) => b.tracked.push(t),
+        Op::Untracked(id) => {
+            b.tracked.retain(|t| t.id != id);
+            b.untracked.push(id);
+        }
+        Op::Dns(d) => b.dns.push(d),
+        Op::Conn(k, c) => b.conns.push((k, c)),
+        Op::Closed(k) => {
+            b.conns.retain(|(c, _)| *c != k);
+            b.closed.push(k);
+        }
+        Op::Ssl(r) => b.ssl.push(r),
+    }
+}
+
+fn run(store: Store, rx: mpsc::Receiver<Op>, stats: &MirrorStats) {
+    let mut last_prune = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(PRUNE_EVERY) {
+            Ok(op) => Some(op),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = Batch::default();
+        if let Some(op) = first {
+            add(&mut batch, op);
+            let until = Instant::now() + BATCH_WINDOW;
+            while batch.len() < MAX_BATCH {
+                let left = until.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(op) => add(&mut batch, op),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        if stats.degraded.load(Ordering::Relaxed) {
+            continue;
+        }
+        if !batch.is_empty() {
+            match store.apply(&batch) {
+                Ok(()) => {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .records
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => fail(stats, &e),
+            }
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            if let Err(e) = store.prune_processes(process_alive) {
+                fail(stats, &e);
+            }
+        }
+    }
+}
+
+fn fail(stats: &MirrorStats, e: &kloak_storage::Error) {
+    stats.failures.fetch_add(1, Ordering::Relaxed);
+    *stats.last_error.lock().expect("not poisoned") = Some(e.to_string());
+    if e.is_disk_full() {
+        stats.degraded.store(true, Ordering::Relaxed);
+        tracing::error!(error = %e, "the state file's disk is full: serving from memory; a restart will rebuild from the source");
+    } else {
+        tracing::warn!(error = %e, "writing the state file failed; this batch is not persisted");
+    }
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks
+/// after boot. With the pid it names a process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn process_alive(pid: u32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_names_this_process() {
+        let me = std::process::id();
+        let t = start_time(me).unwrap();
+        assert!(process_alive(me, t));
+        assert!(!process_alive(me, t + 1));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn the_thread_commits_batches() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.redb");
+        let key = kloak_storage::Key::from_bytes(&[1; 32]);
+        let (store, _) = Store::open(&p, key.clone()).unwrap();
+        let m = Mirror::spawn(store);
+        for i in 0..10 {
+            m.send(Op::Dns(DnsRecord {
+                tgid: 1,
+                start_time: 1,
+                ip: "10.0.0.1".into(),
+                name: format!("n{i}.test"),
+                seen_ns: 1,
+                expires_ns: 2,
+            }));
+        }
+        let end = Instant::now() + Duration::from_secs(5);
+        while m.stats.records.load(Ordering::Relaxed) < 10 {
+            assert!(Instant::now() < end, "not committed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(m.stats.batches.load(Ordering::Relaxed) <= 2, "batched");
+    }
+}
