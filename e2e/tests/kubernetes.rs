@@ -737,6 +737,22 @@ fn rand_suffix() -> String {
     random_secret("", 8).to_lowercase()
 }
 
+/// A pod on this test's node, already annotated by the webhook, whose one
+/// container takes `key` of the shadow `api-kloak`.
+fn node_pod(name: &str, key: &str) -> Pod {
+    let mut p = pod(
+        name,
+        serde_json::json!({}),
+        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": key}}}]}]}),
+    );
+    p.metadata.annotations = Some(BTreeMap::from([(
+        "getkloak.io/enabled".into(),
+        "true".into(),
+    )]));
+    p
+}
+
 /// The pod as the kubelet would report it: running containers with IDs.
 async fn set_running(pods: &Api<Pod>, name: &str, containers: &[(&str, String)]) {
     let statuses: Vec<serde_json::Value> = containers
@@ -788,19 +804,7 @@ async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others_body() {
 
     // Pod "one" references only key token; pod "two" only key other.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "hostpods");
-    let mk = |name: &str, key: &str| {
-        let mut p = pod(
-            name,
-            serde_json::json!({}),
-            serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
-                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": key}}}]}]}),
-        );
-        p.metadata.annotations = Some(BTreeMap::from([(
-            "getkloak.io/enabled".into(),
-            "true".into(),
-        )]));
-        p
-    };
+    let mk = node_pod;
     let one = pods
         .create(&PostParams::default(), &mk("one", "token"))
         .await
@@ -930,17 +934,10 @@ async fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body() {
     let ph =
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "v1pods");
-    let mut p = pod(
-        "v1",
-        serde_json::json!({}),
-        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
-            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": "token"}}}]}]}),
-    );
-    p.metadata.annotations = Some(BTreeMap::from([(
-        "getkloak.io/enabled".into(),
-        "true".into(),
-    )]));
-    let p = pods.create(&PostParams::default(), &p).await.unwrap();
+    let p = pods
+        .create(&PostParams::default(), &node_pod("v1", "token"))
+        .await
+        .unwrap();
     let mut c = FakeContainer::new_v1(p.metadata.uid.as_deref().unwrap());
     let client = kloak_e2e::py_cmd("gated", &srv, &[]);
     let env = [("API_TOKEN", ph["token"].as_str())];
