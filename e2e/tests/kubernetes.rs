@@ -997,3 +997,133 @@ async fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body() {
     ctl.assert_running();
     assert_no_values(&ctl.log_text(), &[&token]);
 }
+
+#[test]
+fn a_restarted_agent_keeps_serving_open_connections() {
+    k8s_test(restart_body(true));
+}
+
+/// The same restart without the state file: the old connection's
+/// destination is unknown to the new agent, so its placeholder goes out
+/// unchanged. This is what shows the test above can fail.
+#[test]
+fn without_the_state_file_a_restart_loses_open_connections() {
+    k8s_test(restart_body(false));
+}
+
+async fn restart_body(with_state: bool) {
+    const DNS: &str = "127.0.0.155";
+    let tag = if with_state { "state" } else { "nostate" };
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig(&format!("kloak-{tag}")).await;
+    let admin = cp.admin().await;
+    let ns = format!("restart-{tag}");
+    ensure_namespace(&admin, &ns, false).await;
+    let srv = TlsServer::start();
+    let _dns = kloak_e2e::DnsServer::start(DNS, &[("allowed.test", "127.0.0.1", 300)]);
+    let api: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let token = random_secret("tok-", 30);
+    let port = srv.port.to_string();
+    api.create(
+        &PostParams::default(),
+        &secret(
+            "api",
+            true,
+            &[
+                ("getkloak.io/hosts", "allowed.test"),
+                ("getkloak.io/port", &port),
+            ],
+            &[("token", &token)],
+        ),
+    )
+    .await
+    .unwrap();
+    let mut args = vec!["--no-webhook-cert", "--trusted-dns", DNS];
+    if !with_state {
+        args.push("--no-state");
+    }
+    let log = format!("{tag}-controller");
+    let mut ctl = controller(&kc, &args, &log);
+    let ph =
+        placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let mut p = pod(
+        "app",
+        serde_json::json!({}),
+        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": "token"}}}]}]}),
+    );
+    p.metadata.annotations = Some(BTreeMap::from([(
+        "getkloak.io/enabled".into(),
+        "true".into(),
+    )]));
+    let p = pods.create(&PostParams::default(), &p).await.unwrap();
+    let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
+    let kept = kloak_e2e::py_cmd("kept", &srv, &["--host", "allowed.test", "--dns", DNS]);
+    let env = [("API_TOKEN", ph["token"].as_str())];
+    set_running(&pods, "app", &[("app", c.container_id())]).await;
+
+    // A fresh process that resolves and connects now gets the value once the
+    // pod is attached: the agent is serving.
+    let serving = |c: &mut FakeContainer| {
+        let mut g = Gated::new(c.spawn(&kept, &env));
+        srv.clear();
+        g.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        (count(&r[0], token.as_bytes()) == 2).then_some(g)
+    };
+    let deadline = std::time::Instant::now() + T;
+    let mut a = loop {
+        if let Some(g) = serving(&mut c) {
+            break g;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never attached:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Let the mirror commit what it saw: a 50 ms batch window, then a
+    // commit whose fsync shares this VM's disk with etcd's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    ctl.child.kill().unwrap();
+    let _ = ctl.child.wait();
+    let mut ctl = controller(&kc, &args, &format!("{log}-2"));
+    let deadline = std::time::Instant::now() + T;
+    while serving(&mut c).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted agent never served:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The connection opened before the restart, not resolved again.
+    srv.clear();
+    a.send();
+    let r = srv.wait_for(1, Duration::from_secs(5));
+    if with_state {
+        assert_eq!(
+            count(&r[0], token.as_bytes()),
+            2,
+            "the value arrives on the old connection"
+        );
+    } else {
+        assert_eq!(count(&r[0], token.as_bytes()), 0);
+        assert_eq!(
+            count(&r[0], ph["token"].as_bytes()),
+            2,
+            "the placeholder went out unchanged"
+        );
+    }
+    ctl.assert_running();
+    assert_no_values(&ctl.log_text(), &[&token]);
+    // The state file never holds the value in clear.
+    if with_state {
+        let state = control_plane().dir.join(format!("state-{tag}/state.redb"));
+        let raw = std::fs::read(&state).expect("the state file exists");
+        assert_eq!(count(&raw, token.as_bytes()), 0);
+    }
+}
