@@ -546,6 +546,9 @@ impl<'p> Agent<'p> {
             }
             self.record_dns(dns_queue.take());
             let batch = queue.take();
+            for e in &batch {
+                tracing::trace!(pid = e.tgid, kind = ?e.kind, hits = e.hits.len(), fd = ?e.fd, "event");
+            }
             self.gc_pending |= batch.iter().any(|e| e.kind == EventKind::Exit);
             for e in batch.iter().filter(|e| e.kind == EventKind::Exit) {
                 self.start_times.remove(&e.tgid);

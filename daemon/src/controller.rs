@@ -211,6 +211,11 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The previous agent's guardian could continue a process this agent
+    // has just stopped: it goes first (after that agent's exit is complete).
+    if opts.datapath {
+        guardian::retire_predecessors(&guardian_owner(&opts));
+    }
     if let Some(r) = &restored {
         for t in &r.tracked {
             if let Ok(cg) = crate::cgroup::Cgroup::open(&t.cgroup) {
@@ -777,6 +782,12 @@ impl State {
 
 /// Loads the BPF programs and runs the agent on its own thread; the
 /// returned sender feeds it secrets and containers.
+/// Names this node agent to its successor: the state file is what one
+/// agent at a time owns (also when it is not kept).
+fn guardian_owner(opts: &ControllerOpts) -> String {
+    opts.state.display().to_string()
+}
+
 /// What the state file held at start, and the mirror that now follows it.
 struct Restored {
     mirror: Mirror,
@@ -850,7 +861,8 @@ fn start_datapath(
     } else {
         opts.trusted_dns.clone()
     };
-    let guardian = guardian::spawn(None).context("starting the guardian process")?;
+    let guardian = guardian::spawn(None, Some(&guardian_owner(opts)))
+        .context("starting the guardian process")?;
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(
         EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)

@@ -56,6 +56,12 @@ enum Cmd {
     Guardian {
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// What a successor agent takes over (its state file); read from
+        /// this command line by `retire_predecessors`.
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        agent: Option<u32>,
     },
 }
 
@@ -94,7 +100,7 @@ fn async_main(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Guardian { cgroup } => ExitCode::from(guardian::run(cgroup) as u8),
+        Cmd::Guardian { cgroup, .. } => ExitCode::from(guardian::run(cgroup) as u8),
         Cmd::Doctor { json, secrets } => {
             init_logging("warn");
             let mut r = doctor::run_checks();

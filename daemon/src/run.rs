@@ -129,7 +129,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     }
     let cg = Cgroup::create(&format!("run-{}", std::process::id()))?;
     let procs = cg.procs_file()?;
-    let guardian = guardian::spawn(Some(&cg)).context("starting the guardian process")?;
+    let guardian = guardian::spawn(Some(&cg), None).context("starting the guardian process")?;
 
     let probes = Probes::load(&Config {
         backend,

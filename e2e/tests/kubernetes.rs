@@ -1047,16 +1047,7 @@ async fn restart_body(with_state: bool) {
     let ph =
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-    let mut p = pod(
-        "app",
-        serde_json::json!({}),
-        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
-            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": "token"}}}]}]}),
-    );
-    p.metadata.annotations = Some(BTreeMap::from([(
-        "getkloak.io/enabled".into(),
-        "true".into(),
-    )]));
+    let p = node_pod("app", "token");
     let p = pods.create(&PostParams::default(), &p).await.unwrap();
     let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
     let kept = kloak_e2e::py_cmd("kept", &srv, &["--host", "allowed.test", "--dns", DNS]);
@@ -1108,7 +1099,9 @@ async fn restart_body(with_state: bool) {
         assert_eq!(
             count(&r[0], token.as_bytes()),
             2,
-            "the value arrives on the old connection"
+            "the value arrives on the old connection: {}\n{}",
+            String::from_utf8_lossy(&r[0]),
+            ctl.log_text()
         );
     } else {
         assert_eq!(count(&r[0], token.as_bytes()), 0);
