@@ -196,6 +196,8 @@ struct State {
     /// The source has been listed once since start: what the state file
     /// restored is now checked against it.
     reconciled: bool,
+    /// Secret keys taken out of the data path since start.
+    withdrawn: u64,
 }
 
 pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
@@ -350,7 +352,8 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         if !st.originals.synced || !st.shadows.synced {
             continue;
         }
-        if !st.reconciled {
+        let first = !st.reconciled;
+        if first {
             // The source is the truth: what the state file restored for
             // Secrets deleted while the agent was down goes now.
             st.reconciled = true;
@@ -358,11 +361,20 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             pods_dirty = true;
         }
         let index = shadow::Index::build(st.shadows.objects.values());
+        let withdrawn_before = st.withdrawn;
         for k in &dirty {
             if let Err(e) = st.reconcile_shadow(k, &index).await {
                 tracing::warn!(namespace = %k.0, secret = %k.1, error = %e, "reconciling the shadow failed; retrying");
             }
             st.publish(k);
+        }
+        if first {
+            tracing::info!(
+                secrets = st.published.len(),
+                withdrawn = st.withdrawn - withdrawn_before,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "reconciled with the API"
+            );
         }
         if (pods_dirty || !dirty.is_empty()) && st.pods.synced {
             st.bind_pods();
@@ -409,6 +421,7 @@ impl State {
             refused: HashMap::new(),
             mirror: None,
             reconciled: false,
+            withdrawn: 0,
         }
     }
 
@@ -616,6 +629,8 @@ impl State {
         }
         let before = self.by_secret.remove(k).unwrap_or_default();
         for id in before.iter().filter(|id| !want.contains_key(id)) {
+            self.withdrawn += 1;
+            tracing::info!(secret = %format!("{ns}/{name}"), id, "secret key withdrawn from the data path");
             self.published.remove(id);
             self.send(Command::RemoveSecret(*id));
             if let Some(m) = &self.mirror {

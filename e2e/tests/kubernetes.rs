@@ -1120,3 +1120,126 @@ async fn restart_body(with_state: bool) {
         assert_eq!(count(&raw, token.as_bytes()), 0);
     }
 }
+
+#[test]
+fn a_secret_deleted_while_the_agent_is_down_is_withdrawn() {
+    k8s_test(deleted_while_down_body());
+}
+
+async fn deleted_while_down_body() {
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-gone").await;
+    let admin = cp.admin().await;
+    let ns = "deleted-while-down";
+    ensure_namespace(&admin, ns, false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let gone = random_secret("gone-", 28);
+    let kept = random_secret("kept-", 28);
+    for (name, value) in [("gone", &gone), ("kept", &kept)] {
+        api.create(
+            &PostParams::default(),
+            &secret(
+                name,
+                true,
+                &[("getkloak.io/hosts", "127.0.0.1")],
+                &[("token", value)],
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let mut ctl = controller(&kc, &["--no-webhook-cert"], "gone-controller");
+    let ph_gone =
+        placeholders(&eventually("shadow gone", T, || async { shadow(&api, "gone").await }).await);
+    let ph_kept =
+        placeholders(&eventually("shadow kept", T, || async { shadow(&api, "kept").await }).await);
+
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let mut p = pod(
+        "app",
+        serde_json::json!({}),
+        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+            "env": [
+                {"name": "G", "valueFrom": {"secretKeyRef": {"name": "gone-kloak", "key": "token"}}},
+                {"name": "K", "valueFrom": {"secretKeyRef": {"name": "kept-kloak", "key": "token"}}}]}]}),
+    );
+    p.metadata.annotations = Some(BTreeMap::from([(
+        "getkloak.io/enabled".into(),
+        "true".into(),
+    )]));
+    let p = pods.create(&PostParams::default(), &p).await.unwrap();
+    let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), true);
+    let client = kloak_e2e::py_cmd("gated", &srv, &[]);
+    let mut a = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph_gone["token"])]));
+    let mut b = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph_kept["token"])]));
+    set_running(&pods, "app", &[("app", c.container_id())]).await;
+    let sent = |g: &mut Gated| {
+        srv.clear();
+        g.send();
+        srv.wait_for(1, Duration::from_secs(5)).remove(0)
+    };
+    let deadline = std::time::Instant::now() + T;
+    while count(&sent(&mut a), gone.as_bytes()) != 2 || count(&sent(&mut b), kept.as_bytes()) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never attached:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The mirror commits within its batch window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctl.stop();
+
+    // While no agent runs, the Secret goes (its shadow stays: this harness
+    // has no garbage collector, and a real one may lag too).
+    api.delete("gone", &DeleteParams::default()).await.unwrap();
+    let mut ctl = controller(&kc, &["--no-webhook-cert"], "gone-controller-2");
+    eventually("the first reconcile", T, || async {
+        ctl.log_text()
+            .contains("reconciled with the API")
+            .then_some(())
+    })
+    .await;
+    // The restart serves what still exists ...
+    let r = sent(&mut b);
+    assert_eq!(
+        count(&r, kept.as_bytes()),
+        2,
+        "the kept secret is served after the restart:\n{}",
+        ctl.log_text()
+    );
+    // ... and not what the source deleted.
+    let r = sent(&mut a);
+    assert_eq!(
+        count(&r, gone.as_bytes()),
+        0,
+        "the deleted secret was injected"
+    );
+    assert_eq!(count(&r, ph_gone["token"].as_bytes()), 2);
+    eventually("the orphaned shadow deleted", T, || async {
+        api.get_opt("gone-kloak")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.assert_running();
+    let log = ctl.log_text();
+    assert_no_values(&log, &[&gone, &kept]);
+    ctl.stop();
+
+    // The state file forgot it too: a later restart cannot bring it back.
+    let dir = control_plane().dir.join("state-gone");
+    let key = kloak_storage::Key::from_file(&dir.join("state.key")).unwrap();
+    let (store, _) = kloak_storage::Store::open(&dir.join("state.redb"), key).unwrap();
+    let names: Vec<String> = store
+        .secrets()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, vec![format!("{ns}/kept/token")]);
+}
