@@ -162,7 +162,19 @@ pub enum Command {
         dns: Vec<kloak_storage::DnsRecord>,
         conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
         ssl: Vec<kloak_storage::SslRecord>,
+        /// Told how many of each were loaded (their processes still live).
+        done: Option<tokio::sync::oneshot::Sender<Restored>>,
     },
+    /// Answered once every command sent before it has been applied.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What a restore loaded into the maps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Restored {
+    pub dns_answers: u64,
+    pub connections: u64,
+    pub tls_objects: u64,
 }
 
 enum FileState {
@@ -331,17 +343,22 @@ impl<'p> Agent<'p> {
         dns: Vec<kloak_storage::DnsRecord>,
         conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
         ssl: Vec<kloak_storage::SslRecord>,
-    ) {
+    ) -> Restored {
         let (mut answers, mut sockets, mut tls) = (0, 0, 0);
+        // Thousands of records name a few processes: look each up once.
+        let mut alive_cache: HashMap<(u32, u64), bool> = HashMap::new();
+        let mut alive = |tgid: u32, start: u64| {
+            *alive_cache
+                .entry((tgid, start))
+                .or_insert_with(|| crate::mirror::process_alive(tgid, start))
+        };
         for r in ssl {
-            if crate::mirror::process_alive(r.tgid, r.start_time)
-                && self.probes.put_ssl_fd(r.tgid, r.ptr, r.fd).is_ok()
-            {
+            if alive(r.tgid, r.start_time) && self.probes.put_ssl_fd(r.tgid, r.ptr, r.fd).is_ok() {
                 tls += 1;
             }
         }
         for d in dns {
-            if crate::mirror::process_alive(d.tgid, d.start_time)
+            if alive(d.tgid, d.start_time)
                 && let Ok(ip) = d.ip.parse()
             {
                 self.dns
@@ -349,20 +366,33 @@ impl<'p> Agent<'p> {
                 answers += 1;
             }
         }
+        let mut peers = crate::sockets::Peers::default();
+        let mut stale = 0u64;
         for (k, c) in conns {
             let Ok(dest) = c.dest.parse() else { continue };
-            if crate::mirror::process_alive(k.tgid, k.start_time)
-                && self
-                    .probes
-                    .put_conn(
-                        k.tgid,
-                        k.fd,
-                        &kloak_bpf::Conn {
-                            dest,
-                            connected_ns: c.connected_ns,
-                        },
-                    )
-                    .is_ok()
+            if !alive(k.tgid, k.start_time) {
+                continue;
+            }
+            // The descriptor may name another socket by now (closed and
+            // reused inside the window of loss): only the kernel's word counts.
+            if !peers
+                .peer(k.tgid, k.fd)
+                .is_some_and(|p| crate::sockets::same_peer(p, dest))
+            {
+                stale += 1;
+                continue;
+            }
+            if self
+                .probes
+                .put_conn(
+                    k.tgid,
+                    k.fd,
+                    &kloak_bpf::Conn {
+                        dest,
+                        connected_ns: c.connected_ns,
+                    },
+                )
+                .is_ok()
             {
                 sockets += 1;
             }
@@ -370,9 +400,15 @@ impl<'p> Agent<'p> {
         tracing::info!(
             answers,
             sockets,
+            stale_sockets = stale,
             tls_objects = tls,
             "DNS answers and connections restored from the state file"
         );
+        Restored {
+            dns_answers: answers,
+            connections: sockets,
+            tls_objects: tls,
+        }
     }
 
     /// Applies what the controller sent since the last look.
@@ -456,7 +492,20 @@ impl<'p> Agent<'p> {
                     self.cgroups.push(cgroup.clone());
                     self.tracked.insert(id, cgroup);
                 }
-                Command::Restore { dns, conns, ssl } => self.restore(dns, conns, ssl),
+                Command::Restore {
+                    dns,
+                    conns,
+                    ssl,
+                    done,
+                } => {
+                    let r = self.restore(dns, conns, ssl);
+                    if let Some(d) = done {
+                        let _ = d.send(r);
+                    }
+                }
+                Command::Barrier(done) => {
+                    let _ = done.send(());
+                }
                 Command::Untrack(id) => {
                     if self.by_pid.remove(&id).is_some() {
                         self.probes.untrack_pids(id);

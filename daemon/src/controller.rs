@@ -26,6 +26,7 @@ use kube::{Api, Client};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use zeroize::Zeroizing;
 
+use crate::admin::Health;
 use crate::agent::{Agent, Command, SecretTable};
 use crate::certs::{self, CertOpts};
 use crate::containers::{self, ContainerId, Layout};
@@ -99,6 +100,10 @@ pub struct ControllerOpts {
     /// Keep no state file: a restart starts empty and waits for the API.
     #[arg(long)]
     pub no_state: bool,
+    /// Admin port: /healthz, /readyz (JSON details), /metrics. Plain HTTP,
+    /// apart from the webhook's TLS port.
+    #[arg(long, env = "KLOAK_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: std::net::SocketAddr,
     /// Where the host's /sys/fs/cgroup is mounted, when not there.
     #[arg(long, env = "KLOAK_HOST_CGROUP")]
     pub host_cgroup: Option<PathBuf>,
@@ -208,8 +213,25 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Start-up order: the state file, continue what a dead agent left
     // stopped, load the maps, attach, serve; reconcile with the API after.
+    let health = Health::new(
+        opts.datapath,
+        (opts.datapath && !opts.no_state).then(|| opts.state.display().to_string()),
+    );
+    crate::admin::serve(opts.admin_listen, health.clone())
+        .await
+        .with_context(|| format!("binding the admin port {}", opts.admin_listen))?;
     let restored = if opts.datapath && !opts.no_state {
-        Some(open_state(&opts)?)
+        match open_state(&opts) {
+            Ok(r) => Some(r),
+            // Two agents on one node would both stop and patch: refuse.
+            Err(e) if is_locked(&e) => return Err(e),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(error = %reason, "the state file cannot be used; serving from memory (a restart will rebuild from the API)");
+                health.state_in_memory(reason);
+                None
+            }
+        }
     } else {
         None
     };
@@ -278,6 +300,15 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
                 }));
             }
         }
+        // The maps first, then the probes: a write that meets the probe
+        // finds its connection already known.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        st.send(Command::Restore {
+            dns: r.dns,
+            conns: r.conns,
+            ssl: r.ssl,
+            done: Some(done_tx),
+        });
         for t in &r.tracked {
             st.send(Command::Track {
                 cgroup: t.cgroup.clone(),
@@ -286,11 +317,22 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
                 by_pid: t.by_pid,
             });
         }
-        st.send(Command::Restore {
-            dns: r.dns,
-            conns: r.conns,
-            ssl: r.ssl,
-        });
+        let (barrier_tx, barrier_rx) = tokio::sync::oneshot::channel();
+        st.send(Command::Barrier(barrier_tx));
+        let loaded = done_rx.await.unwrap_or_default();
+        if barrier_rx.await.is_ok() {
+            health.follow_mirror(
+                r.mirror.stats.clone(),
+                crate::admin::RestoredCounts {
+                    secrets: r.secrets.len() as u64,
+                    containers: r.tracked.len() as u64,
+                    dns_answers: loaded.dns_answers,
+                    connections: loaded.connections,
+                    tls_objects: loaded.tls_objects,
+                },
+            );
+            health.datapath_ready(started.elapsed());
+        }
         tracing::info!(
             secrets = r.secrets.len(),
             containers = r.tracked.len(),
@@ -369,6 +411,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             st.publish(k);
         }
         if first {
+            health.reconciled();
             tracing::info!(
                 secrets = st.published.len(),
                 withdrawn = st.withdrawn - withdrawn_before,
@@ -378,6 +421,15 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         }
         if (pods_dirty || !dirty.is_empty()) && st.pods.synced {
             st.bind_pods();
+            if opts.datapath && !health.is_datapath_ready() {
+                // Without a restored state, serving starts with what the
+                // API says: secrets published, this node's pods bound.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                st.send(Command::Barrier(tx));
+                if rx.await.is_ok() {
+                    health.datapath_ready(started.elapsed());
+                }
+            }
         }
     }
     if let Some(m) = &st.mirror {
@@ -797,6 +849,13 @@ impl State {
 
 /// Loads the BPF programs and runs the agent on its own thread; the
 /// returned sender feeds it secrets and containers.
+fn is_locked(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<kloak_storage::Error>(),
+        Some(kloak_storage::Error::Locked { .. })
+    )
+}
+
 /// Names this node agent to its successor: the state file is what one
 /// agent at a time owns (also when it is not kept).
 fn guardian_owner(opts: &ControllerOpts) -> String {
@@ -826,7 +885,7 @@ fn open_state(opts: &ControllerOpts) -> anyhow::Result<Restored> {
         Some(p) => kloak_storage::Key::from_file(p)?,
         None => kloak_storage::Key::load_or_create(&dir.join("state.key"))?,
     };
-    let (store, report) = kloak_storage::Store::open(&opts.state, key)?;
+    let (store, report, snap) = kloak_storage::Store::open_loaded(&opts.state, key)?;
     if let Some((aside, reason)) = &report.moved_aside {
         tracing::warn!(state = %opts.state.display(), moved_to = %aside.display(), reason = %reason, "the state file was unusable; rebuilding from the API");
     }
@@ -835,24 +894,13 @@ fn open_state(opts: &ControllerOpts) -> anyhow::Result<Restored> {
             "the node rebooted since the state file was written: connections and DNS answers dropped"
         );
     }
-    // Records the file holds that fail to read are a damaged file too.
-    let read = || -> kloak_storage::Result<_> {
-        Ok((
-            store.secrets()?,
-            store.tracked()?,
-            store.dns()?,
-            store.conns()?,
-            store.ssl_fds()?,
-        ))
-    };
-    let (secrets, tracked, dns, conns, ssl) = read()?;
     Ok(Restored {
         mirror: Mirror::spawn(store),
-        secrets,
-        tracked,
-        dns,
-        conns,
-        ssl,
+        secrets: snap.secrets,
+        tracked: snap.tracked,
+        dns: snap.dns,
+        conns: snap.conns,
+        ssl: snap.ssl,
     })
 }
 

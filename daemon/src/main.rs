@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod agent;
 mod certs;
 mod cgroup;
@@ -23,6 +24,7 @@ mod rules;
 mod run;
 mod secrets;
 mod shadow;
+mod sockets;
 mod webhook;
 
 #[derive(Parser)]

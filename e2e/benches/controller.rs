@@ -80,7 +80,14 @@ async fn main() {
     ensure_namespace(&admin, "bench", false).await;
     let api: Api<Secret> = Api::namespaced(admin.clone(), "bench");
     let ctl = Kloak::start(
-        &["controller", "--no-webhook-cert", "--resync-secs", "5"],
+        &[
+            "controller",
+            "--no-webhook-cert",
+            "--resync-secs",
+            "5",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
         &kc,
         "node-bench",
         "bench-controller",

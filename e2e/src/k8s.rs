@@ -215,6 +215,29 @@ impl Kloak {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The admin port it bound (it logs the address once listening).
+    pub fn admin_addr(&mut self) -> std::net::SocketAddr {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log_text();
+            if let Some(addr) = log
+                .lines()
+                .find(|l| l.contains("admin server listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+            {
+                return addr;
+            }
+            self.assert_running();
+            assert!(
+                std::time::Instant::now() < end,
+                "no admin address logged:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Panics with the log if the process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(st)) = self.child.try_wait() {

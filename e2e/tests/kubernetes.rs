@@ -61,7 +61,16 @@ fn controller(kc: &std::path::Path, extra: &[&str], log: &str) -> Kloak {
         .dir
         .join(format!("state-{}", log.split('-').next().unwrap_or(log)));
     let state = state.join("state.redb").display().to_string();
-    let mut args = vec!["controller", "--resync-secs", "2", "--state", &state];
+    let mut args = vec![
+        "controller",
+        "--resync-secs",
+        "2",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    if !extra.contains(&"--state") {
+        args.extend(["--state", &state]);
+    }
     args.extend(extra);
     Kloak::start(&args, kc, "node-e2e", log)
 }
@@ -1242,4 +1251,298 @@ async fn deleted_while_down_body() {
         .map(|s| s.name.clone())
         .collect();
     assert_eq!(names, vec![format!("{ns}/kept/token")]);
+}
+
+/// Sends from `g` until `value` arrives twice (header and body): the pod is
+/// attached and served. Panics with the agent's log after `T`.
+async fn until_served(srv: &TlsServer, g: &mut Gated, value: &str, ctl: &Kloak, what: &str) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        srv.clear();
+        g.send();
+        let r = srv.wait_for(1, Duration::from_secs(5));
+        if count(&r[0], value.as_bytes()) == 2 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the value never arrived:\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn readyz(ctl: &mut Kloak) -> (u16, serde_json::Value) {
+    let (code, body) = kloak_e2e::http_get(ctl.admin_addr(), "/readyz");
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("readyz body {body:?}: {e}"));
+    (code, v)
+}
+
+async fn until_ready(ctl: &mut Kloak) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (code, v) = readyz(ctl);
+        if code == 200 {
+            assert_eq!(v["ready"], true, "{v}");
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {v}\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_damaged_state_file_is_moved_aside_and_rebuilt_from_the_api() {
+    k8s_test(damaged_state_body());
+}
+
+async fn damaged_state_body() {
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-damaged").await;
+    let admin = cp.admin().await;
+    let ns = "damaged-state";
+    ensure_namespace(&admin, ns, false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let token = random_secret("dmg-", 28);
+    api.create(
+        &PostParams::default(),
+        &secret(
+            "api",
+            true,
+            &[("getkloak.io/hosts", "127.0.0.1")],
+            &[("token", &token)],
+        ),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let p = pods
+        .create(&PostParams::default(), &node_pod("app", "token"))
+        .await
+        .unwrap();
+    let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
+    set_running(&pods, "app", &[("app", c.container_id())]).await;
+
+    // A good state file, written by an agent that served this pod.
+    let mut ctl = controller(&kc, &["--no-webhook-cert"], "good-controller");
+    let ph =
+        placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let client = kloak_e2e::py_cmd("gated", &srv, &[]);
+    let mut g = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph["token"])]));
+    until_served(&srv, &mut g, &token, &ctl, "first agent").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctl.stop();
+    let good = cp.dir.join("state-good");
+
+    type Damage = fn(&std::path::Path);
+    let scenarios: [(&str, Damage); 3] = [
+        ("corrupt", |d| {
+            // The header and first pages overwritten.
+            let p = d.join("state.redb");
+            let mut b = std::fs::read(&p).unwrap();
+            b[..8192].fill(0xA5);
+            std::fs::write(&p, b).unwrap();
+        }),
+        ("truncated", |d| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("state.redb"))
+                .unwrap();
+            let len = f.metadata().unwrap().len();
+            f.set_len(len / 3).unwrap();
+        }),
+        ("wrongkey", |d| {
+            std::fs::write(d.join("state.key"), [0x5Au8; 32]).unwrap();
+        }),
+    ];
+    for (name, damage) in scenarios {
+        let dir = cp.dir.join(format!("state-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["state.redb", "state.key"] {
+            std::fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        damage(&dir);
+        let mut ctl = controller(&kc, &["--no-webhook-cert"], &format!("{name}-controller"));
+        let v = until_ready(&mut ctl).await;
+        assert_eq!(v["state"]["mode"], "file", "{name}: {v}");
+        let log = ctl.log_text();
+        assert!(
+            log.contains("the state file was unusable; rebuilding from the API"),
+            "{name}: the log names the problem:\n{log}"
+        );
+        // Nothing is lost: the damaged file is kept beside the new one.
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("state.redb.bad-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "{name}: one file moved aside");
+        // Rebuilt from the API: the pod is served again.
+        until_served(&srv, &mut g, &token, &ctl, name).await;
+        ctl.assert_running();
+        assert_no_values(&ctl.log_text(), &[&token]);
+        ctl.stop();
+        // The rebuilt file opens cleanly with the key in use.
+        let key = kloak_storage::Key::from_file(&dir.join("state.key")).unwrap();
+        let (_, rep, snap) =
+            kloak_storage::Store::open_loaded(&dir.join("state.redb"), key).unwrap();
+        assert!(rep.moved_aside.is_none(), "{name}: rebuilt file is sound");
+        assert_eq!(snap.secrets.len(), 1, "{name}");
+    }
+}
+
+/// A tmpfs of a given size, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        SmallDisk(dir)
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = [0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_turns_the_state_file_off_and_the_agent_keeps_serving() {
+    k8s_test(full_disk_body());
+}
+
+async fn full_disk_body() {
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-full").await;
+    let admin = cp.admin().await;
+    let ns = "full-disk";
+    ensure_namespace(&admin, ns, false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let disk = SmallDisk::mount(cp.dir.join("small-disk"), "512k");
+    let state = disk.0.join("state.redb").display().to_string();
+    let args = ["--no-webhook-cert", "--state", &state];
+    let mut ctl = controller(&kc, &args, "full-controller");
+    let v = until_ready(&mut ctl).await;
+    assert_eq!(v["state"]["mode"], "file", "{v}");
+
+    disk.fill();
+    // Every new Secret is a record the mirror must write.
+    let mut values = Vec::new();
+    for i in 0..150 {
+        let v = random_secret("fill-", 40);
+        api.create(
+            &PostParams::default(),
+            &secret(&format!("s{i}"), true, &[], &[("k", &v)]),
+        )
+        .await
+        .unwrap();
+        values.push(v);
+    }
+    let deadline = std::time::Instant::now() + T;
+    let v = loop {
+        let (code, v) = readyz(&mut ctl);
+        if v["state"]["mode"] == "memory" {
+            assert_eq!(code, 200, "a degraded mirror keeps the agent ready: {v}");
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror never reported the full disk: {v}\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        v["state"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left on device"),
+        "{v}"
+    );
+    let (_, metrics) = kloak_e2e::http_get(ctl.admin_addr(), "/metrics");
+    assert!(metrics.contains("kloak_state_degraded 1"), "{metrics}");
+
+    // Still serving, from memory: a Secret created after the disk filled.
+    let token = random_secret("late-", 28);
+    api.create(
+        &PostParams::default(),
+        &secret(
+            "api",
+            true,
+            &[("getkloak.io/hosts", "127.0.0.1")],
+            &[("token", &token)],
+        ),
+    )
+    .await
+    .unwrap();
+    let ph =
+        placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let p = pods
+        .create(&PostParams::default(), &node_pod("app", "token"))
+        .await
+        .unwrap();
+    let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
+    set_running(&pods, "app", &[("app", c.container_id())]).await;
+    let client = kloak_e2e::py_cmd("gated", &srv, &[]);
+    let mut g = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph["token"])]));
+    until_served(&srv, &mut g, &token, &ctl, "degraded agent").await;
+    ctl.assert_running();
+    values.push(token.clone());
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_values(&ctl.log_text(), &refs);
+    assert_no_values(&metrics, &refs);
+    ctl.stop();
+
+    // A restart on the still-full disk comes up and serves; it never exits.
+    let mut ctl = controller(&kc, &args, "full-controller-2");
+    let v = until_ready(&mut ctl).await;
+    until_served(&srv, &mut g, &token, &ctl, "restart on a full disk").await;
+    ctl.assert_running();
+    assert_no_values(&ctl.log_text(), &refs);
+    // A full disk is not a damaged file: it stays in place, unused.
+    assert_eq!(v["state"]["mode"], "memory", "{v}");
+    let aside = std::fs::read_dir(&disk.0)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".bad-"))
+        .count();
+    assert_eq!(aside, 0, "the state file was moved aside for a full disk");
 }

@@ -20,8 +20,8 @@ mod store;
 
 pub use seal::{Key, KeyError};
 pub use store::{
-    Batch, ConnKey, ConnRecord, DnsRecord, OpenReport, SCHEMA_VERSION, SecretRecord, SslRecord,
-    Store, TrackedRecord,
+    Batch, ConnKey, ConnRecord, DnsRecord, OpenReport, SCHEMA_VERSION, SecretRecord, Snapshot,
+    SslRecord, Store, TrackedRecord,
 };
 
 #[derive(Debug, thiserror::Error)]

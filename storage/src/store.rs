@@ -173,6 +173,16 @@ enum Unusable {
     Fatal(Error),
 }
 
+/// A file that cannot be written for want of space is not a damaged file:
+/// it stays where it is, and the caller runs without it.
+fn unusable(reason: String) -> Unusable {
+    if reason.contains("No space left on device") {
+        Unusable::Fatal(Error::Db(reason))
+    } else {
+        Unusable::Bad(reason)
+    }
+}
+
 fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Db(e.to_string())
 }
@@ -260,7 +270,7 @@ impl Store {
                     holder,
                 }));
             }
-            Ok(Err(e)) => return Err(Unusable::Bad(format!("not a readable state file ({e})"))),
+            Ok(Err(e)) => return Err(unusable(format!("not a readable state file ({e})"))),
             Err(_) => return Err(Unusable::Bad("not a readable state file (damaged)".into())),
         };
         if let Err(source) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -290,7 +300,7 @@ impl Store {
         let checked = std::panic::catch_unwind(AssertUnwindSafe(|| store.check_and_migrate()));
         match checked {
             Ok(Ok(migrated)) => Ok((store, migrated)),
-            Ok(Err(reason)) => Err(Unusable::Bad(reason)),
+            Ok(Err(reason)) => Err(unusable(reason)),
             Err(_) => Err(Unusable::Bad("damaged tables".into())),
         }
     }
@@ -526,6 +536,44 @@ impl Store {
         })
     }
 
+    /// Opens the file and reads every record. A file whose records do not
+    /// read back (a damaged page, a record that does not open) is treated
+    /// like one that does not open at all: moved aside, started empty.
+    pub fn open_loaded(path: &Path, key: Key) -> Result<(Store, OpenReport, Snapshot)> {
+        let (store, report) = Store::open(path, key.clone())?;
+        // redb asserts on some damage while reading, as while opening.
+        let read = std::panic::catch_unwind(AssertUnwindSafe(|| store.snapshot()));
+        let err = match read {
+            Ok(Ok(snap)) => return Ok((store, report, snap)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "damaged".to_string(),
+        };
+        drop(store);
+        let reason = format!("records do not read back ({err})");
+        let aside = PathBuf::from(format!("{}.bad-{}", path.display(), unix_ms()));
+        std::fs::rename(path, &aside).map_err(|source| Error::Io {
+            path: path.into(),
+            what: "moving the unusable state file aside",
+            source,
+        })?;
+        tracing::warn!(path = %path.display(), moved_to = %aside.display(), reason = %reason, "state file unusable; starting empty and rebuilding from the source");
+        let (store, mut report) = Store::open(path, key)?;
+        report.moved_aside = Some((aside, reason));
+        let snap = store.snapshot()?;
+        Ok((store, report, snap))
+    }
+
+    /// Everything the file holds.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot {
+            secrets: self.secrets()?,
+            tracked: self.tracked()?,
+            dns: self.dns()?,
+            conns: self.conns()?,
+            ssl: self.ssl_fds()?,
+        })
+    }
+
     /// Every stored secret, opened. Any record that does not open is an error
     /// naming its id (never its contents).
     pub fn secrets(&self) -> Result<Vec<SecretRecord>> {
@@ -708,6 +756,16 @@ fn migrate(_w: &redb::WriteTransaction, from: u32) -> Result<(), String> {
         0 => Err("schema 0 was never written by a release".into()),
         _ => Ok(()),
     }
+}
+
+/// Every record of a state file, as read at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub secrets: Vec<SecretRecord>,
+    pub tracked: Vec<TrackedRecord>,
+    pub dns: Vec<DnsRecord>,
+    pub conns: Vec<(ConnKey, ConnRecord)>,
+    pub ssl: Vec<SslRecord>,
 }
 
 #[cfg(test)]
@@ -960,5 +1018,30 @@ mod tests {
         }
         let (_s, reason) = moved(&p, key(1));
         assert!(reason.contains("newer Kloak"), "{reason}");
+    }
+
+    #[test]
+    fn a_record_that_does_not_open_moves_the_file_aside() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.redb");
+        {
+            let (s, _) = Store::open(&p, key(1)).unwrap();
+            s.put_secret(&rec(1)).unwrap();
+            // One sealed value damaged in place.
+            let w = s.db.begin_write().unwrap();
+            {
+                let mut t = w.open_table(SECRETS).unwrap();
+                t.insert(1u32, &b"not a sealed record"[..]).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let (s, rep, snap) = Store::open_loaded(&p, key(1)).unwrap();
+        let (aside, reason) = rep.moved_aside.expect("moved aside");
+        assert!(aside.exists());
+        assert!(reason.contains("secrets"), "{reason}");
+        assert!(!reason.contains("real-value"), "{reason}");
+        assert!(snap.secrets.is_empty());
+        s.put_secret(&rec(2)).unwrap();
+        assert_eq!(s.snapshot().unwrap().secrets.len(), 1);
     }
 }

@@ -1,0 +1,377 @@
+//! The admin port: `/healthz`, `/readyz` (with details) and `/metrics`,
+//! plain HTTP and apart from the webhook's TLS port, for kubelet probes and
+//! Prometheus.
+//!
+//! Readiness means the data path serves: maps loaded (from the state file
+//! when there is one) and probes attached. Reconciling with the API comes
+//! after and is reported, not waited for, so that a restart serves the
+//! connections it restored without waiting on the API server. A state file
+//! that fell back to memory (full disk, unusable file) keeps the agent
+//! ready: it serves as before, only a further restart would start empty.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::mirror::MirrorStats;
+
+/// Where the data path stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Datapath {
+    Off = 0,
+    Starting = 1,
+    Ready = 2,
+}
+
+/// How the state file is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateMode {
+    /// `--no-state`.
+    Off,
+    /// Followed into the file.
+    File,
+    /// Serving from memory only: the file could not be opened or written.
+    Memory { reason: String },
+}
+
+/// Records restored from the state file at start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RestoredCounts {
+    pub secrets: u64,
+    pub containers: u64,
+    pub dns_answers: u64,
+    pub connections: u64,
+    pub tls_objects: u64,
+}
+
+/// What the admin endpoints report; the controller fills it in as it starts.
+#[derive(Debug)]
+pub struct Health {
+    datapath: AtomicU8,
+    reconciled: AtomicBool,
+    state_path: Option<String>,
+    state: Mutex<StateMode>,
+    mirror: OnceLock<Arc<MirrorStats>>,
+    restored: OnceLock<RestoredCounts>,
+    started_ms: AtomicU64,
+}
+
+impl Health {
+    pub fn new(datapath: bool, state_path: Option<String>) -> Arc<Health> {
+        let state = if state_path.is_some() {
+            StateMode::File
+        } else {
+            StateMode::Off
+        };
+        Arc::new(Health {
+            datapath: AtomicU8::new(if datapath {
+                Datapath::Starting as u8
+            } else {
+                Datapath::Off as u8
+            }),
+            reconciled: AtomicBool::new(false),
+            state_path,
+            state: Mutex::new(state),
+            mirror: OnceLock::new(),
+            restored: OnceLock::new(),
+            started_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// The data path serves from now on; `after` is the time since start.
+    pub fn datapath_ready(&self, after: std::time::Duration) {
+        if self.is_datapath_ready() {
+            return;
+        }
+        self.started_ms
+            .store(after.as_millis() as u64, Ordering::Relaxed);
+        self.datapath
+            .store(Datapath::Ready as u8, Ordering::Release);
+    }
+
+    pub fn is_datapath_ready(&self) -> bool {
+        self.datapath() == Datapath::Ready
+    }
+
+    pub fn reconciled(&self) {
+        self.reconciled.store(true, Ordering::Release);
+    }
+
+    pub fn state_in_memory(&self, reason: String) {
+        *self.state.lock().expect("not poisoned") = StateMode::Memory { reason };
+    }
+
+    pub fn follow_mirror(&self, stats: Arc<MirrorStats>, restored: RestoredCounts) {
+        let _ = self.mirror.set(stats);
+        let _ = self.restored.set(restored);
+    }
+
+    fn datapath(&self) -> Datapath {
+        match self.datapath.load(Ordering::Acquire) {
+            0 => Datapath::Off,
+            1 => Datapath::Starting,
+            _ => Datapath::Ready,
+        }
+    }
+
+    /// The state file's mode, counting a mirror that degraded since start.
+    pub fn state_mode(&self) -> StateMode {
+        let mode = self.state.lock().expect("not poisoned").clone();
+        match (&mode, self.mirror.get()) {
+            (StateMode::File, Some(m)) if m.degraded.load(Ordering::Relaxed) => StateMode::Memory {
+                reason: m
+                    .last_error
+                    .lock()
+                    .expect("not poisoned")
+                    .clone()
+                    .unwrap_or_else(|| "the state file failed".into()),
+            },
+            _ => mode,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self.datapath() {
+            Datapath::Ready => true,
+            Datapath::Starting => false,
+            // Without a data path there is nothing to serve but the API.
+            Datapath::Off => self.reconciled.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn details(&self) -> serde_json::Value {
+        let state = match self.state_mode() {
+            StateMode::Off => serde_json::json!({"mode": "off"}),
+            StateMode::File => serde_json::json!({"mode": "file", "path": self.state_path}),
+            StateMode::Memory { reason } => serde_json::json!({
+                "mode": "memory", "path": self.state_path, "degraded": true, "reason": reason,
+            }),
+        };
+        serde_json::json!({
+            "ready": self.is_ready(),
+            "datapath": match self.datapath() {
+                Datapath::Off => "off",
+                Datapath::Starting => "starting",
+                Datapath::Ready => "ready",
+            },
+            "ready_after_ms": self.started_ms.load(Ordering::Relaxed),
+            "api": if self.reconciled.load(Ordering::Acquire) { "reconciled" } else { "syncing" },
+            "state": state,
+        })
+    }
+}
+
+/// Reads the counters at scrape time: the data path keeps its own atomics
+/// and never waits on a scrape.
+#[derive(Debug)]
+struct StateCollector(Arc<Health>);
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        gauge(
+            &mut enc,
+            "kloak_ready",
+            "1 when the data path serves (maps loaded, probes attached)",
+            i64::from(h.is_ready()),
+        )?;
+        let (degraded, file) = match h.state_mode() {
+            StateMode::Off => (0, 0),
+            StateMode::File => (0, 1),
+            StateMode::Memory { .. } => (1, 0),
+        };
+        gauge(
+            &mut enc,
+            "kloak_state_degraded",
+            "1 when the state file fell back to memory (full disk, unusable file): a restart would start empty",
+            degraded,
+        )?;
+        gauge(
+            &mut enc,
+            "kloak_state_file_enabled",
+            "1 while state is followed into the state file",
+            file,
+        )?;
+        if let Some(m) = h.mirror.get() {
+            counter(
+                &mut enc,
+                "kloak_state_commits",
+                "Batches committed to the state file",
+                m.batches.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "kloak_state_records_written",
+                "Records committed to the state file",
+                m.records.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "kloak_state_write_failures",
+                "Commits to the state file that failed",
+                m.failures.load(Ordering::Relaxed),
+            )?;
+        }
+        if let Some(r) = h.restored.get() {
+            let c = ConstGauge::new(0i64);
+            let mut fam = enc.encode_descriptor(
+                "kloak_state_restored_records",
+                "Records loaded from the state file at start, by kind",
+                None,
+                c.metric_type(),
+            )?;
+            for (kind, n) in [
+                ("secret", r.secrets),
+                ("container", r.containers),
+                ("dns_answer", r.dns_answers),
+                ("connection", r.connections),
+                ("tls_object", r.tls_objects),
+            ] {
+                let labels = [("kind", kind)];
+                ConstGauge::new(n as i64).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    health: Arc<Health>,
+    registry: Arc<Registry>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    let code = if app.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(app.health.details()))
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &app.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "encoding the metrics failed\n".to_string(),
+        ),
+    }
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StateCollector(health.clone())));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(App {
+            health,
+            registry: Arc::new(registry),
+        })
+}
+
+/// Binds the admin port now (a taken port is a start-up error, not a silent
+/// gap in monitoring) and serves it in the background.
+pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(health)).await {
+            tracing::error!(error = %e, "the admin server stopped");
+        }
+    });
+    tracing::info!(addr = %local, "admin server listening (/healthz, /readyz, /metrics)");
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_data_path_and_a_degraded_mirror_stays_ready() {
+        let h = Health::new(true, Some("/run/kloak/state.redb".into()));
+        assert!(!h.is_ready());
+        assert_eq!(h.details()["datapath"], "starting");
+        let stats = Arc::new(MirrorStats::default());
+        h.follow_mirror(stats.clone(), RestoredCounts::default());
+        h.datapath_ready(std::time::Duration::from_millis(12));
+        assert!(h.is_ready());
+        assert_eq!(h.details()["state"]["mode"], "file");
+        stats.degraded.store(true, Ordering::Relaxed);
+        *stats.last_error.lock().unwrap() = Some("No space left on device".into());
+        let d = h.details();
+        assert_eq!(d["ready"], true);
+        assert_eq!(d["state"]["mode"], "memory");
+        assert_eq!(d["state"]["reason"], "No space left on device");
+    }
+
+    #[test]
+    fn metrics_name_the_degraded_state() {
+        let h = Health::new(true, None);
+        h.state_in_memory("opening failed".into());
+        let mut r = Registry::default();
+        r.register_collector(Box::new(StateCollector(h)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        assert!(out.contains("kloak_state_degraded 1"), "{out}");
+        assert!(out.contains("kloak_ready 0"), "{out}");
+        assert!(out.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn without_a_data_path_ready_means_reconciled() {
+        let h = Health::new(false, None);
+        assert!(!h.is_ready());
+        h.reconciled();
+        assert!(h.is_ready());
+    }
+}
