@@ -293,46 +293,13 @@ impl<'p> Agent<'p> {
     }
 
     fn start_time(&mut self, tgid: u32) -> Option<u64> {
-        if let Some(&t) = self.start_times.get(&tgid) {
-            return Some(t);
-        }
-        let t = crate::mirror::start_time(tgid)?;
-        self.start_times.insert(tgid, t);
-        Some(t)
+        crate::mirror::cached_start_time(&mut self.start_times, tgid)
     }
 
     fn mirror_conns(&mut self, events: Vec<ConnEvent>) {
-        if self.mirror.is_none() {
-            return;
-        }
-        for c in events {
-            let Some(start_time) = self.start_time(c.tgid) else {
-                continue;
-            };
-            let key = kloak_storage::ConnKey {
-                tgid: c.tgid,
-                start_time,
-                fd: c.fd,
-            };
-            let op = match c.change {
-                kloak_bpf::ConnChange::Open(conn) => crate::mirror::Op::Conn(
-                    key,
-                    kloak_storage::ConnRecord {
-                        dest: conn.dest.to_string(),
-                        connected_ns: conn.connected_ns,
-                    },
-                ),
-                kloak_bpf::ConnChange::Closed => crate::mirror::Op::Closed(key),
-                kloak_bpf::ConnChange::Ssl(ptr) => {
-                    crate::mirror::Op::Ssl(kloak_storage::SslRecord {
-                        tgid: c.tgid,
-                        start_time,
-                        ptr,
-                        fd: c.fd,
-                    })
-                }
-            };
-            if let Some(m) = &self.mirror {
+        let Some(m) = &self.mirror else { return };
+        for c in &events {
+            if let Some(op) = crate::mirror::conn_op(&mut self.start_times, c) {
                 m.send(op);
             }
         }

@@ -4,28 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-mod admin;
-mod agent;
-mod certs;
-mod cgroup;
-mod containers;
-mod controller;
-mod discover;
-mod dns;
-mod doctor;
-mod guardian;
-mod hpack;
-mod mirror;
-mod pods;
-mod policy;
-mod procmem;
-mod rules;
-mod run;
-mod secrets;
-mod shadow;
-mod sockets;
-mod webhook;
+use kloak::{controller, doctor, guardian, run, webhook};
 
 #[derive(Parser)]
 #[command(

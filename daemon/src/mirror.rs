@@ -6,11 +6,13 @@
 //! lose: answers and connections younger than it. A full disk turns the
 //! mirror off (the agent keeps serving from memory) and says so.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kloak_bpf::{ConnChange, ConnEvent};
 use kloak_storage::{
     Batch, ConnKey, ConnRecord, DnsRecord, SecretRecord, SslRecord, Store, TrackedRecord,
 };
@@ -142,6 +144,44 @@ fn fail(stats: &MirrorStats, e: &kloak_storage::Error) {
     } else {
         tracing::warn!(error = %e, "writing the state file failed; this batch is not persisted");
     }
+}
+
+/// A process's start time, read from /proc once and then remembered.
+pub fn cached_start_time(cache: &mut HashMap<u32, u64>, tgid: u32) -> Option<u64> {
+    if let Some(&t) = cache.get(&tgid) {
+        return Some(t);
+    }
+    let t = start_time(tgid)?;
+    cache.insert(tgid, t);
+    Some(t)
+}
+
+/// The record one connection event becomes, keyed by the process's
+/// identity (pid and start time), so that a reused pid never inherits it.
+/// None when the process is already gone.
+pub fn conn_op(start_times: &mut HashMap<u32, u64>, c: &ConnEvent) -> Option<Op> {
+    let start_time = cached_start_time(start_times, c.tgid)?;
+    let key = ConnKey {
+        tgid: c.tgid,
+        start_time,
+        fd: c.fd,
+    };
+    Some(match c.change {
+        ConnChange::Open(conn) => Op::Conn(
+            key,
+            ConnRecord {
+                dest: conn.dest.to_string(),
+                connected_ns: conn.connected_ns,
+            },
+        ),
+        ConnChange::Closed => Op::Closed(key),
+        ConnChange::Ssl(ptr) => Op::Ssl(SslRecord {
+            tgid: c.tgid,
+            start_time,
+            ptr,
+            fd: c.fd,
+        }),
+    })
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks
