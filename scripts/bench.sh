@@ -8,6 +8,14 @@ scripts/install-deps.sh
 command -v bpftool >/dev/null || { apt-get install -y -qq bpftool >/dev/null; }
 cargo build --release -p kloak --locked
 e2e/k8s-tools/build.sh >/dev/null
+# State file: restart to ready with 10,000 secrets, 1,000 DNS answers and
+# 10,000 connections (target/bench/startup.json); the mirror's cost to the
+# event loop and bytes per record (target/bench/mirror.json).
+if [ "${BENCH_CONTROLLER_ONLY:-}" != 1 ]; then
+  KLOAK_BIN="$PWD/target/release/kloak" cargo bench -p kloak-e2e --bench startup --locked
+  cargo bench -p kloak --bench mirror --locked
+fi
+[ "${BENCH_STATE_ONLY:-}" = 1 ] && exit 0
 # Controller: Secret → shadow → secret_map latency and RSS with 1,000
 # Secrets, against a real kube-apiserver (target/bench/controller.json).
 KLOAK_BIN="$PWD/target/release/kloak" cargo bench -p kloak-e2e --bench controller --locked

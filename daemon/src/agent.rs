@@ -333,6 +333,7 @@ impl<'p> Agent<'p> {
                 answers += 1;
             }
         }
+        let t_conns = Instant::now();
         let mut peers = crate::sockets::Peers::default();
         let mut stale = 0u64;
         for (k, c) in conns {
@@ -369,6 +370,7 @@ impl<'p> Agent<'p> {
             sockets,
             stale_sockets = stale,
             tls_objects = tls,
+            connections_ms = t_conns.elapsed().as_millis() as u64,
             "DNS answers and connections restored from the state file"
         );
         Restored {
@@ -384,6 +386,19 @@ impl<'p> Agent<'p> {
             return;
         };
         let cmds: Vec<Command> = rx.try_iter().collect();
+        let (n, t0) = (cmds.len(), Instant::now());
+        if n == 0 {
+            return;
+        }
+        self.apply(cmds);
+        tracing::debug!(
+            commands = n,
+            elapsed_us = t0.elapsed().as_micros() as u64,
+            "applied the controller's commands"
+        );
+    }
+
+    fn apply(&mut self, cmds: Vec<Command>) {
         for c in cmds {
             match c {
                 Command::PutSecret(s) => {

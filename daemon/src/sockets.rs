@@ -8,17 +8,33 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// Peers of the sockets in each network namespace, read once per namespace.
+/// Finds peers, one process handle per process and, where borrowing a
+/// descriptor is refused (an old kernel, a strict Yama), the network
+/// namespace's socket table read once.
 #[derive(Default)]
 pub struct Peers {
+    handles: HashMap<u32, Option<kloak_bpf::sys::ProcessHandle>>,
     /// Network namespace (its /proc link) → socket inode → remote address.
     by_netns: HashMap<String, HashMap<u64, SocketAddr>>,
 }
 
 impl Peers {
-    /// The remote address of `fd` in process `tgid`, if it is a TCP socket
-    /// the kernel lists as connected somewhere.
+    /// The remote address of `fd` in process `tgid`, if it is a connected
+    /// TCP socket.
     pub fn peer(&mut self, tgid: u32, fd: i32) -> Option<SocketAddr> {
+        let handle = self
+            .handles
+            .entry(tgid)
+            .or_insert_with(|| kloak_bpf::sys::ProcessHandle::open(tgid).ok());
+        match handle.as_ref().map(|h| h.socket_peer(fd)) {
+            Some(Ok(peer)) => peer,
+            // The process exited, or the descriptor is closed: no socket.
+            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) => None,
+            _ => self.peer_from_table(tgid, fd),
+        }
+    }
+
+    fn peer_from_table(&mut self, tgid: u32, fd: i32) -> Option<SocketAddr> {
         let link = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
         let inode: u64 = link
             .to_str()?
@@ -119,5 +135,17 @@ mod tests {
         assert_eq!(p.peer(me, f.as_raw_fd()), None);
         // A listening socket has no peer.
         assert_eq!(p.peer(me, l.as_raw_fd()), None);
+        assert_eq!(p.peer(me, 9999), None);
+    }
+
+    #[test]
+    fn the_socket_table_gives_the_same_answer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut p = Peers::default();
+        assert_eq!(
+            p.peer_from_table(std::process::id(), c.as_raw_fd()),
+            Some(l.local_addr().unwrap())
+        );
     }
 }
