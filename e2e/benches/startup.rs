@@ -275,6 +275,7 @@ async fn main() {
         "target_ms": 500,
     });
     let _ = holder.kill();
+    let _ = holder.wait();
     let path = workspace_root().join("target/bench/startup.json");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
