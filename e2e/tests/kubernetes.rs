@@ -72,7 +72,14 @@ fn controller(kc: &std::path::Path, extra: &[&str], log: &str) -> Kloak {
         args.extend(["--state", &state]);
     }
     args.extend(extra);
-    Kloak::start(&args, kc, "node-e2e", log)
+    // Every test's agent has a node of its own: agents sharing pods would
+    // stop, patch and (through their guardians) continue each other's.
+    Kloak::start(&args, kc, &node_of(log), log)
+}
+
+/// The node a test's controller serves, from the first word of its log name.
+fn node_of(log: &str) -> String {
+    format!("node-{}", log.split('-').next().unwrap_or(log))
 }
 
 fn assert_no_values(log: &str, values: &[&str]) {
@@ -748,11 +755,11 @@ fn rand_suffix() -> String {
 
 /// A pod on this test's node, already annotated by the webhook, whose one
 /// container takes `key` of the shadow `api-kloak`.
-fn node_pod(name: &str, key: &str) -> Pod {
+fn node_pod(node: &str, name: &str, key: &str) -> Pod {
     let mut p = pod(
         name,
         serde_json::json!({}),
-        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+        serde_json::json!({"nodeName": node, "containers": [{"name": "app", "image": "app",
             "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api-kloak", "key": key}}}]}]}),
     );
     p.metadata.annotations = Some(BTreeMap::from([(
@@ -813,7 +820,7 @@ async fn a_pod_on_this_host_gets_its_own_secrets_and_no_others_body() {
 
     // Pod "one" references only key token; pod "two" only key other.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "hostpods");
-    let mk = node_pod;
+    let mk = |name, key| node_pod(&node_of("node"), name, key);
     let one = pods
         .create(&PostParams::default(), &mk("one", "token"))
         .await
@@ -944,7 +951,10 @@ async fn a_pod_in_a_cgroup_v1_hierarchy_is_followed_by_pid_body() {
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "v1pods");
     let p = pods
-        .create(&PostParams::default(), &node_pod("v1", "token"))
+        .create(
+            &PostParams::default(),
+            &node_pod(&node_of("v1"), "v1", "token"),
+        )
         .await
         .unwrap();
     let mut c = FakeContainer::new_v1(p.metadata.uid.as_deref().unwrap());
@@ -1056,7 +1066,7 @@ async fn restart_body(with_state: bool) {
     let ph =
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-    let p = node_pod("app", "token");
+    let p = node_pod(&node_of(tag), "app", "token");
     let p = pods.create(&PostParams::default(), &p).await.unwrap();
     let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
     let kept = kloak_e2e::py_cmd("kept", &srv, &["--host", "allowed.test", "--dns", DNS]);
@@ -1168,7 +1178,7 @@ async fn deleted_while_down_body() {
     let mut p = pod(
         "app",
         serde_json::json!({}),
-        serde_json::json!({"nodeName": "node-e2e", "containers": [{"name": "app", "image": "app",
+        serde_json::json!({"nodeName": node_of("gone"), "containers": [{"name": "app", "image": "app",
             "env": [
                 {"name": "G", "valueFrom": {"secretKeyRef": {"name": "gone-kloak", "key": "token"}}},
                 {"name": "K", "valueFrom": {"secretKeyRef": {"name": "kept-kloak", "key": "token"}}}]}]}),
@@ -1249,6 +1259,8 @@ async fn deleted_while_down_body() {
         .unwrap()
         .into_iter()
         .map(|s| s.name.clone())
+        // Other tests' Secrets share this API server.
+        .filter(|n| n.starts_with(&format!("{ns}/")))
         .collect();
     assert_eq!(names, vec![format!("{ns}/kept/token")]);
 }
@@ -1323,7 +1335,10 @@ async fn damaged_state_body() {
     .unwrap();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let p = pods
-        .create(&PostParams::default(), &node_pod("app", "token"))
+        .create(
+            &PostParams::default(),
+            &node_pod(&node_of("good"), "app", "token"),
+        )
         .await
         .unwrap();
     let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
@@ -1336,6 +1351,29 @@ async fn damaged_state_body() {
     let client = kloak_e2e::py_cmd("gated", &srv, &[]);
     let mut g = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph["token"])]));
     until_served(&srv, &mut g, &token, &ctl, "first agent").await;
+
+    // A second agent on the same state file refuses to start and names the
+    // one that holds it; the first keeps serving.
+    let mut second = controller(&kc, &["--no-webhook-cert"], "good-second");
+    let end = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(st) = second.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the second agent kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains("in use by another agent") && log.contains(&format!("pid {}", ctl.child.id())),
+        "the refusal names the holder:\n{log}"
+    );
+    ctl.assert_running();
+    until_served(&srv, &mut g, &token, &ctl, "first agent, after the refusal").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     ctl.stop();
     let good = cp.dir.join("state-good");
@@ -1368,7 +1406,11 @@ async fn damaged_state_body() {
             std::fs::copy(good.join(f), dir.join(f)).unwrap();
         }
         damage(&dir);
-        let mut ctl = controller(&kc, &["--no-webhook-cert"], &format!("{name}-controller"));
+        let mut ctl = controller(
+            &kc,
+            &["--no-webhook-cert", "--node", &node_of("good")],
+            &format!("{name}-controller"),
+        );
         let v = until_ready(&mut ctl).await;
         assert_eq!(v["state"]["mode"], "file", "{name}: {v}");
         let log = ctl.log_text();
@@ -1516,7 +1558,10 @@ async fn full_disk_body() {
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let p = pods
-        .create(&PostParams::default(), &node_pod("app", "token"))
+        .create(
+            &PostParams::default(),
+            &node_pod(&node_of("full"), "app", "token"),
+        )
         .await
         .unwrap();
     let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
