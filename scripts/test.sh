@@ -12,6 +12,8 @@ scripts/install-deps.sh
 # kube-apiserver and etcd for the Kubernetes tests, built once with the
 # machine's Go and cached under ~/.cache/kloak (several minutes cold).
 e2e/k8s-tools/build.sh >/dev/null
+# Jaeger for the observability tests, likewise (~5 minutes cold).
+e2e/otel-tools/build.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

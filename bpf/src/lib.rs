@@ -136,6 +136,16 @@ impl WriteAbi {
         }
     }
 
+    /// The TLS implementation the function belongs to.
+    pub fn library(self) -> &'static str {
+        match self {
+            WriteAbi::SslWrite | WriteAbi::SslWriteEx => "openssl",
+            WriteAbi::GoTlsWrite => "go-crypto-tls",
+            WriteAbi::GnutlsSend => "gnutls",
+            WriteAbi::RustlsWrite => "rustls",
+        }
+    }
+
     /// Go moves goroutine stacks, so a uretprobe's return-address trampoline corrupts them.
     pub fn supports_return_probe(self) -> bool {
         !matches!(self, WriteAbi::GoTlsWrite)

@@ -65,6 +65,7 @@ pub struct Health {
     state: Mutex<StateMode>,
     mirror: OnceLock<Arc<MirrorStats>>,
     restored: OnceLock<RestoredCounts>,
+    audit: OnceLock<Arc<kloak_observability::AuditStats>>,
     started_ms: AtomicU64,
 }
 
@@ -86,6 +87,7 @@ impl Health {
             state: Mutex::new(state),
             mirror: OnceLock::new(),
             restored: OnceLock::new(),
+            audit: OnceLock::new(),
             started_ms: AtomicU64::new(0),
         })
     }
@@ -116,6 +118,10 @@ impl Health {
     pub fn follow_mirror(&self, stats: Arc<MirrorStats>, restored: RestoredCounts) {
         let _ = self.mirror.set(stats);
         let _ = self.restored.set(restored);
+    }
+
+    pub fn follow_audit(&self, stats: Arc<kloak_observability::AuditStats>) {
+        let _ = self.audit.set(stats);
     }
 
     fn datapath(&self) -> Datapath {
@@ -244,6 +250,36 @@ impl Collector for StateCollector {
                 m.failures.load(Ordering::Relaxed),
             )?;
         }
+        if let Some(a) = h.audit.get() {
+            counter(
+                &mut enc,
+                "kloak_spans_queued",
+                "Substitution events queued for export as spans",
+                a.queued.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "kloak_spans_exported",
+                "Spans the OTLP collector accepted",
+                a.exported.load(Ordering::Relaxed),
+            )?;
+            let c = ConstCounter::new(0u64);
+            let mut fam = enc.encode_descriptor(
+                "kloak_spans_dropped",
+                "Spans dropped: the queue was full, or their export failed or timed out",
+                None,
+                c.metric_type(),
+            )?;
+            for (reason, n) in [
+                ("queue_full", a.dropped_queue_full.load(Ordering::Relaxed)),
+                (
+                    "export_failed",
+                    a.dropped_export_failed.load(Ordering::Relaxed),
+                ),
+            ] {
+                ConstCounter::new(n).encode(fam.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         if let Some(r) = h.restored.get() {
             let c = ConstGauge::new(0i64);
             let mut fam = enc.encode_descriptor(
@@ -271,6 +307,30 @@ impl Collector for StateCollector {
 struct App {
     health: Arc<Health>,
     registry: Arc<Registry>,
+    log: Option<kloak_observability::LogHandle>,
+}
+
+/// `GET /logging`: the log filter in force. `PUT /logging` with a filter
+/// (`RUST_LOG` syntax, e.g. `debug` or `info,kloak::agent=trace`) as the
+/// body: swaps it at once, no restart.
+async fn get_logging(State(app): State<App>) -> impl IntoResponse {
+    match &app.log {
+        Some(l) => (StatusCode::OK, format!("{}\n", l.current())),
+        None => (StatusCode::NOT_FOUND, "no log handle\n".to_string()),
+    }
+}
+
+async fn put_logging(State(app): State<App>, body: String) -> impl IntoResponse {
+    let Some(l) = &app.log else {
+        return (StatusCode::NOT_FOUND, "no log handle\n".to_string());
+    };
+    match l.set(body.trim()) {
+        Ok(()) => {
+            tracing::info!(filter = %body.trim(), "log filter changed");
+            (StatusCode::OK, format!("{}\n", l.current()))
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -305,26 +365,32 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     }
 }
 
-pub fn router(health: Arc<Health>) -> Router {
+pub fn router(health: Arc<Health>, log: Option<kloak_observability::LogHandle>) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(StateCollector(health.clone())));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/logging", get(get_logging).put(put_logging))
         .with_state(App {
             health,
             registry: Arc::new(registry),
+            log,
         })
 }
 
 /// Binds the admin port now (a taken port is a start-up error, not a silent
 /// gap in monitoring) and serves it in the background.
-pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    log: Option<kloak_observability::LogHandle>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(health)).await {
+        if let Err(e) = axum::serve(listener, router(health, log)).await {
             tracing::error!(error = %e, "the admin server stopped");
         }
     });

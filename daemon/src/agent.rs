@@ -154,6 +154,8 @@ pub enum Command {
         /// The cgroup is a v1 directory with no v2 id: track its processes
         /// by pid (the kernel follows their forks); `id` is then the agent's own.
         by_pid: bool,
+        /// Pod, namespace and container, for audit spans.
+        workload: Option<Workload>,
     },
     Untrack(u64),
     /// What a previous agent knew (from the state file): answers and
@@ -213,7 +215,19 @@ pub struct Agent<'p> {
     mirror: Option<crate::mirror::Mirror>,
     /// Start times of processes seen, for naming them in the state file.
     start_times: HashMap<u32, u64>,
+    /// One span per substitution event, when OTLP export is on.
+    audit: Option<kloak_observability::Audit>,
+    /// Pod, namespace and container of each tracked cgroup (or pid group).
+    workloads: HashMap<u64, Arc<Workload>>,
     pub counters: Arc<Counters>,
+}
+
+/// Where a tracked cgroup's processes run, for audit spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -282,8 +296,69 @@ impl<'p> Agent<'p> {
             guardian: None,
             mirror: None,
             start_times: HashMap::new(),
+            audit: None,
+            workloads: HashMap::new(),
             counters: Arc::default(),
         }
+    }
+
+    /// Records a span for every event (see `kloak_observability::audit`).
+    pub fn with_audit(mut self, a: kloak_observability::Audit) -> Self {
+        self.audit = Some(a);
+        self
+    }
+
+    /// Hands one event to the span exporter. Never blocks; does nothing
+    /// when export is off. Names the secret, never its value.
+    fn audit(
+        &self,
+        e: &Event,
+        outcome: kloak_observability::Outcome,
+        secret: Option<&Secret>,
+        reason: Option<&'static str>,
+    ) {
+        let Some(a) = &self.audit else { return };
+        let now_mono = mono_ns();
+        let now = std::time::SystemTime::now();
+        let start = now - Duration::from_nanos(now_mono.saturating_sub(e.ts_ns));
+        let conn = e.fd.and_then(|fd| self.probes.conn(e.tgid, fd));
+        let hostname = conn.and_then(|c| {
+            self.dns
+                .names_at(e.tgid, c.dest.ip(), c.connected_ns)
+                .into_iter()
+                .next()
+        });
+        let workload = match self.workloads.get(&e.cgroup) {
+            Some(w) => kloak_observability::Workload::Pod {
+                namespace: w.namespace.clone(),
+                pod: w.pod.clone(),
+                container: w.container.clone(),
+            },
+            None => kloak_observability::Workload::Process {
+                pid: e.tgid,
+                comm: e.comm.clone(),
+                exe: None,
+            },
+        };
+        a.record(kloak_observability::AuditEvent {
+            outcome,
+            start,
+            end: now,
+            secret: secret.map(|s| kloak_observability::SecretRef::parse(&s.name)),
+            workload,
+            pid: e.tgid,
+            library: e.abi.map_or("unknown", |x| x.library()),
+            function: e.abi.map_or("unknown", |x| x.function()),
+            backend: self.probes.backend().as_str(),
+            peer: conn.map(|c| (c.dest.ip(), c.dest.port())),
+            hostname: hostname.map(str::to_string),
+            bytes: e.len,
+            paused: e
+                .kind
+                .leaves_stopped()
+                .then(|| Duration::from_nanos(now_mono.saturating_sub(e.ts_ns))),
+            reason,
+        });
     }
 
     /// Follows DNS answers and connections into the state file.
@@ -428,7 +503,11 @@ impl<'p> Agent<'p> {
                     id,
                     secrets,
                     by_pid,
+                    workload,
                 } => {
+                    if let Some(w) = workload {
+                        self.workloads.insert(id, Arc::new(w));
+                    }
                     let new = self
                         .bindings
                         .get_or_insert_with(HashMap::new)
@@ -489,6 +568,7 @@ impl<'p> Agent<'p> {
                     let _ = done.send(());
                 }
                 Command::Untrack(id) => {
+                    self.workloads.remove(&id);
                     if self.by_pid.remove(&id).is_some() {
                         self.probes.untrack_pids(id);
                     } else {
@@ -534,6 +614,12 @@ impl<'p> Agent<'p> {
             comm = %e.comm,
             secret = %s.name,
             "blocked: this pod does not reference the secret; the placeholder went out unchanged"
+        );
+        self.audit(
+            e,
+            kloak_observability::Outcome::Blocked,
+            Some(s),
+            Some("the pod does not reference this secret"),
         );
         false
     }
@@ -698,18 +784,21 @@ impl<'p> Agent<'p> {
     ) -> Result<(), AgentError> {
         let mut stopped: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
         let counters = self.counters.clone();
-        let sort = |evs: Vec<Event>, stopped: &mut BTreeMap<u32, Vec<Event>>| {
-            for e in evs {
-                if e.kind.leaves_stopped() {
-                    stopped.entry(e.tgid).or_default().push(e);
-                } else {
-                    note(&counters, &e);
+        let mut noted: Vec<Event> = Vec::new();
+        let sort =
+            |evs: Vec<Event>, stopped: &mut BTreeMap<u32, Vec<Event>>, noted: &mut Vec<Event>| {
+                for e in evs {
+                    if e.kind.leaves_stopped() {
+                        stopped.entry(e.tgid).or_default().push(e);
+                    } else {
+                        note(&counters, &e);
+                        noted.push(e);
+                    }
                 }
-            }
-        };
+            };
         let t0 = mono_ns();
         let first_ts = batch.iter().map(|e| e.ts_ns).min().unwrap_or(t0);
-        sort(batch, &mut stopped);
+        sort(batch, &mut stopped, &mut noted);
         let mut state: HashMap<u32, GroupState> = HashMap::new();
         loop {
             for &tgid in stopped.keys() {
@@ -724,7 +813,7 @@ impl<'p> Agent<'p> {
             if more.is_empty() {
                 break;
             }
-            sort(more, &mut stopped);
+            sort(more, &mut stopped, &mut noted);
         }
         let t1 = mono_ns();
         let nstopped = stopped.len();
@@ -748,6 +837,11 @@ impl<'p> Agent<'p> {
             }
             if kill(Pid::from_raw(tgid as i32), Signal::SIGCONT).is_ok() {
                 inc(&self.counters.continued);
+            }
+        }
+        if self.audit.is_some() {
+            for e in &noted {
+                self.audit_noted(e);
             }
         }
         if nstopped > 0 {
@@ -787,6 +881,25 @@ fn note(counters: &Counters, e: &Event) {
 }
 
 impl Agent<'_> {
+    /// Spans for events the kernel finished alone (the in-place backend's
+    /// rewrites and scrubs) and for tokens that name no secret.
+    fn audit_noted(&self, e: &Event) {
+        use kloak_observability::Outcome;
+        let outcome = match e.kind {
+            EventKind::Unknown => {
+                self.audit(e, Outcome::UnknownPlaceholder, None, None);
+                return;
+            }
+            EventKind::Rewritten => Outcome::Rewritten,
+            EventKind::Scrubbed => Outcome::Scrubbed,
+            _ => return,
+        };
+        for h in &e.hits {
+            let s = self.secrets.by_id.get(&h.secret_id).map(|s| &**s);
+            self.audit(e, outcome, s, None);
+        }
+    }
+
     fn handle_stopped(&mut self, e: &Event) {
         match e.kind {
             EventKind::Rewrite => {
@@ -840,8 +953,12 @@ impl Agent<'_> {
                     Direction::ToValue => {
                         inc(&self.counters.rewrites);
                         tracing::debug!(pid = e.tgid, comm = %e.comm, secret = %s.name, "placeholder rewritten");
+                        self.audit(e, kloak_observability::Outcome::Rewritten, Some(s), None);
                     }
-                    Direction::ToPlaceholder => inc(&self.counters.scrubs),
+                    Direction::ToPlaceholder => {
+                        inc(&self.counters.scrubs);
+                        self.audit(e, kloak_observability::Outcome::Scrubbed, Some(s), None);
+                    }
                 }
                 true
             }
@@ -882,6 +999,12 @@ impl Agent<'_> {
             destination = %dest.map_or_else(|| "unknown".to_string(), |d| d.to_string()),
             verified_names = ?names,
             "blocked: destination not allowed for this secret; the placeholder went out unchanged"
+        );
+        self.audit(
+            e,
+            kloak_observability::Outcome::Blocked,
+            Some(s),
+            Some("destination not allowed for this secret"),
         );
         false
     }

@@ -27,7 +27,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use zeroize::Zeroizing;
 
 use crate::admin::Health;
-use crate::agent::{Agent, Command, SecretTable};
+use crate::agent::{Agent, Command, SecretTable, Workload};
 use crate::certs::{self, CertOpts};
 use crate::containers::{self, ContainerId, Layout};
 use crate::mirror::{Mirror, Op as MirrorOp};
@@ -100,6 +100,10 @@ pub struct ControllerOpts {
     /// Keep no state file: a restart starts empty and waits for the API.
     #[arg(long)]
     pub no_state: bool,
+    /// Audit events (one span each) waiting for export at most; beyond,
+    /// events are dropped and counted, never waited for.
+    #[arg(long, default_value_t = 8192)]
+    pub audit_queue: usize,
     /// Admin port: /healthz, /readyz (JSON details), /metrics. Plain HTTP,
     /// apart from the webhook's TLS port.
     #[arg(long, env = "KLOAK_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
@@ -205,7 +209,11 @@ struct State {
     withdrawn: u64,
 }
 
-pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
+pub async fn run(
+    opts: ControllerOpts,
+    log: Option<kloak_observability::LogHandle>,
+    otel: Option<kloak_observability::OtelSettings>,
+) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
@@ -217,7 +225,19 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         opts.datapath,
         (opts.datapath && !opts.no_state).then(|| opts.state.display().to_string()),
     );
-    crate::admin::serve(opts.admin_listen, health.clone())
+    // One span per substitution event, when OTLP export is configured.
+    let audit = match otel {
+        Some(s) => {
+            let endpoint = s.endpoint.clone();
+            let a = kloak_observability::Audit::start(s, opts.audit_queue)
+                .context("starting the span exporter")?;
+            tracing::info!(endpoint = %endpoint, queue = opts.audit_queue, "exporting a span per substitution over OTLP");
+            health.follow_audit(a.stats.clone());
+            Some(a)
+        }
+        None => None,
+    };
+    crate::admin::serve(opts.admin_listen, health.clone(), log)
         .await
         .with_context(|| format!("binding the admin port {}", opts.admin_listen))?;
     let restored = if opts.datapath && !opts.no_state {
@@ -252,7 +272,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     }
     let mirror = restored.as_ref().map(|r| r.mirror.clone());
     let (agent, agent_thread) = if opts.datapath {
-        let (tx, handle) = start_datapath(&opts, shutdown.clone(), mirror.clone())?;
+        let (tx, handle) = start_datapath(&opts, shutdown.clone(), mirror.clone(), audit.clone())?;
         (Some(tx), Some(handle))
     } else {
         (None, None)
@@ -310,11 +330,17 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             done: Some(done_tx),
         });
         for t in &r.tracked {
+            let (namespace, pod) = t.pod.split_once('/').unwrap_or(("", &t.pod));
             st.send(Command::Track {
                 cgroup: t.cgroup.clone(),
                 id: t.id,
                 secrets: t.secrets.iter().copied().collect(),
                 by_pid: t.by_pid,
+                workload: Some(Workload {
+                    namespace: namespace.into(),
+                    pod: pod.into(),
+                    container: t.container.clone(),
+                }),
             });
         }
         let (barrier_tx, barrier_rx) = tokio::sync::oneshot::channel();
@@ -447,6 +473,10 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     drop(st);
     if let Some(h) = agent_thread {
         let _ = h.join();
+    }
+    // The agent's handle is gone with its thread: what is queued goes out.
+    if let Some(a) = audit {
+        a.finish(Duration::from_secs(5));
     }
     Ok(())
 }
@@ -739,7 +769,7 @@ impl State {
     /// Tracks every container of every annotated pod on this node, bound to
     /// the secrets that pod references; untracks the rest.
     fn bind_pods(&mut self) {
-        let mut want: HashMap<u64, (Key, PathBuf, HashSet<u32>, bool)> = HashMap::new();
+        let mut want: HashMap<u64, (Key, String, PathBuf, HashSet<u32>, bool)> = HashMap::new();
         let pods: Vec<Pod> = self
             .pods
             .objects
@@ -765,11 +795,11 @@ impl State {
             for raw in bad {
                 tracing::warn!(namespace = %pk.0, pod = %pk.1, container_id = %raw, "container ID not understood; its processes are not attached");
             }
-            for c in containers {
+            for (name, c) in containers {
                 let Some((path, id, by_pid)) = self.cgroup_of(&c, &pk) else {
                     continue;
                 };
-                want.insert(id, (pk.clone(), path, ids.clone(), by_pid));
+                want.insert(id, (pk.clone(), name, path, ids.clone(), by_pid));
             }
         }
         let gone: Vec<u64> = self
@@ -787,7 +817,7 @@ impl State {
                 m.send(MirrorOp::Untracked(id));
             }
         }
-        for (id, (pk, path, ids, by_pid)) in want {
+        for (id, (pk, container, path, ids, by_pid)) in want {
             if self.tracked.get(&id).is_some_and(|(_, cur)| *cur == ids) {
                 continue;
             }
@@ -801,14 +831,20 @@ impl State {
                     by_pid,
                     pod: format!("{}/{}", pk.0, pk.1),
                     secrets: ids.iter().copied().collect(),
+                    container: container.clone(),
                 }));
             }
-            self.tracked.insert(id, (pk, ids.clone()));
+            self.tracked.insert(id, (pk.clone(), ids.clone()));
             self.send(Command::Track {
                 cgroup: path,
                 id,
                 secrets: ids,
                 by_pid,
+                workload: Some(Workload {
+                    namespace: pk.0.clone(),
+                    pod: pk.1.clone(),
+                    container,
+                }),
             });
         }
         let live: HashSet<u64> = self.tracked.keys().copied().collect();
@@ -908,6 +944,7 @@ fn start_datapath(
     opts: &ControllerOpts,
     shutdown: Arc<AtomicBool>,
     mirror: Option<Mirror>,
+    audit: Option<kloak_observability::Audit>,
 ) -> anyhow::Result<(AgentLink, std::thread::JoinHandle<()>)> {
     let report = doctor::run_checks();
     if let Some(msg) = doctor::refusal(&report) {
@@ -960,6 +997,9 @@ fn start_datapath(
                 .with_commands(rx, agent_wake, guardian);
             if let Some(m) = mirror {
                 agent = agent.with_mirror(m);
+            }
+            if let Some(a) = audit {
+                agent = agent.with_audit(a);
             }
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
             let msg = match r {

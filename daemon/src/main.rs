@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kloak::{controller, doctor, guardian, run, webhook};
+use kloak_observability::{LogFormat, LogHandle, OtelSettings};
 
 #[derive(Parser)]
 #[command(
@@ -13,6 +14,9 @@ use kloak::{controller, doctor, guardian, run, webhook};
     about = "Keeps real secrets out of application processes"
 )]
 struct Cli {
+    /// Log lines as text or JSON (stderr; the filter is RUST_LOG's).
+    #[arg(long, global = true, env = "KLOAK_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -30,7 +34,7 @@ enum Cmd {
         secrets: Option<PathBuf>,
     },
     /// The node agent: shadow Secrets, pod attachment, webhook certificate.
-    Controller(controller::ControllerOpts),
+    Controller(Box<controller::ControllerOpts>),
     /// The admission webhooks (pod mutation, Secret validation) over HTTPS.
     Webhook(webhook::WebhookOpts),
     #[command(name = "__guardian", hide = true)]
@@ -46,29 +50,39 @@ enum Cmd {
     },
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// Logs to stderr; with `otel`, `tracing` spans are exported too. A
+/// subscriber that cannot be installed is reported and the command goes on
+/// without logs rather than not at all.
+fn init_logging(
+    format: LogFormat,
+    default: &str,
+    otel: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+) -> Option<LogHandle> {
+    match kloak_observability::logging::init(format, default, otel) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("kloak: {e}");
+            None
+        }
+    }
 }
 
-fn async_main(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("kloak: starting the async runtime: {e}");
-            return ExitCode::from(70);
-        }
-    };
+            ExitCode::from(70)
+        })
+}
+
+fn block_on(
+    rt: &tokio::runtime::Runtime,
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
     match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -83,7 +97,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Guardian { cgroup, .. } => ExitCode::from(guardian::run(cgroup) as u8),
         Cmd::Doctor { json, secrets } => {
-            init_logging("warn");
+            init_logging(cli.log_format, "warn", None);
             let mut r = doctor::run_checks();
             if let Some(path) = secrets {
                 doctor::check_secrets(&mut r, &path);
@@ -103,15 +117,40 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Controller(opts) => {
-            init_logging("info");
-            async_main(controller::run(opts))
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            // The OTLP exporter needs the runtime it will run on.
+            let otel = {
+                let _g = rt.enter();
+                OtelSettings::from_env(env!("CARGO_PKG_VERSION"), Some(&opts.node))
+                    .map(|s| s.tracer_provider().map(|p| (s, p)))
+            };
+            let (settings, provider) = match otel {
+                Some(Ok((s, p))) => (Some(s), Some(p)),
+                Some(Err(e)) => {
+                    eprintln!("kloak: {e}");
+                    return ExitCode::from(70);
+                }
+                None => (None, None),
+            };
+            let log = init_logging(cli.log_format, "info", provider.clone());
+            let code = block_on(&rt, controller::run(*opts, log, settings));
+            if let Some(p) = provider {
+                let _ = p.shutdown();
+            }
+            code
         }
         Cmd::Webhook(opts) => {
-            init_logging("info");
-            async_main(webhook::run(opts))
+            init_logging(cli.log_format, "info", None);
+            match runtime() {
+                Ok(rt) => block_on(&rt, webhook::run(opts)),
+                Err(code) => code,
+            }
         }
         Cmd::Run(opts) => {
-            init_logging("warn");
+            init_logging(cli.log_format, "warn", None);
             match run::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {

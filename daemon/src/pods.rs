@@ -98,7 +98,8 @@ pub fn secret_refs(pod: &Pod) -> BTreeMap<String, Keys> {
 
 /// Containers of the pod that have started, by the runtime's ID. IDs that do
 /// not parse are returned separately, to be reported.
-pub fn container_ids(pod: &Pod) -> (Vec<ContainerId>, Vec<String>) {
+/// The running containers' IDs, with their names in the pod.
+pub fn container_ids(pod: &Pod) -> (Vec<(String, ContainerId)>, Vec<String>) {
     let (mut ok, mut bad) = (Vec::new(), Vec::new());
     let Some(st) = &pod.status else {
         return (ok, bad);
@@ -114,7 +115,7 @@ pub fn container_ids(pod: &Pod) -> (Vec<ContainerId>, Vec<String>) {
         let running = cs.state.as_ref().is_none_or(|s| s.terminated.is_none());
         match cs.container_id.as_deref() {
             Some(raw) if running && !raw.is_empty() => match ContainerId::parse(raw) {
-                Ok(id) => ok.push(id),
+                Ok(id) => ok.push((cs.name.clone(), id)),
                 Err(_) => bad.push(raw.to_string()),
             },
             _ => {}
@@ -189,7 +190,7 @@ mod tests {
         }));
         let (ok, bad) = container_ids(&p);
         assert_eq!(ok.len(), 1);
-        assert_eq!(ok[0].id, id);
+        assert_eq!(ok[0].1.id, id);
         assert_eq!(bad, ["weird"]);
     }
 }

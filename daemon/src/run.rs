@@ -157,6 +157,16 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
         .with_busy_poll(std::time::Duration::from_micros(o.busy_poll_us))
         .with_dns(crate::dns::DnsCache::new(trusted, o.dns_cache_entries))
         .with_cgroups(vec![cg.path.clone()]);
+    // One span per substitution event when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let audit = match kloak_observability::OtelSettings::from_env(env!("CARGO_PKG_VERSION"), None) {
+        Some(s) => {
+            Some(kloak_observability::Audit::start(s, 8192).context("starting the span exporter")?)
+        }
+        None => None,
+    };
+    if let Some(a) = &audit {
+        agent = agent.with_audit(a.clone());
+    }
     let counters = agent.counters.clone();
     let shutdown = AtomicBool::new(false);
 
@@ -229,6 +239,9 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     drop(agent);
+    if let Some(a) = audit {
+        a.finish(std::time::Duration::from_secs(5));
+    }
     drop(probes);
     drop(guardian.pipe);
     cg.remove_if_empty();

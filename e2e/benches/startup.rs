@@ -93,6 +93,7 @@ fn write_state(dir: &Path, full: bool, conns: &[std::net::TcpStream], container:
         cgroup: container.cgroup.clone(),
         by_pid: false,
         pod: "bench/app".into(),
+        container: "app".into(),
         secrets: (1..=SECRETS as u32).collect(),
     });
     store.apply(&b).unwrap();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod k8s;
+pub mod otel;
 
 /// Root-only tests skip outside CI and fail inside it: a skipped data-path
 /// test in CI would be a test that cannot fail.
@@ -666,4 +667,17 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response from {addr}{path}: {head:?}"));
     (code, body.to_string())
+}
+
+/// `kloak run` with extra environment (e.g. the OTLP variables).
+pub fn run_kloak_with_env(
+    secrets: &Secrets,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    command: &[&str],
+    timeout: Duration,
+) -> Run {
+    let (mut c, stats) = kloak_cmd(secrets, extra, command);
+    c.envs(env.iter().copied());
+    finish(&mut c, &stats, timeout)
 }

@@ -108,6 +108,10 @@ pub struct TrackedRecord {
     /// `namespace/pod`.
     pub pod: String,
     pub secrets: Vec<u32>,
+    /// The container's name in its pod (files from before it was kept
+    /// read as empty).
+    #[serde(default)]
+    pub container: String,
 }
 
 /// Changes applied together in one transaction: the agent batches what
@@ -828,6 +832,7 @@ mod tests {
                 by_pid: false,
                 pod: "ns/p".into(),
                 secrets: vec![1],
+                container: "app".into(),
             })
             .unwrap();
             assert_eq!(

@@ -1,0 +1,135 @@
+//! A real Jaeger (v2: OTLP in, query API out) for the observability tests,
+//! one per test binary, built by `e2e/otel-tools/build.sh` and cached under
+//! ~/.cache/kloak.
+
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::{http_get, workspace_root};
+
+pub struct Jaeger {
+    /// For `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp: String,
+    pub query: std::net::SocketAddr,
+    pub log: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn jaeger() -> &'static Jaeger {
+    static J: OnceLock<Jaeger> = OnceLock::new();
+    J.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("e2e/otel-tools/build.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running e2e/otel-tools/build.sh");
+        assert!(out.status.success(), "building Jaeger failed");
+        let dir = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let (grpc, http, query, qgrpc) = (free_port(), free_port(), free_port(), free_port());
+        let log = std::env::temp_dir().join(format!("kloak-jaeger-{}.log", std::process::id()));
+        let f = std::fs::File::create(&log).unwrap();
+        let args = vec![
+            format!("--set=receivers.otlp.protocols.grpc.endpoint=127.0.0.1:{grpc}"),
+            format!("--set=receivers.otlp.protocols.http.endpoint=127.0.0.1:{http}"),
+            format!("--set=extensions.jaeger_query.http.endpoint=127.0.0.1:{query}"),
+            format!("--set=extensions.jaeger_query.grpc.endpoint=127.0.0.1:{qgrpc}"),
+        ];
+        // Held by a thread that lives as long as the test binary: the death
+        // signal fires when the thread that started the child ends.
+        let bin = format!("{dir}/jaeger");
+        std::thread::spawn(move || {
+            let mut child = Command::new("setpriv")
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(bin)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(f)
+                .spawn()
+                .expect("starting jaeger");
+            let _ = child.wait();
+            loop {
+                std::thread::park();
+            }
+        });
+        let j = Jaeger {
+            otlp: format!("http://127.0.0.1:{grpc}"),
+            query: format!("127.0.0.1:{query}").parse().unwrap(),
+            log,
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(j.query).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err()
+        {
+            assert!(
+                Instant::now() < end,
+                "Jaeger did not start: {}",
+                j.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        j
+    })
+}
+
+impl Jaeger {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every span stored for `service`, flattened, with their process.
+    pub fn spans(&self, service: &str) -> (Vec<serde_json::Value>, String) {
+        let (code, body) = http_get(
+            self.query,
+            &format!("/api/traces?service={service}&limit=1000&lookback=1h"),
+        );
+        assert_eq!(code, 200, "Jaeger query: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut spans = Vec::new();
+        for t in v["data"].as_array().into_iter().flatten() {
+            for s in t["spans"].as_array().into_iter().flatten() {
+                let mut s = s.clone();
+                let pid = s["processID"].as_str().unwrap_or_default().to_string();
+                s["process"] = t["processes"][&pid].clone();
+                spans.push(s);
+            }
+        }
+        (spans, body)
+    }
+
+    /// Waits until `enough` holds for the spans of `service`.
+    pub fn wait_spans(
+        &self,
+        service: &str,
+        timeout: Duration,
+        enough: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> (Vec<serde_json::Value>, String) {
+        let end = Instant::now() + timeout;
+        loop {
+            let (spans, body) = self.spans(service);
+            if enough(&spans) {
+                return (spans, body);
+            }
+            assert!(
+                Instant::now() < end,
+                "Jaeger never had the spans for {service}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A span's tag value by key.
+pub fn tag<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    span["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .map(|t| &t["value"])
+}

@@ -1,0 +1,140 @@
+//! Audit spans in a real Jaeger: one per substitution event, exported over
+//! OTLP/gRPC by the agent, read back through Jaeger's query API. Root only.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kloak_e2e::otel::{jaeger, tag};
+use kloak_e2e::*;
+
+const T: Duration = Duration::from_secs(90);
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+#[test]
+fn every_rewrite_and_every_block_is_a_span_in_jaeger() {
+    let Some(_g) = root_test() else { return };
+    let j = jaeger();
+    let srv = TlsServer::start();
+    let allowed = random_secret("otel-ok-", 30);
+    let denied = random_secret("otel-no-", 30);
+    let secrets = Secrets::raw(&format!(
+        "secrets:\n  - name: allowed\n    value: \"{allowed}\"\n    env: A\n    hosts: [\"127.0.0.1\"]\n\
+         \x20 - name: denied\n    value: \"{denied}\"\n    env: B\n    hosts: [\"192.0.2.1\"]\n"
+    ));
+    let service = format!("kloak-e2e-{}", std::process::id());
+    let py = |env: &str, path: &str| {
+        format!(
+            "python3 {} request --env {env} --port {} --cacert {} --host 127.0.0.1 --path {path}",
+            py_client(),
+            srv.port,
+            srv.cacert().display()
+        )
+    };
+    let script = format!("{} && {}", py("A", "/allowed"), py("B", "/denied"));
+    let before = SystemTime::now();
+    let run = run_kloak_with_env(
+        &secrets,
+        &["--mode", "pause"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &j.otlp),
+            ("OTEL_SERVICE_NAME", &service),
+        ],
+        &["sh", "-c", &script],
+        T,
+    );
+    let after = SystemTime::now();
+    assert!(run.output.status.success(), "{}", run.stderr());
+    // What arrived: the value where allowed, the placeholder where not.
+    let rec = srv.records();
+    let got = |path: &str| {
+        rec.iter()
+            .find(|r| r.starts_with(format!("POST {path} ").as_bytes()))
+            .unwrap_or_else(|| panic!("nothing arrived at {path}"))
+            .clone()
+    };
+    assert_eq!(count(&got("/allowed"), allowed.as_bytes()), 2);
+    assert_eq!(count(&got("/denied"), denied.as_bytes()), 0);
+
+    let (spans, raw) = j.wait_spans(&service, T, |s| {
+        let n = |o: &str| {
+            s.iter()
+                .filter(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some(o))
+                .count()
+        };
+        n("rewritten") >= 2 && n("blocked") >= 2
+    });
+    let of = |outcome: &str, secret: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                tag(s, "kloak.outcome").and_then(|v| v.as_str()) == Some(outcome)
+                    && tag(s, "kloak.secret.name").and_then(|v| v.as_str()) == Some(secret)
+            })
+            .unwrap_or_else(|| panic!("no {outcome} span for {secret}: {raw}"))
+    };
+
+    let r = of("rewritten", "allowed");
+    let s = |k: &str| tag(r, k).cloned().unwrap_or_default();
+    assert_eq!(s("network.peer.address"), "127.0.0.1", "{r}");
+    assert_eq!(s("network.peer.port"), srv.port as i64, "{r}");
+    assert_eq!(s("server.port"), srv.port as i64, "{r}");
+    assert_eq!(s("kloak.backend"), "pause", "{r}");
+    assert_eq!(s("kloak.tls.library"), "openssl", "{r}");
+    assert!(
+        s("code.function.name")
+            .as_str()
+            .unwrap_or("")
+            .starts_with("SSL_write"),
+        "{r}"
+    );
+    assert!(s("kloak.write.bytes").as_i64() > Some(60), "{r}");
+    assert!(s("process.pid").as_i64() > Some(0), "{r}");
+    assert_eq!(s("process.executable.name"), "python3", "{r}");
+    assert!(
+        s("process.executable.path")
+            .as_str()
+            .unwrap_or("")
+            .contains("python3"),
+        "{r}"
+    );
+    assert!(s("kloak.pause.duration_us").as_i64() >= Some(0), "{r}");
+    assert!(tag(r, "error").is_none(), "a rewrite is not an error: {r}");
+    // The span starts when the kernel saw the write: inside the run.
+    let start = r["startTime"].as_u64().unwrap();
+    assert!(
+        start >= micros(before) && start <= micros(after),
+        "start {start} outside [{}, {}]",
+        micros(before),
+        micros(after)
+    );
+    let proc_tags = r["process"]["tags"].as_array().cloned().unwrap_or_default();
+    assert!(
+        proc_tags
+            .iter()
+            .any(|t| t["key"] == "service.version" && t["value"] == env!("CARGO_PKG_VERSION")),
+        "resource: {}",
+        r["process"]
+    );
+    assert_eq!(r["process"]["serviceName"], service.as_str());
+
+    let b = of("blocked", "denied");
+    assert_eq!(tag(b, "error"), Some(&serde_json::json!(true)), "{b}");
+    assert_eq!(
+        tag(b, "kloak.blocked.reason").and_then(|v| v.as_str()),
+        Some("destination not allowed for this secret"),
+        "{b}"
+    );
+    assert_eq!(
+        tag(b, "network.peer.address").cloned(),
+        Some("127.0.0.1".into())
+    );
+
+    // Names only, never values: not in the spans, not in the agent's output.
+    for v in [&allowed, &denied] {
+        assert_eq!(count(raw.as_bytes(), v.as_bytes()), 0, "a value in Jaeger");
+    }
+    run.assert_no_leak(&allowed);
+    run.assert_no_leak(&denied);
+}
