@@ -194,6 +194,16 @@ pub struct Kloak {
 
 impl Kloak {
     pub fn start(args: &[&str], kubeconfig: &Path, node: &str, log_name: &str) -> Kloak {
+        Kloak::start_with_env(args, kubeconfig, node, log_name, &[])
+    }
+
+    pub fn start_with_env(
+        args: &[&str],
+        kubeconfig: &Path,
+        node: &str,
+        log_name: &str,
+        env: &[(&str, &str)],
+    ) -> Kloak {
         let log = control_plane().dir.join(format!("{log_name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(kloak_bin())
@@ -204,6 +214,7 @@ impl Kloak {
                 "RUST_LOG",
                 std::env::var("KLOAK_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()

@@ -1597,3 +1597,124 @@ async fn full_disk_body() {
         .count();
     assert_eq!(aside, 0, "the state file was moved aside for a full disk");
 }
+
+#[test]
+fn spans_name_the_pod_and_the_secret_in_jaeger() {
+    k8s_test(spans_body());
+}
+
+async fn spans_body() {
+    use kloak_e2e::otel::{jaeger, tag};
+    let j = jaeger();
+    let cp = control_plane();
+    let kc = cp.seed_kubeconfig("kloak-spans").await;
+    let admin = cp.admin().await;
+    let ns = "spans";
+    ensure_namespace(&admin, ns, false).await;
+    let srv = TlsServer::start();
+    let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let token = random_secret("span-", 28);
+    api.create(
+        &PostParams::default(),
+        &secret(
+            "api",
+            true,
+            &[("getkloak.io/hosts", "127.0.0.1")],
+            &[("token", &token)],
+        ),
+    )
+    .await
+    .unwrap();
+    let service = format!("kloak-k8s-{}", std::process::id());
+    let node = node_of("spans");
+    let state = cp.dir.join("state-spans/state.redb").display().to_string();
+    let mut ctl = Kloak::start_with_env(
+        &[
+            "controller",
+            "--resync-secs",
+            "2",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-webhook-cert",
+            "--state",
+            &state,
+        ],
+        &kc,
+        &node,
+        "spans-controller",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &j.otlp),
+            ("OTEL_SERVICE_NAME", &service),
+        ],
+    );
+    let ph =
+        placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let p = pods
+        .create(&PostParams::default(), &node_pod(&node, "web", "token"))
+        .await
+        .unwrap();
+    let mut c = FakeContainer::new(p.metadata.uid.as_deref().unwrap(), false);
+    set_running(&pods, "web", &[("app", c.container_id())]).await;
+    let client = kloak_e2e::py_cmd("gated", &srv, &[]);
+    let mut g = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph["token"])]));
+    until_served(&srv, &mut g, &token, &ctl, "spans").await;
+
+    let (spans, raw) = j.wait_spans(&service, T, |s| {
+        s.iter()
+            .any(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("rewritten"))
+    });
+    let r = spans
+        .iter()
+        .find(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("rewritten"))
+        .unwrap();
+    let s = |k: &str| {
+        tag(r, k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(s("k8s.namespace.name"), ns, "{r}");
+    assert_eq!(s("k8s.pod.name"), "web", "{r}");
+    assert_eq!(s("k8s.container.name"), "app", "{r}");
+    assert_eq!(s("kloak.secret.namespace"), ns, "{r}");
+    assert_eq!(s("kloak.secret.name"), "api", "{r}");
+    assert_eq!(s("kloak.secret.key"), "token", "{r}");
+    assert_eq!(s("network.peer.address"), "127.0.0.1", "{r}");
+    let node_tag = r["process"]["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| t["key"] == "k8s.node.name" && t["value"] == node.as_str());
+    assert!(node_tag, "resource: {}", r["process"]);
+    assert_eq!(
+        count(raw.as_bytes(), token.as_bytes()),
+        0,
+        "a value in Jaeger"
+    );
+    // The admin port counts what went out.
+    let (_, metrics) = kloak_e2e::http_get(ctl.admin_addr(), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kloak_spans_exported_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_no_values(&metrics, &[&token]);
+
+    // The log level changes at runtime: debug lines appear after the PUT.
+    let admin_addr = ctl.admin_addr();
+    assert!(!ctl.log_text().contains("DEBUG"), "started at info");
+    let (code, body) = kloak_e2e::http_request(admin_addr, "PUT", "/logging", "debug,kube=warn");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = kloak_e2e::http_request(admin_addr, "PUT", "/logging", "debug,=bad=");
+    assert_eq!(code, 400, "a bad filter is refused: {body}");
+    assert!(body.contains("not valid"), "{body}");
+    until_served(&srv, &mut g, &token, &ctl, "spans, debug").await;
+    eventually("debug lines", T, || async {
+        ctl.log_text().contains("DEBUG").then_some(())
+    })
+    .await;
+    ctl.assert_running();
+    assert_no_values(&ctl.log_text(), &[&token]);
+}
