@@ -67,6 +67,8 @@ pub struct Health {
     restored: OnceLock<RestoredCounts>,
     audit: OnceLock<Arc<kloak_observability::AuditStats>>,
     started_ms: AtomicU64,
+    /// What the data path and the reconciler count.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Health {
@@ -89,6 +91,7 @@ impl Health {
             restored: OnceLock::new(),
             audit: OnceLock::new(),
             started_ms: AtomicU64::new(0),
+            metrics: Arc::default(),
         })
     }
 
@@ -368,6 +371,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
 pub fn router(health: Arc<Health>, log: Option<kloak_observability::LogHandle>) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(StateCollector(health.clone())));
+    health.metrics.register(&mut registry);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

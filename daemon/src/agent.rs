@@ -217,6 +217,7 @@ pub struct Agent<'p> {
     start_times: HashMap<u32, u64>,
     /// One span per substitution event, when OTLP export is on.
     audit: Option<kloak_observability::Audit>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Pod, namespace and container of each tracked cgroup (or pid group).
     workloads: HashMap<u64, Arc<Workload>>,
     pub counters: Arc<Counters>,
@@ -297,9 +298,16 @@ impl<'p> Agent<'p> {
             mirror: None,
             start_times: HashMap::new(),
             audit: None,
+            metrics: Arc::default(),
             workloads: HashMap::new(),
             counters: Arc::default(),
         }
+    }
+
+    /// Counts into these (the admin server's) metrics.
+    pub fn with_metrics(mut self, m: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = m;
+        self
     }
 
     /// Records a span for every event (see `kloak_observability::audit`).
@@ -317,6 +325,28 @@ impl<'p> Agent<'p> {
         secret: Option<&Secret>,
         reason: Option<&'static str>,
     ) {
+        let library = e.abi.map_or("unknown", |x| x.library());
+        let backend = self.probes.backend().as_str();
+        self.metrics
+            .substitutions
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: outcome.as_str(),
+                backend,
+                library,
+            })
+            .inc();
+        if let Some(r) = reason {
+            self.metrics
+                .blocked
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: if r.starts_with("destination") {
+                        "destination"
+                    } else {
+                        "not_bound"
+                    },
+                })
+                .inc();
+        }
         let Some(a) = &self.audit else { return };
         let now_mono = mono_ns();
         let now = std::time::SystemTime::now();
@@ -347,9 +377,9 @@ impl<'p> Agent<'p> {
             secret: secret.map(|s| kloak_observability::SecretRef::parse(&s.name)),
             workload,
             pid: e.tgid,
-            library: e.abi.map_or("unknown", |x| x.library()),
+            library,
             function: e.abi.map_or("unknown", |x| x.function()),
-            backend: self.probes.backend().as_str(),
+            backend,
             peer: conn.map(|c| (c.dest.ip(), c.dest.port())),
             hostname: hostname.map(str::to_string),
             bytes: e.len,
@@ -837,6 +867,12 @@ impl<'p> Agent<'p> {
             }
             if kill(Pid::from_raw(tgid as i32), Signal::SIGCONT).is_ok() {
                 inc(&self.counters.continued);
+            }
+            let now = mono_ns();
+            for e in &events {
+                self.metrics
+                    .pause
+                    .observe(now.saturating_sub(e.ts_ns) as f64 / 1e9);
             }
         }
         if self.audit.is_some() {

@@ -272,7 +272,13 @@ pub async fn run(
     }
     let mirror = restored.as_ref().map(|r| r.mirror.clone());
     let (agent, agent_thread) = if opts.datapath {
-        let (tx, handle) = start_datapath(&opts, shutdown.clone(), mirror.clone(), audit.clone())?;
+        let (tx, handle) = start_datapath(
+            &opts,
+            shutdown.clone(),
+            mirror.clone(),
+            audit.clone(),
+            health.metrics.clone(),
+        )?;
         (Some(tx), Some(handle))
     } else {
         (None, None)
@@ -428,6 +434,7 @@ pub async fn run(
             dirty.extend(st.by_secret.keys().cloned());
             pods_dirty = true;
         }
+        let pass = std::time::Instant::now();
         let index = shadow::Index::build(st.shadows.objects.values());
         let withdrawn_before = st.withdrawn;
         for k in &dirty {
@@ -435,6 +442,9 @@ pub async fn run(
                 tracing::warn!(namespace = %k.0, secret = %k.1, error = %e, "reconciling the shadow failed; retrying");
             }
             st.publish(k);
+        }
+        if !dirty.is_empty() {
+            health.metrics.sync.observe(pass.elapsed().as_secs_f64());
         }
         if first {
             health.reconciled();
@@ -945,6 +955,7 @@ fn start_datapath(
     shutdown: Arc<AtomicBool>,
     mirror: Option<Mirror>,
     audit: Option<kloak_observability::Audit>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(AgentLink, std::thread::JoinHandle<()>)> {
     let report = doctor::run_checks();
     if let Some(msg) = doctor::refusal(&report) {
@@ -1001,6 +1012,7 @@ fn start_datapath(
             if let Some(a) = audit {
                 agent = agent.with_audit(a);
             }
+            agent = agent.with_metrics(metrics);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
             let msg = match r {
                 Ok(Ok(())) => return,

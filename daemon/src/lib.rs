@@ -12,6 +12,7 @@ pub mod dns;
 pub mod doctor;
 pub mod guardian;
 pub mod hpack;
+pub mod metrics;
 pub mod mirror;
 pub mod pods;
 pub mod policy;

@@ -1614,17 +1614,20 @@ async fn spans_body() {
     let srv = TlsServer::start();
     let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let token = random_secret("span-", 28);
-    api.create(
-        &PostParams::default(),
-        &secret(
-            "api",
-            true,
-            &[("getkloak.io/hosts", "127.0.0.1")],
-            &[("token", &token)],
-        ),
-    )
-    .await
-    .unwrap();
+    let other = random_secret("oth-", 28);
+    for (name, v) in [("api", &token), ("other", &other)] {
+        api.create(
+            &PostParams::default(),
+            &secret(
+                name,
+                true,
+                &[("getkloak.io/hosts", "127.0.0.1")],
+                &[("token", v)],
+            ),
+        )
+        .await
+        .unwrap();
+    }
     let service = format!("kloak-k8s-{}", std::process::id());
     let node = node_of("spans");
     let state = cp.dir.join("state-spans/state.redb").display().to_string();
@@ -1649,6 +1652,9 @@ async fn spans_body() {
     );
     let ph =
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
+    let ph_other = placeholders(
+        &eventually("shadow other", T, || async { shadow(&api, "other").await }).await,
+    );
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let p = pods
         .create(&PostParams::default(), &node_pod(&node, "web", "token"))
@@ -1659,6 +1665,12 @@ async fn spans_body() {
     let client = kloak_e2e::py_cmd("gated", &srv, &[]);
     let mut g = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph["token"])]));
     until_served(&srv, &mut g, &token, &ctl, "spans").await;
+    // A process of this pod that learned another Secret's placeholder.
+    let mut stray = Gated::new(c.spawn(&client, &[("API_TOKEN", &ph_other["token"])]));
+    srv.clear();
+    stray.send();
+    let r = srv.wait_for(1, Duration::from_secs(5));
+    assert_eq!(count(&r[0], other.as_bytes()), 0, "not bound: unchanged");
 
     let (spans, raw) = j.wait_spans(&service, T, |s| {
         s.iter()
@@ -1687,6 +1699,25 @@ async fn spans_body() {
         .flatten()
         .any(|t| t["key"] == "k8s.node.name" && t["value"] == node.as_str());
     assert!(node_tag, "resource: {}", r["process"]);
+    let (spans, _) = j.wait_spans(&service, T, |s| {
+        s.iter()
+            .any(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("blocked"))
+    });
+    let b = spans
+        .iter()
+        .find(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("blocked"))
+        .unwrap();
+    assert_eq!(tag(b, "error"), Some(&serde_json::json!(true)), "{b}");
+    assert_eq!(
+        tag(b, "kloak.secret.name").and_then(|v| v.as_str()),
+        Some("other"),
+        "{b}"
+    );
+    assert_eq!(
+        tag(b, "kloak.blocked.reason").and_then(|v| v.as_str()),
+        Some("the pod does not reference this secret"),
+        "{b}"
+    );
     assert_eq!(
         count(raw.as_bytes(), token.as_bytes()),
         0,
@@ -1700,7 +1731,21 @@ async fn spans_body() {
             .any(|l| l.starts_with("kloak_spans_exported_total ") && !l.ends_with(" 0")),
         "{metrics}"
     );
-    assert_no_values(&metrics, &[&token]);
+    for want in [
+        r#"kloak_substitutions_total{outcome="rewritten",backend="pause",library="openssl"} "#,
+        r#"kloak_substitutions_total{outcome="blocked",backend="pause",library="openssl"} "#,
+        r#"kloak_blocked_total{reason="not_bound"} "#,
+        "kloak_pause_duration_seconds_count ",
+        "kloak_secret_sync_duration_seconds_count ",
+    ] {
+        let n: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(want))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {want}in:\n{metrics}"));
+        assert!(n >= 1.0, "{want}{n}");
+    }
+    assert_no_values(&metrics, &[&token, &other]);
 
     // The log level changes at runtime: debug lines appear after the PUT.
     let admin_addr = ctl.admin_addr();
