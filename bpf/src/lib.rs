@@ -468,6 +468,26 @@ pub struct Stats {
     pub huffman_candidates: u64,
 }
 
+/// A loaded hash map, for its fill metrics.
+#[derive(Debug, Clone)]
+pub struct MapInfo {
+    pub name: String,
+    pub id: u32,
+    pub capacity: u32,
+}
+
+impl MapInfo {
+    /// Entries in the map now, by walking its keys (one syscall per key:
+    /// call it off the data path).
+    pub fn entries(&self) -> Result<u64> {
+        let h = libbpf_rs::MapHandle::from_map_id(self.id).map_err(|source| Error::Map {
+            map: "map by id",
+            source,
+        })?;
+        Ok(h.keys().count() as u64)
+    }
+}
+
 /// The loaded programs and maps. Dropping it detaches every probe.
 pub struct Probes {
     skel: skel::KloakSkel<'static>,
@@ -906,6 +926,38 @@ impl Probes {
             );
         }
         Ok(links)
+    }
+
+    /// The hash maps whose fill the metrics report: name, kernel id and
+    /// capacity. Arrays are always full and ring buffers hold bytes, so
+    /// they are left out.
+    pub fn maps(&self) -> Vec<MapInfo> {
+        let m = &self.skel.maps;
+        let all: [&dyn MapCore; 14] = [
+            &m.secret_map,
+            &m.tracked_cgroups,
+            &m.tracked_pids,
+            &m.known_inodes,
+            &m.pending_scrub,
+            &m.mmap_args,
+            &m.conn_ip_map,
+            &m.connect_args,
+            &m.ssl_fd,
+            &m.hs_ssl,
+            &m.recv_args,
+            &m.bio_fd,
+            &m.bio_args,
+            &m.kp_args,
+        ];
+        all.iter()
+            .filter_map(|m| {
+                Some(MapInfo {
+                    name: m.name().to_string_lossy().into_owned(),
+                    id: m.info().ok()?.info.id,
+                    capacity: m.max_entries(),
+                })
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {

@@ -66,6 +66,8 @@ pub struct Health {
     mirror: OnceLock<Arc<MirrorStats>>,
     restored: OnceLock<RestoredCounts>,
     audit: OnceLock<Arc<kloak_observability::AuditStats>>,
+    /// The data path's hash maps and the agent's counters, once loaded.
+    datapath_info: OnceLock<(Vec<kloak_bpf::MapInfo>, Arc<crate::agent::Counters>)>,
     started_ms: AtomicU64,
     /// What the data path and the reconciler count.
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -90,6 +92,7 @@ impl Health {
             mirror: OnceLock::new(),
             restored: OnceLock::new(),
             audit: OnceLock::new(),
+            datapath_info: OnceLock::new(),
             started_ms: AtomicU64::new(0),
             metrics: Arc::default(),
         })
@@ -121,6 +124,14 @@ impl Health {
     pub fn follow_mirror(&self, stats: Arc<MirrorStats>, restored: RestoredCounts) {
         let _ = self.mirror.set(stats);
         let _ = self.restored.set(restored);
+    }
+
+    pub fn follow_datapath(
+        &self,
+        maps: Vec<kloak_bpf::MapInfo>,
+        counters: Arc<crate::agent::Counters>,
+    ) {
+        let _ = self.datapath_info.set((maps, counters));
     }
 
     pub fn follow_audit(&self, stats: Arc<kloak_observability::AuditStats>) {
@@ -253,6 +264,50 @@ impl Collector for StateCollector {
                 m.failures.load(Ordering::Relaxed),
             )?;
         }
+        if let Some((maps, counters)) = h.datapath_info.get() {
+            let m = &h.metrics;
+            counter(
+                &mut enc,
+                "kloak_ringbuf_lost_events",
+                "tls_events records the kernel could not queue (ring buffer full); their placeholders went out unchanged",
+                m.ring_lost.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "kloak_attach_errors",
+                "TLS libraries or socket hooks the agent failed to attach to",
+                counters.attach_errors.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
+                "kloak_tracked_processes",
+                "Processes in the containers the agent tracks",
+                m.tracked_processes.load(Ordering::Relaxed) as i64,
+            )?;
+            let g = ConstGauge::new(0i64);
+            let mut fam = enc.encode_descriptor(
+                "kloak_bpf_map_entries",
+                "Entries in each BPF hash map",
+                None,
+                g.metric_type(),
+            )?;
+            for map in maps {
+                if let Ok(n) = map.entries() {
+                    ConstGauge::new(n as i64)
+                        .encode(fam.encode_family(&[("map", map.name.as_str())])?)?;
+                }
+            }
+            let mut fam = enc.encode_descriptor(
+                "kloak_bpf_map_capacity",
+                "Entries each BPF hash map can hold",
+                None,
+                g.metric_type(),
+            )?;
+            for map in maps {
+                ConstGauge::new(i64::from(map.capacity))
+                    .encode(fam.encode_family(&[("map", map.name.as_str())])?)?;
+            }
+        }
         if let Some(a) = h.audit.get() {
             counter(
                 &mut enc,
@@ -350,9 +405,15 @@ async fn readyz(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &app.registry) {
-        Ok(()) => (
+    // Counting map entries walks keys with syscalls: not on a runtime thread.
+    let registry = app.registry.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).map(|()| out)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(out)) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
@@ -360,7 +421,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
             )],
             out,
         ),
-        Err(_) => (
+        _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             "encoding the metrics failed\n".to_string(),

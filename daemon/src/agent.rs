@@ -238,6 +238,9 @@ enum GroupState {
     TimedOut,
 }
 
+/// How often the agent refreshes the gauges the admin server reports.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
+
 impl<'p> Agent<'p> {
     /// After a batch with stops, poll the ring buffer this long before
     /// sleeping again: the scrub stop and the next request usually follow.
@@ -669,9 +672,14 @@ impl<'p> Agent<'p> {
             |c| conn_queue.borrow_mut().push(c),
         )?;
         let mut busy_until = Instant::now();
+        let mut last_gauges = Instant::now() - GAUGES_EVERY;
         loop {
             let done = shutdown.load(Ordering::Acquire);
             self.apply_commands();
+            if last_gauges.elapsed() >= GAUGES_EVERY {
+                last_gauges = Instant::now();
+                self.update_gauges();
+            }
             if !self.by_pid.is_empty() && self.last_rescan.elapsed() >= Duration::from_secs(1) {
                 self.rescan_pid_groups();
             }
@@ -718,6 +726,23 @@ impl<'p> Agent<'p> {
                 return Ok(());
             }
         }
+    }
+
+    /// What the metrics read between scrapes: the kernel's lost-event count
+    /// and how many processes the tracked containers hold.
+    fn update_gauges(&self) {
+        self.metrics
+            .ring_lost
+            .store(self.probes.stats().lost_events, Ordering::Relaxed);
+        let procs: usize = self
+            .tracked
+            .values()
+            .filter_map(|cg| std::fs::read_to_string(cg.join("cgroup.procs")).ok())
+            .map(|s| s.lines().count())
+            .sum();
+        self.metrics
+            .tracked_processes
+            .store(procs as u64, Ordering::Relaxed);
     }
 
     /// Executable files any tracked process maps now.

@@ -277,7 +277,7 @@ pub async fn run(
             shutdown.clone(),
             mirror.clone(),
             audit.clone(),
-            health.metrics.clone(),
+            health.clone(),
         )?;
         (Some(tx), Some(handle))
     } else {
@@ -955,7 +955,7 @@ fn start_datapath(
     shutdown: Arc<AtomicBool>,
     mirror: Option<Mirror>,
     audit: Option<kloak_observability::Audit>,
-    metrics: Arc<crate::metrics::Metrics>,
+    health: Arc<Health>,
 ) -> anyhow::Result<(AgentLink, std::thread::JoinHandle<()>)> {
     let report = doctor::run_checks();
     if let Some(msg) = doctor::refusal(&report) {
@@ -1012,7 +1012,8 @@ fn start_datapath(
             if let Some(a) = audit {
                 agent = agent.with_audit(a);
             }
-            agent = agent.with_metrics(metrics);
+            agent = agent.with_metrics(health.metrics.clone());
+            health.follow_datapath(probes.maps(), agent.counters.clone());
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.run(&shutdown)));
             let msg = match r {
                 Ok(Ok(())) => return,

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub pause: Histogram,
     /// One reconcile pass over the changed Secrets (shadow + data path).
     pub sync: Histogram,
+    /// Copied from the kernel's counters by the agent now and then.
+    pub ring_lost: std::sync::atomic::AtomicU64,
+    /// Processes in the tracked containers, counted by the agent now and then.
+    pub tracked_processes: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -43,6 +47,8 @@ impl Default for Metrics {
             pause: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
             // 1 ms .. ~33 s.
             sync: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            ring_lost: Default::default(),
+            tracked_processes: Default::default(),
         }
     }
 }

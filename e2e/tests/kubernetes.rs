@@ -1746,6 +1746,27 @@ async fn spans_body() {
         assert!(n >= 1.0, "{want}{n}");
     }
     assert_no_values(&metrics, &[&token, &other]);
+    // The data path's gauges: map fill, processes, lost events.
+    let gauge = |m: &str, name: &str| -> Option<f64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (_, m) = kloak_e2e::http_get(ctl.admin_addr(), "/metrics");
+        let ok = gauge(&m, r#"kloak_bpf_map_entries{map="secret_map"} "#) >= Some(2.0)
+            && gauge(&m, r#"kloak_bpf_map_capacity{map="secret_map"} "#) >= Some(64.0)
+            && gauge(&m, r#"kloak_bpf_map_entries{map="tracked_cgroups"} "#) >= Some(1.0)
+            && gauge(&m, "kloak_tracked_processes ") >= Some(2.0)
+            && gauge(&m, "kloak_ringbuf_lost_events_total ") == Some(0.0)
+            && gauge(&m, "kloak_attach_errors_total ").is_some();
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "gauges:\n{m}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // The log level changes at runtime: debug lines appear after the PUT.
     let admin_addr = ctl.admin_addr();
