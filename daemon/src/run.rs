@@ -223,6 +223,12 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             "the tls_events ring buffer was full {lost} time(s); those placeholders went out unchanged (raise --ring-bytes)"
         );
     }
+    // What is queued goes out before the counts are written.
+    drop(agent);
+    let audit_stats = audit.as_ref().map(|a| a.stats.clone());
+    if let Some(a) = audit {
+        a.finish(std::time::Duration::from_secs(5));
+    }
     if let Some(path) = &o.stats_json {
         let s = probes.stats();
         let j = serde_json::json!({
@@ -234,13 +240,15 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "huffman_candidates": s.huffman_candidates,
             },
             "agent": &*counters,
+            "audit": audit_stats.map(|a| serde_json::json!({
+                "queued": a.queued.load(Ordering::Relaxed),
+                "dropped_queue_full": a.dropped_queue_full.load(Ordering::Relaxed),
+                "dropped_export_failed": a.dropped_export_failed.load(Ordering::Relaxed),
+                "exported": a.exported.load(Ordering::Relaxed),
+            })),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&j)?)
             .with_context(|| format!("writing {}", path.display()))?;
-    }
-    drop(agent);
-    if let Some(a) = audit {
-        a.finish(std::time::Duration::from_secs(5));
     }
     drop(probes);
     drop(guardian.pipe);

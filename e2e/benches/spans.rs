@@ -40,7 +40,9 @@ fn event(i: usize) -> AuditEvent {
         hostname: Some("db.shop.svc.cluster.local".into()),
         bytes: 512,
         paused: Some(Duration::from_micros(90)),
-        reason: i.is_multiple_of(10).then_some("destination not allowed for this secret"),
+        reason: i
+            .is_multiple_of(10)
+            .then_some("destination not allowed for this secret"),
     }
 }
 

@@ -138,3 +138,109 @@ fn every_rewrite_and_every_block_is_a_span_in_jaeger() {
     run.assert_no_leak(&allowed);
     run.assert_no_leak(&denied);
 }
+
+/// Peak RSS (KiB) of a `kloak run`, sampled while it runs, with its stats.
+fn run_measuring_rss(
+    secrets: &Secrets,
+    env: &[(&str, &str)],
+    command: &[&str],
+) -> (std::process::Output, serde_json::Value, u64) {
+    use std::process::Stdio;
+    let (mut c, stats) = kloak_cmd(secrets, &["--mode", "pause"], command);
+    c.envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                && let Some(kib) = st
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            {
+                peak = peak.max(kib);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
+    let out = child.wait_with_output().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let stats = std::fs::read(&stats)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, stats, peak)
+}
+
+#[test]
+fn an_absent_collector_costs_bounded_memory_over_100k_events() {
+    let Some(_g) = root_test() else { return };
+    const EVENTS: usize = 100_000;
+    let srv = TlsServer::start();
+    let token = random_secret("otel-mem-", 30);
+    let secrets = Secrets::raw(&format!(
+        "secrets:\n  - name: token\n    value: \"{token}\"\n    env: A\n    hosts: [\"127.0.0.1\"]\n"
+    ));
+    let cmd = format!(
+        "python3 {} unknowns --env A --requests {EVENTS} --port {} --cacert {} --host 127.0.0.1",
+        py_client(),
+        srv.port,
+        srv.cacert().display()
+    );
+    // Nothing listens there: the collector is gone for the whole run.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut peaks = Vec::new();
+    for env in [
+        vec![],
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    ] {
+        srv.clear();
+        let (out, stats, peak) = run_measuring_rss(&secrets, &env, &["sh", "-c", &cmd]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        // The data path kept working: the placeholder after the flood was rewritten.
+        let r = srv.wait_for(1, Duration::from_secs(10));
+        assert_eq!(count(&r[0], token.as_bytes()), 1, "the real value arrived");
+        assert!(
+            stats["bpf"]["unknown"].as_u64() >= Some(EVENTS as u64),
+            "{stats}"
+        );
+        if !env.is_empty() {
+            let a = &stats["audit"];
+            let seen = a["queued"].as_u64().unwrap() + a["dropped_queue_full"].as_u64().unwrap();
+            // Events the kernel's ring could not hold never reach the agent.
+            let lost = stats["bpf"]["lost_events"].as_u64().unwrap();
+            assert!(
+                seen + lost >= EVENTS as u64,
+                "every event offered: {a}, lost {lost}"
+            );
+            assert_eq!(a["exported"], 0, "nothing can be exported: {a}");
+            assert!(
+                a["dropped_queue_full"].as_u64() > Some(0)
+                    || a["dropped_export_failed"].as_u64() > Some(0),
+                "drops are counted: {a}"
+            );
+        }
+        assert_eq!(count(stderr.as_bytes(), token.as_bytes()), 0);
+        peaks.push(peak);
+    }
+    eprintln!(
+        "peak RSS over {EVENTS} events: {} KiB without export, {} KiB with the collector gone",
+        peaks[0], peaks[1]
+    );
+    assert!(
+        peaks[1] < peaks[0] + 48 * 1024,
+        "memory grew with the events: {peaks:?} KiB"
+    );
+}
