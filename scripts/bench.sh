@@ -16,6 +16,10 @@ if [ "${BENCH_CONTROLLER_ONLY:-}" != 1 ]; then
   cargo bench -p kloak --bench mirror --locked
 fi
 [ "${BENCH_STATE_ONLY:-}" = 1 ] && exit 0
+# Audit spans: sustained export to a real Jaeger, the data path's cost per
+# event, a collector that is gone (target/bench/spans.json).
+cargo bench -p kloak-e2e --bench spans --locked
+[ "${BENCH_SPANS_ONLY:-}" = 1 ] && exit 0
 # Controller: Secret → shadow → secret_map latency and RSS with 1,000
 # Secrets, against a real kube-apiserver (target/bench/controller.json).
 KLOAK_BIN="$PWD/target/release/kloak" cargo bench -p kloak-e2e --bench controller --locked

@@ -11,7 +11,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +24,8 @@ use crate::{Error, OtelSettings};
 
 /// Spans per OTLP export call.
 const BATCH: usize = 512;
+/// How often an idle export thread looks at the queue.
+const POLL_EVERY: Duration = Duration::from_millis(20);
 /// How long a partial batch waits before it goes.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// One export may take this long; then its spans count as dropped.
@@ -299,56 +301,60 @@ fn export_loop(
     let mut pending = 0usize;
     let mut since = Instant::now();
     loop {
-        let wait = FLUSH_EVERY.saturating_sub(since.elapsed());
-        let done = match rx.recv_timeout(wait) {
-            Ok(mut e) => {
-                // Resolved here, off the data path; the process may be gone.
-                if let Workload::Process {
-                    pid,
-                    exe: exe @ None,
-                    ..
-                } = &mut e.workload
-                {
-                    *exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-                        .ok()
-                        .map(|p| p.display().to_string());
-                }
-                let mut span = tracer
-                    .span_builder(format!("kloak {}", e.outcome.as_str()))
-                    .with_kind(SpanKind::Internal)
-                    .with_start_time(e.start)
-                    .with_attributes(e.attributes())
-                    .start(&tracer);
-                if e.outcome == Outcome::Blocked {
-                    span.set_status(Status::error(e.reason.unwrap_or("blocked")));
-                }
-                span.end_with_timestamp(e.end);
-                if pending == 0 {
-                    since = Instant::now();
-                }
-                pending += 1;
-                false
-            }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
+        // Polled, not waited on: a sender never has a sleeping receiver to
+        // wake, so `record` stays a queue push (no futex call) on the data path.
+        let (event, done) = match rx.try_recv() {
+            Ok(e) => (Some(e), false),
+            Err(TryRecvError::Empty) => (None, false),
+            Err(TryRecvError::Disconnected) => (None, true),
         };
-        if pending >= BATCH || (pending > 0 && since.elapsed() >= FLUSH_EVERY) || done {
-            let batch = std::mem::take(&mut *collected.0.lock().expect("not poisoned"));
-            pending = 0;
-            since = Instant::now();
-            let n = batch.len() as u64;
-            if n > 0 {
-                let r = rt.block_on(async {
-                    tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await
-                });
-                stats.export_batches.fetch_add(1, Ordering::Relaxed);
-                match r {
-                    Ok(Ok(())) => {
-                        stats.exported.fetch_add(n, Ordering::Relaxed);
-                    }
-                    _ => {
-                        stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
-                    }
+        if let Some(mut e) = event {
+            // Resolved here, off the data path; the process may be gone.
+            if let Workload::Process {
+                pid,
+                exe: exe @ None,
+                ..
+            } = &mut e.workload
+            {
+                *exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .map(|p| p.display().to_string());
+            }
+            let mut span = tracer
+                .span_builder(format!("kloak {}", e.outcome.as_str()))
+                .with_kind(SpanKind::Internal)
+                .with_start_time(e.start)
+                .with_attributes(e.attributes())
+                .start(&tracer);
+            if e.outcome == Outcome::Blocked {
+                span.set_status(Status::error(e.reason.unwrap_or("blocked")));
+            }
+            span.end_with_timestamp(e.end);
+            if pending == 0 {
+                since = Instant::now();
+            }
+            pending += 1;
+            if pending < BATCH {
+                continue;
+            }
+        } else if !done && (pending == 0 || since.elapsed() < FLUSH_EVERY) {
+            std::thread::sleep(POLL_EVERY);
+            continue;
+        }
+        let batch = std::mem::take(&mut *collected.0.lock().expect("not poisoned"));
+        pending = 0;
+        let n = batch.len() as u64;
+        if n > 0 {
+            let r = rt.block_on(async {
+                tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await
+            });
+            stats.export_batches.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(Ok(())) => {
+                    stats.exported.fetch_add(n, Ordering::Relaxed);
+                }
+                _ => {
+                    stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
