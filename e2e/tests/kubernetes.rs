@@ -110,7 +110,7 @@ async fn shadows_follow_their_secrets_under_the_seed_role_body() {
     );
 
     let token = random_secret("tok-", 32);
-    let user = random_secret("usr-", 12);
+    let user = hpack_friendly_secret(12);
     let s = api
         .create(
             &PostParams::default(),
@@ -143,7 +143,7 @@ async fn shadows_follow_their_secrets_under_the_seed_role_body() {
     // Rotation: token keeps its length (placeholder stays), user grows
     // (re-minted). The user change shows the controller saw this version.
     let token2 = random_secret("tok-", 32);
-    let user2 = random_secret("usr-", 16);
+    let user2 = hpack_friendly_secret(16);
     let mut s2 = secret(
         "api",
         true,
