@@ -696,3 +696,11 @@ pub fn run_kloak_with_env(
     c.envs(env.iter().copied());
     finish(&mut c, &stats, timeout)
 }
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

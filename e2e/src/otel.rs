@@ -6,20 +6,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::{http_get, workspace_root};
+use crate::{free_port, http_get, workspace_root};
 
 pub struct Jaeger {
     /// For `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp: String,
     pub query: std::net::SocketAddr,
     pub log: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 pub fn jaeger() -> &'static Jaeger {

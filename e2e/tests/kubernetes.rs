@@ -1156,17 +1156,7 @@ async fn deleted_while_down_body() {
     let gone = random_secret("gone-", 28);
     let kept = random_secret("kept-", 28);
     for (name, value) in [("gone", &gone), ("kept", &kept)] {
-        api.create(
-            &PostParams::default(),
-            &secret(
-                name,
-                true,
-                &[("getkloak.io/hosts", "127.0.0.1")],
-                &[("token", value)],
-            ),
-        )
-        .await
-        .unwrap();
+        create_local_secret(&api, name, value).await;
     }
     let mut ctl = controller(&kc, &["--no-webhook-cert"], "gone-controller");
     let ph_gone =
@@ -1265,6 +1255,21 @@ async fn deleted_while_down_body() {
     assert_eq!(names, vec![format!("{ns}/kept/token")]);
 }
 
+/// A labeled Secret with one key, `token`, allowed to loopback only.
+async fn create_local_secret(api: &Api<Secret>, name: &str, value: &str) {
+    api.create(
+        &PostParams::default(),
+        &secret(
+            name,
+            true,
+            &[("getkloak.io/hosts", "127.0.0.1")],
+            &[("token", value)],
+        ),
+    )
+    .await
+    .unwrap();
+}
+
 /// Sends from `g` until `value` arrives twice (header and body): the pod is
 /// attached and served. Panics with the agent's log after `T`.
 async fn until_served(srv: &TlsServer, g: &mut Gated, value: &str, ctl: &Kloak, what: &str) {
@@ -1322,17 +1327,7 @@ async fn damaged_state_body() {
     let srv = TlsServer::start();
     let api: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let token = random_secret("dmg-", 28);
-    api.create(
-        &PostParams::default(),
-        &secret(
-            "api",
-            true,
-            &[("getkloak.io/hosts", "127.0.0.1")],
-            &[("token", &token)],
-        ),
-    )
-    .await
-    .unwrap();
+    create_local_secret(&api, "api", &token).await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let p = pods
         .create(
@@ -1549,17 +1544,7 @@ async fn full_disk_body() {
 
     // Still serving, from memory: a Secret created after the disk filled.
     let token = random_secret("late-", 28);
-    api.create(
-        &PostParams::default(),
-        &secret(
-            "api",
-            true,
-            &[("getkloak.io/hosts", "127.0.0.1")],
-            &[("token", &token)],
-        ),
-    )
-    .await
-    .unwrap();
+    create_local_secret(&api, "api", &token).await;
     let ph =
         placeholders(&eventually("the shadow", T, || async { shadow(&api, "api").await }).await);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
@@ -1616,17 +1601,7 @@ async fn spans_body() {
     let token = random_secret("span-", 28);
     let other = random_secret("oth-", 28);
     for (name, v) in [("api", &token), ("other", &other)] {
-        api.create(
-            &PostParams::default(),
-            &secret(
-                name,
-                true,
-                &[("getkloak.io/hosts", "127.0.0.1")],
-                &[("token", v)],
-            ),
-        )
-        .await
-        .unwrap();
+        create_local_secret(&api, name, v).await;
     }
     let service = format!("kloak-k8s-{}", std::process::id());
     let node = node_of("spans");
