@@ -238,6 +238,8 @@ pub enum EventKind {
     Scrubbed,
     Unknown,
     Exit,
+    /// The write ends inside what looks like a placeholder (see [`SplitTail`]).
+    Split,
 }
 
 impl EventKind {
@@ -252,6 +254,7 @@ impl EventKind {
             7 => EventKind::Scrubbed,
             8 => EventKind::Unknown,
             9 => EventKind::Exit,
+            10 => EventKind::Split,
             _ => return None,
         })
     }
@@ -274,6 +277,54 @@ pub struct Hit {
     pub offset: u64,
     pub secret_id: u32,
     pub len: u32,
+}
+
+/// Where a write stops in the middle of a placeholder-like token: the
+/// placeholder (if it is one) went out in two writes, unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitTail {
+    /// Offset of the token in the write buffer.
+    pub offset: u64,
+    /// Bytes from there to the end of the write.
+    pub len: u32,
+    /// The random characters after `kloak:` that this write holds (up to
+    /// [`KEY_LEN`]): enough for the agent to say whose placeholder it was.
+    pub seen: Vec<u8>,
+}
+
+impl SplitTail {
+    /// What the kernel program reports for a user-space scan's buffer: an
+    /// unmatched `kloak:` token at `at` that runs to the end of the write
+    /// (its characters in the generator's alphabet), or else a write
+    /// ending in `klo`, `kloa` or `kloak`. Shorter endings are too common in
+    /// ordinary text to call a split.
+    pub fn find(data: &[u8], unmatched_at: Option<usize>) -> Option<SplitTail> {
+        if let Some(at) = unmatched_at {
+            let tail = data.get(at..)?;
+            let rand = tail.strip_prefix(PREFIX)?;
+            let seen = &rand[..rand.len().min(KEY_LEN)];
+            return (tail.len() < MAX_SECRET_LEN && seen.iter().all(|&c| is_placeholder_char(c)))
+                .then(|| SplitTail {
+                    offset: at as u64,
+                    len: tail.len() as u32,
+                    seen: seen.to_vec(),
+                });
+        }
+        let n = [5, 4, 3]
+            .into_iter()
+            .find(|&n| data.len() >= n && data.ends_with(&PREFIX[..n]))?;
+        Some(SplitTail {
+            offset: (data.len() - n) as u64,
+            len: n as u32,
+            seen: Vec::new(),
+        })
+    }
+}
+
+/// What the placeholder generator draws from: Crockford base32, widened
+/// for HPACK to letters, digits, `-` and `_`.
+fn is_placeholder_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
 }
 
 /// One record from `tls_events`.
@@ -299,6 +350,8 @@ pub struct Event {
     pub unknown: u32,
     /// The socket the write goes to, when the SSL*/conn → fd mapping knows it.
     pub fd: Option<i32>,
+    /// For `Split` events.
+    pub split: Option<SplitTail>,
 }
 
 /// A DNS answer a tracked process read: UDP from port 53.
@@ -416,8 +469,24 @@ impl Event {
             .take_while(|&&c| c != 0)
             .map(|&c| c as u8)
             .collect();
-        let (hits, unknown) = if kind == EventKind::Unknown {
-            (Vec::new(), e.nhits)
+        let split = (kind == EventKind::Split).then(|| {
+            let h = &e.hits[0];
+            let seen_len = (h.len as usize).saturating_sub(PREFIX.len()).min(KEY_LEN);
+            SplitTail {
+                offset: u64::from(h.off),
+                len: h.len,
+                seen: h.key.b[..seen_len].to_vec(),
+            }
+        });
+        let (hits, unknown) = if matches!(kind, EventKind::Unknown | EventKind::Split) {
+            (
+                Vec::new(),
+                if kind == EventKind::Unknown {
+                    e.nhits
+                } else {
+                    0
+                },
+            )
         } else {
             let n = (e.nhits as usize).min(MAX_HITS);
             let hits = e.hits[..n]
@@ -448,6 +517,7 @@ impl Event {
             hits,
             unknown,
             fd: (e.fd >= 0).then_some(e.fd),
+            split,
         })
     }
 }
@@ -466,6 +536,8 @@ pub struct Stats {
     pub stops: u64,
     pub write_failures: u64,
     pub huffman_candidates: u64,
+    /// Writes that ended inside a placeholder-like token.
+    pub splits: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -961,7 +1033,7 @@ impl Probes {
     }
 
     pub fn stats(&self) -> Stats {
-        let mut s = [0u64; 11];
+        let mut s = [0u64; 12];
         for (i, slot) in s.iter_mut().enumerate() {
             if let Ok(Some(per_cpu)) = self
                 .skel
@@ -990,6 +1062,7 @@ impl Probes {
             stops: s[8],
             write_failures: s[9],
             huffman_candidates: s[10],
+            splits: s[11],
         }
     }
 
@@ -1370,6 +1443,29 @@ mod tests {
         assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
         assert_eq!(placeholder_key(b"kloak:A"), None);
         assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
+    }
+
+    #[test]
+    fn split_tails_are_told_from_tokens_and_text() {
+        let t = SplitTail::find(b"GET /?k=kloak:AB3", Some(8)).unwrap();
+        assert_eq!((t.offset, t.len, t.seen.as_slice()), (8, 9, &b"AB3"[..]));
+        let t = SplitTail::find(b"x: kloak:0123456789ABC", Some(3)).unwrap();
+        assert_eq!(t.seen, b"01234567", "only the key's characters are kept");
+        assert!(
+            SplitTail::find(b"x: kloak:a.", Some(3)).is_none(),
+            "'.' is not in the generator's alphabet"
+        );
+        assert!(SplitTail::find(b"x: kloak:AB ", Some(3)).is_none());
+        assert!(SplitTail::find(b"x: kloak:a-_Z", Some(3)).is_some());
+        let long = [b"kloak:".as_slice(), &[b'A'; 130]].concat();
+        assert!(
+            SplitTail::find(&long, Some(0)).is_none(),
+            "longer than any placeholder"
+        );
+        assert_eq!(SplitTail::find(b"Bearer kloa", None).unwrap().len, 4);
+        assert_eq!(SplitTail::find(b"Bearer kloak", None).unwrap().offset, 7);
+        assert!(SplitTail::find(b"blink", None).is_none());
+        assert!(SplitTail::find(b"kl", None).is_none());
     }
 
     #[test]

@@ -80,6 +80,21 @@ impl SecretTable {
         Some(old)
     }
 
+    /// Whose placeholder a write cut short: the one secret whose
+    /// placeholder begins with the random characters the write held and is
+    /// longer than what it held. None when nothing or more than one fits.
+    fn cut_short(&self, t: &kloak_bpf::SplitTail) -> Option<&Arc<Secret>> {
+        if t.seen.is_empty() {
+            return None;
+        }
+        let mut fits = self.by_id.values().filter(|s| {
+            let p = s.placeholder.as_bytes();
+            p.len() > t.len as usize && p[PREFIX_LEN..].starts_with(&t.seen)
+        });
+        let first = fits.next()?;
+        fits.next().is_none().then_some(first)
+    }
+
     /// The secret whose placeholder starts at `bytes[0]`, if any.
     fn match_at(&self, bytes: &[u8]) -> Option<&Arc<Secret>> {
         let rand = bytes.get(PREFIX_LEN..)?;
@@ -104,6 +119,8 @@ pub struct Counters {
     pub scrubs: AtomicU64,
     pub user_scans: AtomicU64,
     pub unknown_tokens: AtomicU64,
+    /// Writes that ended inside a placeholder-like token (sent unchanged).
+    pub splits: AtomicU64,
     pub mismatched: AtomicU64,
     pub stop_timeouts: AtomicU64,
     pub continued: AtomicU64,
@@ -900,10 +917,9 @@ impl<'p> Agent<'p> {
                     .observe(now.saturating_sub(e.ts_ns) as f64 / 1e9);
             }
         }
-        if self.audit.is_some() {
-            for e in &noted {
-                self.audit_noted(e);
-            }
+        // Counted in the metrics even when no collector is configured.
+        for e in &noted {
+            self.audit_noted(e);
         }
         if nstopped > 0 {
             let c = &self.counters;
@@ -926,6 +942,10 @@ fn note(counters: &Counters, e: &Event) {
                 .unknown_tokens
                 .fetch_add(u64::from(e.unknown), Ordering::Relaxed);
             tracing::debug!(pid = e.tgid, comm = %e.comm, tokens = e.unknown, "unknown kloak: token left unchanged");
+        }
+        EventKind::Split => {
+            inc(&counters.splits);
+            tracing::debug!(pid = e.tgid, comm = %e.comm, "a write ended inside a kloak: token; it went out unchanged");
         }
         EventKind::Rewritten => {
             counters
@@ -951,6 +971,11 @@ impl Agent<'_> {
                 self.audit(e, Outcome::UnknownPlaceholder, None, None);
                 return;
             }
+            EventKind::Split => {
+                let s = e.split.as_ref().and_then(|t| self.secrets.cut_short(t));
+                self.audit(e, Outcome::Split, s.map(|s| &**s), None);
+                return;
+            }
             EventKind::Rewritten => Outcome::Rewritten,
             EventKind::Scrubbed => Outcome::Scrubbed,
             _ => return,
@@ -958,6 +983,29 @@ impl Agent<'_> {
         for h in &e.hits {
             let s = self.secrets.by_id.get(&h.secret_id).map(|s| &**s);
             self.audit(e, outcome, s, None);
+        }
+    }
+
+    /// What a user-space scan found that the kernel would have reported
+    /// itself: counted, logged and audited the same way.
+    fn scan_noted(&self, e: &Event, unknown: u32, split: Option<kloak_bpf::SplitTail>) {
+        if unknown > 0 {
+            let u = Event {
+                kind: EventKind::Unknown,
+                unknown,
+                ..e.clone()
+            };
+            note(&self.counters, &u);
+            self.audit_noted(&u);
+        }
+        if split.is_some() {
+            let t = Event {
+                kind: EventKind::Split,
+                split,
+                ..e.clone()
+            };
+            note(&self.counters, &t);
+            self.audit_noted(&t);
         }
     }
 
@@ -1091,6 +1139,8 @@ impl Agent<'_> {
             }
         };
         let mut done: Vec<(Hit, &[u8])> = Vec::new();
+        let mut unknown = 0u32;
+        let mut split = None;
         let mut i = 0;
         while let Some(pos) = find(&data[i..], PREFIX) {
             let at = i + pos;
@@ -1107,11 +1157,16 @@ impl Agent<'_> {
                     i = at + s.placeholder.len();
                 }
                 None => {
-                    inc(&self.counters.unknown_tokens);
+                    match kloak_bpf::SplitTail::find(&data, Some(at)) {
+                        Some(t) => split = Some(t),
+                        None => unknown += 1,
+                    }
                     i = at + PREFIX_LEN;
                 }
             }
         }
+        let split = split.or_else(|| kloak_bpf::SplitTail::find(&data, None));
+        self.scan_noted(e, unknown, split);
         let huffman = if e.huffman {
             self.swap_huffman(e, &data)
         } else {

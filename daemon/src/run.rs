@@ -237,7 +237,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "writes": s.writes, "bytes": s.bytes, "hits": s.hits, "unknown": s.unknown,
                 "lost_events": s.lost_events, "unreadable": s.unreadable, "overflow": s.overflow,
                 "tailcall_failures": s.tailcall_failures, "stops": s.stops, "write_failures": s.write_failures,
-                "huffman_candidates": s.huffman_candidates,
+                "huffman_candidates": s.huffman_candidates, "splits": s.splits,
             },
             "agent": &*counters,
             "audit": audit_stats.map(|a| serde_json::json!({

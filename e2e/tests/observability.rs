@@ -139,6 +139,88 @@ fn every_rewrite_and_every_block_is_a_span_in_jaeger() {
     run.assert_no_leak(&denied);
 }
 
+#[test]
+fn a_placeholder_cut_across_writes_goes_out_unchanged_as_a_split_span() {
+    let Some(_g) = root_test() else { return };
+    let j = jaeger();
+    let srv = TlsServer::start();
+    let value = random_secret("otel-split-", 30);
+    let secrets = Secrets::raw(&format!(
+        "secrets:\n  - name: cut\n    value: \"{value}\"\n    env: A\n    hosts: [\"127.0.0.1\"]\n"
+    ));
+    let service = format!("kloak-e2e-split-{}", std::process::id());
+    // Cut 3 bytes in ("klo" ends the first write) and 14 bytes in (eight
+    // random characters: enough to say whose placeholder it was).
+    let cmd = format!(
+        "python3 {} split --env A --cuts 3,14 --port {} --cacert {} --host 127.0.0.1",
+        py_client(),
+        srv.port,
+        srv.cacert().display()
+    );
+    let run = run_kloak_with_env(
+        &secrets,
+        &["--mode", "pause"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &j.otlp),
+            ("OTEL_SERVICE_NAME", &service),
+        ],
+        &["sh", "-c", &cmd],
+        T,
+    );
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.wait_for(2, Duration::from_secs(10));
+    for r in &rec {
+        // Both halves went out as they were: the whole placeholder, no value.
+        let body = &r[r.windows(6).position(|w| w == b"token=").expect("a body") + 6..];
+        assert_eq!(body.len(), value.len(), "{}", String::from_utf8_lossy(r));
+        assert!(
+            body.starts_with(b"kloak:"),
+            "{}",
+            String::from_utf8_lossy(r)
+        );
+        assert_eq!(
+            count(r, value.as_bytes()),
+            0,
+            "a cut placeholder must not be half rewritten"
+        );
+    }
+
+    let (spans, raw) = j.wait_spans(&service, T, |s| {
+        s.iter()
+            .filter(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("split"))
+            .count()
+            >= 2
+    });
+    let split: Vec<_> = spans
+        .iter()
+        .filter(|x| tag(x, "kloak.outcome").and_then(|v| v.as_str()) == Some("split"))
+        .collect();
+    assert_eq!(split.len(), 2, "one span per cut write: {raw}");
+    let named: Vec<_> = split
+        .iter()
+        .filter_map(|x| tag(x, "kloak.secret.name").and_then(|v| v.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        ["cut"],
+        "only the cut with 8 random characters is named: {raw}"
+    );
+    for x in &split {
+        assert_eq!(
+            tag(x, "network.peer.port"),
+            Some(&serde_json::json!(srv.port)),
+            "{x}"
+        );
+        assert!(tag(x, "error").is_none(), "nothing was blocked: {x}");
+    }
+    assert_eq!(
+        count(raw.as_bytes(), value.as_bytes()),
+        0,
+        "a value in Jaeger"
+    );
+    run.assert_no_leak(&value);
+}
+
 /// Peak RSS (KiB) of a `kloak run`, sampled while it runs, with its stats.
 fn run_measuring_rss(
     secrets: &Secrets,

@@ -81,8 +81,10 @@ struct scan_ctx {
 	__u32 nhits;
 	__u32 nmatch;
 	__u32 nunknown;
+	__u32 nsplit;                /* 0 or 1: only the tail can be cut */
 	__u32 flags;
 	__s32 fd;
+	struct hit split;            /* off, len = bytes to the end, key = random characters seen */
 	struct hit hits[MAX_HITS];   /* prefix positions */
 	struct hit match[MAX_HITS];  /* verified placeholders */
 	__u8 chunk[CHUNK_BUF] __attribute__((aligned(8)));
@@ -356,6 +358,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->nhits = 0;
 	c->nmatch = 0;
 	c->nunknown = 0;
+	c->nsplit = 0;
 	c->flags = 0;
 	c->fd = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE ? go_conn_fd(ax) : ssl_to_fd(di);
 
@@ -481,6 +484,57 @@ static __always_inline bool same_bytes(const __u8 *a, const __u8 *b, __u32 len)
 	return true;
 }
 
+/* What the generator draws from: Crockford base32, widened for HPACK to
+ * letters, digits, '-' and '_'. */
+static __always_inline bool is_placeholder_char(__u8 ch)
+{
+	return (ch >= '0' && ch <= '9') || (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
+	       ch == '-' || ch == '_';
+}
+
+/* A "kloak:" token at the end of the write that matched nothing: if what
+ * follows the prefix could begin a placeholder, the write probably cut one
+ * in two. Either part goes out unchanged; the agent reports it. */
+static __always_inline bool note_split(struct scan_ctx *c, const struct secret_key *seen,
+				       __u32 nrand, __u32 off, __u64 avail)
+{
+#pragma unroll
+	for (int j = 0; j < KEY_LEN; j++)
+		if (j < nrand && !is_placeholder_char(seen->b[j]))
+			return false;
+	c->split.off = off;
+	c->split.id = 0;
+	c->split.len = (__u32)avail;
+	c->split.key = *seen;
+	c->nsplit = 1;
+	return true;
+}
+
+/* The write ends in "klo", "kloa" or "kloak": the start of a prefix. Shorter
+ * tails ("k", "kl") are too common in ordinary text to call a split. */
+static __always_inline void tail_prefix(struct scan_ctx *c)
+{
+	if (c->nsplit || c->len < 5 || (c->flags & EVF_UNREADABLE))
+		return;
+	__u8 t[5];
+	if (bpf_probe_read_user(t, sizeof(t), (void *)(c->buf + c->len - 5)) < 0)
+		return;
+	__u32 n = 0;
+	if (t[0] == 'k' && t[1] == 'l' && t[2] == 'o' && t[3] == 'a' && t[4] == 'k')
+		n = 5;
+	else if (t[1] == 'k' && t[2] == 'l' && t[3] == 'o' && t[4] == 'a')
+		n = 4;
+	else if (t[2] == 'k' && t[3] == 'l' && t[4] == 'o')
+		n = 3;
+	if (!n)
+		return;
+	c->split.off = (__u32)(c->len - n);
+	c->split.id = 0;
+	c->split.len = n;
+	__builtin_memset(&c->split.key, 0, sizeof(c->split.key));
+	c->nsplit = 1;
+}
+
 static long verify_hit(__u64 i, void *data)
 {
 	struct scan_ctx *c = ((struct lctx *)data)->c;
@@ -492,10 +546,6 @@ static long verify_hit(__u64 i, void *data)
 	__u64 avail = c->len - off;
 	if (avail > MAX_SECRET_LEN)
 		avail = MAX_SECRET_LEN;
-	if (avail < MIN_SECRET_LEN) {
-		c->nunknown++;
-		return 0;
-	}
 	/* Zero first: same_bytes reads whole words. */
 	__builtin_memset(c->cmp, 0, sizeof(c->cmp));
 	if (bpf_probe_read_user(c->cmp, avail, (void *)(c->buf + off)) < 0) {
@@ -515,6 +565,14 @@ static long verify_hit(__u64 i, void *data)
 	for (int j = 0; j < KEY_LEN; j++)
 		if (j < nrand)
 			k.b[j] = c->cmp[PREFIX_LEN + j];
+	struct secret_key seen = k;
+	/* Runs to the end of the write: a placeholder there may be cut short. */
+	bool tail = off + avail == c->len && avail < MAX_SECRET_LEN;
+	if (avail < MIN_SECRET_LEN) {
+		if (!(tail && note_split(c, &seen, nrand, off, avail)))
+			c->nunknown++;
+		return 0;
+	}
 
 #pragma unroll
 	for (int klen = KEY_LEN; klen >= MIN_SECRET_LEN - PREFIX_LEN; klen--) {
@@ -540,7 +598,8 @@ static long verify_hit(__u64 i, void *data)
 		c->nmatch = m + 1;
 		return 0;
 	}
-	c->nunknown++;
+	if (!(tail && note_split(c, &seen, nrand, off, avail)))
+		c->nunknown++;
 	return 0;
 }
 
@@ -557,6 +616,7 @@ static __always_inline struct scan_ctx *scan(void)
 	bpf_loop(nchunks, scan_chunk, &l, 0);
 	if (c->nhits)
 		bpf_loop(c->nhits, verify_hit, &l, 0);
+	tail_prefix(c);
 	if (c->nmatch)
 		stat_add(ST_HITS, c->nmatch);
 	if (c->nunknown)
@@ -567,6 +627,8 @@ static __always_inline struct scan_ctx *scan(void)
 		stat_add(ST_OVERFLOW, 1);
 	if (c->flags & EVF_HUFFMAN)
 		stat_add(ST_HUFFMAN, 1);
+	if (c->nsplit)
+		stat_add(ST_SPLIT, 1);
 	return c;
 }
 
@@ -618,6 +680,29 @@ static __always_inline void emit_unknown(struct scan_ctx *c)
 	bpf_ringbuf_submit(e, 0);
 }
 
+static __always_inline void emit_split(struct scan_ctx *c)
+{
+	struct tls_event *e = new_event(EV_SPLIT);
+	if (!e)
+		return;
+	e->buf = c->buf;
+	e->len = c->len;
+	e->cookie = c->cookie;
+	e->fd = c->fd;
+	e->nhits = 1;
+	e->hits[0] = c->split;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Tokens that went out unchanged without stopping anyone: reported only. */
+static __always_inline void emit_noted(struct scan_ctx *c)
+{
+	if (c->nunknown)
+		emit_unknown(c);
+	if (c->nsplit)
+		emit_split(c);
+}
+
 static __always_inline bool has_ret_probe(__u64 cookie)
 {
 	/* Go gets no return probe: uretprobes corrupt its moving stacks. */
@@ -647,12 +732,13 @@ int tls_write_scan_pause(struct pt_regs *ctx)
 	struct scan_ctx *c = scan();
 	if (!c)
 		return 0;
-	if (c->nunknown)
-		emit_unknown(c);
-	if (!c->nmatch && !(c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN)))
+	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
+	/* A full scan in user space reports its own unknown and split tokens. */
+	if (!full_scan)
+		emit_noted(c);
+	if (!c->nmatch && !full_scan)
 		return 0;
 
-	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
 	struct tls_event *e = new_event(full_scan ? EV_SCAN : EV_REWRITE);
 	if (!e)
 		return 0; /* no agent will hear of it: let the placeholder go out */
@@ -708,8 +794,7 @@ int tls_write_scan_inplace(struct pt_regs *ctx)
 	struct scan_ctx *c = scan();
 	if (!c)
 		return 0;
-	if (c->nunknown)
-		emit_unknown(c);
+	emit_noted(c);
 	if (!c->nmatch)
 		return 0;
 	struct lctx l = { .c = c };

@@ -34,6 +34,7 @@ enum event_kind {
 	EV_SCRUBBED = 7,     /* in-place backend restored the placeholders itself */
 	EV_UNKNOWN = 8,      /* a kloak: token matched no secret; it went out unchanged */
 	EV_EXIT = 9,         /* a tracked process exited: its libraries may have lost their last user */
+	EV_SPLIT = 10,       /* the write ends inside what looks like a placeholder: hits[0] holds where, its length and the random characters seen; it went out unchanged */
 };
 
 #define DNS_MAX_PAYLOAD 512
@@ -98,7 +99,8 @@ enum stat_idx {
 	ST_STOPS = 8,        /* SIGSTOPs sent */
 	ST_WRITE_FAIL = 9,   /* in-place writes the kernel refused */
 	ST_HUFFMAN = 10,     /* writes with a Huffman-coded prefix candidate */
-	ST_MAX = 11,
+	ST_SPLIT = 11,       /* writes ending inside a placeholder-like token */
+	ST_MAX = 12,
 };
 
 struct secret_key {
