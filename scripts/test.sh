@@ -12,18 +12,28 @@ scripts/install-deps.sh
 # kube-apiserver and etcd for the Kubernetes tests, built once with the
 # machine's Go and cached under ~/.cache/kloak (several minutes cold).
 e2e/k8s-tools/build.sh >/dev/null
-# Jaeger for the observability tests, likewise (~5 minutes cold).
+# Jaeger for the observability tests and the run's leak check, likewise
+# (~5 minutes cold).
 e2e/otel-tools/build.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p kloak-e2e --all-targets --features whole-run --locked -- -D warnings
 # The end-to-end tests drive the real binary.
 cargo build --workspace --locked
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# The whole run's record (secret values, agent logs, /metrics texts) and its
+# Jaeger, for the leak check that runs last (e2e/tests/whole_run.rs).
+export KLOAK_E2E_RUN_DIR
+KLOAK_E2E_RUN_DIR=$(mktemp -d /tmp/kloak-e2e-run.XXXXXX)
+trap 'kill "$(cat "$KLOAK_E2E_RUN_DIR/jaeger.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$log" "$KLOAK_E2E_RUN_DIR"' EXIT
+jaeger_env=$(e2e/otel-tools/serve.sh "$KLOAK_E2E_RUN_DIR")
+for kv in $jaeger_env; do export "${kv?}"; done
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+cargo test -p kloak-e2e --features whole-run --test whole_run --locked 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 set -e
 # One closing line over every test binary, so the total is what a reader (or CI) sees last.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

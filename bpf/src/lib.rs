@@ -303,7 +303,7 @@ impl SplitTail {
             let tail = data.get(at..)?;
             let rand = tail.strip_prefix(PREFIX)?;
             let seen = &rand[..rand.len().min(KEY_LEN)];
-            return (tail.len() < MAX_SECRET_LEN && seen.iter().all(|&c| is_placeholder_char(c)))
+            return (tail.len() < MAX_SECRET_LEN && rand.iter().all(|&c| is_placeholder_char(c)))
                 .then(|| SplitTail {
                     offset: at as u64,
                     len: tail.len() as u32,
@@ -1456,6 +1456,10 @@ mod tests {
             "'.' is not in the generator's alphabet"
         );
         assert!(SplitTail::find(b"x: kloak:AB ", Some(3)).is_none());
+        assert!(
+            SplitTail::find(b"u=kloak:ZZZZZZZZ00000000;", Some(2)).is_none(),
+            "a token that ends before the write does was not cut"
+        );
         assert!(SplitTail::find(b"x: kloak:a-_Z", Some(3)).is_some());
         let long = [b"kloak:".as_slice(), &[b'A'; 130]].concat();
         assert!(

@@ -199,7 +199,9 @@ impl Kloak {
     ) -> Kloak {
         let log = control_plane().dir.join(format!("{log_name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(kloak_bin())
+        let mut c = Command::new(kloak_bin());
+        crate::ledger::export_spans(&mut c);
+        let child = c
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("NODE_NAME", node)
@@ -219,20 +221,24 @@ impl Kloak {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The admin address in its log, if it has bound one yet.
+    fn logged_admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.log_text()
+            .lines()
+            .find(|l| l.contains("admin server listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+    }
+
     /// The admin port it bound (it logs the address once listening).
     pub fn admin_addr(&mut self) -> std::net::SocketAddr {
         let end = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let log = self.log_text();
-            if let Some(addr) = log
-                .lines()
-                .find(|l| l.contains("admin server listening"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|a| a.split_whitespace().next())
-                .and_then(|a| a.parse().ok())
-            {
+            if let Some(addr) = self.logged_admin_addr() {
                 return addr;
             }
+            let log = self.log_text();
             self.assert_running();
             assert!(
                 std::time::Instant::now() < end,
@@ -257,7 +263,16 @@ impl Kloak {
 
 impl Drop for Kloak {
     fn drop(&mut self) {
+        // For the whole run's leak check: what it served last, and its log.
+        if crate::ledger::run_dir().is_some()
+            && matches!(self.child.try_wait(), Ok(None))
+            && let Some(addr) = self.logged_admin_addr()
+            && let Some((200, text)) = crate::try_http_get(addr, "/metrics")
+        {
+            crate::ledger::keep_metrics("kloak-controller", &text);
+        }
         self.stop();
+        crate::ledger::keep_log("kloak-controller", &self.log);
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod k8s;
+pub mod ledger;
 pub mod otel;
 
 /// Root-only tests skip outside CI and fail inside it: a skipped data-path
@@ -80,6 +81,7 @@ pub fn random_secret(prefix: &str, len: usize) -> String {
         s.push(c as char);
     }
     s.truncate(len);
+    ledger::remember_value(&s);
     s
 }
 
@@ -88,9 +90,11 @@ pub fn random_secret(prefix: &str, len: usize) -> String {
 /// match (Kloak refuses the others); mixed random characters often do not.
 pub fn hpack_friendly_secret(len: usize) -> String {
     const SIX_BITS: &[u8] = b"3456789bdfghlmnpru";
-    (0..len)
+    let s: String = (0..len)
         .map(|_| SIX_BITS[rand::random_range(0..SIX_BITS.len())] as char)
-        .collect()
+        .collect();
+    ledger::remember_value(&s);
+    s
 }
 
 pub fn count(hay: &[u8], needle: &[u8]) -> usize {
@@ -534,7 +538,19 @@ impl Run {
 
 pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Command, PathBuf) {
     let stats = secrets.dir.path().join("stats.json");
-    let mut c = Command::new(kloak_bin());
+    // In a recorded run the agent's stderr is also copied to the run's logs,
+    // whatever the test does with it. The shell execs the agent, so the pid
+    // a test signals or measures is still the agent's.
+    let mut c = match ledger::new_log("kloak-run") {
+        Some(log) => {
+            let mut c = Command::new("bash");
+            c.args(["-c", "exec 2> >(exec tee -a \"$0\" >&2); exec \"$@\""])
+                .arg(log)
+                .arg(kloak_bin());
+            c
+        }
+        None => Command::new(kloak_bin()),
+    };
     c.arg("run")
         .arg("--secrets")
         .arg(&secrets.path)
@@ -542,6 +558,7 @@ pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Comman
         .arg(&stats);
     c.args(extra).arg("--").args(command);
     c.env("RUST_LOG", "debug");
+    ledger::export_spans(&mut c);
     (c, stats)
 }
 
@@ -656,6 +673,12 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, "")
 }
 
+/// Like [`http_get`], but None instead of a panic: for drop paths, where
+/// the server may already be gone.
+pub fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    try_http_request(addr, "GET", path, "").ok()
+}
+
 /// One plain HTTP/1.0 request with a body; the status code and the body.
 pub fn http_request(
     addr: std::net::SocketAddr,
@@ -663,25 +686,36 @@ pub fn http_request(
     path: &str,
     body: &str,
 ) -> (u16, String) {
+    try_http_request(addr, method, path, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     write!(
         s,
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
-    .unwrap();
+    .map_err(|e| format!("writing to {addr}: {e}"))?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    s.read_to_string(&mut raw)
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response from {addr}{path}: {head:?}"));
-    (code, body.to_string())
+        .ok_or_else(|| format!("not an HTTP response from {addr}{path}: {head:?}"))?;
+    Ok((code, body.to_string()))
 }
 
 /// `kloak run` with extra environment (e.g. the OTLP variables).

@@ -1,6 +1,5 @@
 //! A real Jaeger (v2: OTLP in, query API out) for the observability tests,
-//! one per test binary, built by `e2e/otel-tools/build.sh` and cached under
-//! ~/.cache/kloak.
+//! built by `e2e/otel-tools/build.sh` and cached under ~/.cache/kloak.
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -15,9 +14,24 @@ pub struct Jaeger {
     pub log: std::path::PathBuf,
 }
 
+/// The run's Jaeger (`e2e/otel-tools/serve.sh`, started by `scripts/test.sh`
+/// so the whole run's leak check sees every span), or else one of this
+/// test binary's own.
 pub fn jaeger() -> &'static Jaeger {
     static J: OnceLock<Jaeger> = OnceLock::new();
     J.get_or_init(|| {
+        if let (Ok(otlp), Ok(query)) = (
+            std::env::var("KLOAK_E2E_JAEGER_OTLP"),
+            std::env::var("KLOAK_E2E_JAEGER_QUERY"),
+        ) {
+            return Jaeger {
+                otlp,
+                query: query.parse().expect("KLOAK_E2E_JAEGER_QUERY is host:port"),
+                log: crate::ledger::run_dir()
+                    .map(|d| d.join("jaeger.log"))
+                    .unwrap_or_default(),
+            };
+        }
         let out = Command::new("bash")
             .arg(workspace_root().join("e2e/otel-tools/build.sh"))
             .stderr(Stdio::inherit())
@@ -80,7 +94,7 @@ impl Jaeger {
     pub fn spans(&self, service: &str) -> (Vec<serde_json::Value>, String) {
         let (code, body) = http_get(
             self.query,
-            &format!("/api/traces?service={service}&limit=1000&lookback=1h"),
+            &format!("/api/traces?service={service}&limit=100000&lookback=6h"),
         );
         assert_eq!(code, 200, "Jaeger query: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -94,6 +108,19 @@ impl Jaeger {
             }
         }
         (spans, body)
+    }
+
+    /// Every service that has exported spans.
+    pub fn services(&self) -> Vec<String> {
+        let (code, body) = http_get(self.query, "/api/services");
+        assert_eq!(code, 200, "Jaeger query: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
     }
 
     /// Waits until `enough` holds for the spans of `service`.

@@ -229,7 +229,9 @@ fn run_measuring_rss(
 ) -> (std::process::Output, serde_json::Value, u64) {
     use std::process::Stdio;
     let (mut c, stats) = kloak_cmd(secrets, &["--mode", "pause"], command);
-    c.envs(env.iter().copied())
+    // The baseline exports nothing, whatever the run's defaults.
+    c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -496,12 +496,17 @@ static __always_inline bool is_placeholder_char(__u8 ch)
  * follows the prefix could begin a placeholder, the write probably cut one
  * in two. Either part goes out unchanged; the agent reports it. */
 static __always_inline bool note_split(struct scan_ctx *c, const struct secret_key *seen,
-				       __u32 nrand, __u32 off, __u64 avail)
+				       __u32 off, __u64 avail)
 {
+	/* Every byte after the prefix, not just the key's: a token that ends
+	 * before the write does was not cut. Rare path; c->cmp holds them. */
 #pragma unroll
-	for (int j = 0; j < KEY_LEN; j++)
-		if (j < nrand && !is_placeholder_char(seen->b[j]))
+	for (int j = PREFIX_LEN; j < MAX_SECRET_LEN; j++) {
+		if (j >= avail)
+			break;
+		if (!is_placeholder_char(c->cmp[j]))
 			return false;
+	}
 	c->split.off = off;
 	c->split.id = 0;
 	c->split.len = (__u32)avail;
@@ -569,7 +574,7 @@ static long verify_hit(__u64 i, void *data)
 	/* Runs to the end of the write: a placeholder there may be cut short. */
 	bool tail = off + avail == c->len && avail < MAX_SECRET_LEN;
 	if (avail < MIN_SECRET_LEN) {
-		if (!(tail && note_split(c, &seen, nrand, off, avail)))
+		if (!(tail && note_split(c, &seen, off, avail)))
 			c->nunknown++;
 		return 0;
 	}
@@ -598,7 +603,7 @@ static long verify_hit(__u64 i, void *data)
 		c->nmatch = m + 1;
 		return 0;
 	}
-	if (!(tail && note_split(c, &seen, nrand, off, avail)))
+	if (!(tail && note_split(c, &seen, off, avail)))
 		c->nunknown++;
 	return 0;
 }

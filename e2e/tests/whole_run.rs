@@ -1,0 +1,107 @@
+//! The leak check over one whole test run: every secret value any test
+//! made, searched for in every agent log, every `/metrics` text and every
+//! span the run's Jaeger holds. Run by `scripts/test.sh` after all other
+//! tests (it needs `--features whole-run` and the run's directory), never on
+//! its own: alone it would have nothing to read, and it says so.
+
+use std::path::Path;
+
+use kloak_e2e::count;
+use kloak_e2e::ledger::{ENV, run_dir};
+use kloak_e2e::otel::jaeger;
+
+/// Standard base64 without padding handling: how a Secret's data travels
+/// through the API server, and how a careless dump would print it.
+fn base64(v: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in v.chunks(3) {
+        let n = c.iter().fold(0u32, |a, &b| a << 8 | u32::from(b)) << (8 * (3 - c.len()));
+        for i in 0..=c.len() {
+            out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+    {
+        let p = e.path();
+        out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn no_secret_value_in_any_log_span_or_metrics_of_the_run() {
+    let dir = run_dir().unwrap_or_else(|| {
+        panic!("{ENV} is not set: run the whole suite with scripts/test.sh, which runs this last")
+    });
+    let values: std::collections::BTreeSet<String> = std::fs::read_to_string(dir.join("values"))
+        .expect("the run noted its secret values")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let logs = files(&dir.join("logs"));
+    let metrics = files(&dir.join("metrics"));
+
+    let j = jaeger();
+    let mut spans = Vec::new();
+    let mut nspans = 0;
+    for service in j.services() {
+        let (s, raw) = j.spans(&service);
+        nspans += s.len();
+        spans.push((format!("Jaeger service {service}"), raw.into_bytes()));
+    }
+    eprintln!(
+        "whole run: {} secret values, {} agent logs ({} KiB), {} /metrics texts, {nspans} spans",
+        values.len(),
+        logs.len(),
+        logs.iter().map(|(_, b)| b.len()).sum::<usize>() / 1024,
+        metrics.len()
+    );
+    // A run that recorded (almost) nothing would pass without proving
+    // anything: these floors are far below what the suite produces.
+    assert!(values.len() >= 50, "only {} values noted", values.len());
+    assert!(logs.len() >= 50, "only {} agent logs kept", logs.len());
+    assert!(metrics.len() >= 5, "only {} /metrics texts", metrics.len());
+    assert!(nspans >= 100, "only {nspans} spans in Jaeger");
+    assert!(
+        logs.iter()
+            .any(|(_, b)| count(b, b"placeholder rewritten") > 0),
+        "the logs show no rewrite at all"
+    );
+
+    let mut leaks = Vec::new();
+    for (what, bytes) in logs.iter().chain(&metrics).chain(&spans) {
+        for v in &values {
+            for (form, needle) in [
+                ("value", v.clone()),
+                ("base64 of a value", base64(v.as_bytes())),
+            ] {
+                if count(bytes, needle.as_bytes()) > 0 {
+                    // Name where, never print the value itself.
+                    leaks.push(format!("{form} of {} bytes in {what}", v.len()));
+                }
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "secret values leaked:\n{}",
+        leaks.join("\n")
+    );
+}
+
+#[test]
+fn base64_matches_the_standard_encoding() {
+    assert_eq!(base64(b"Man"), "TWFu");
+    assert_eq!(base64(b"Ma"), "TWE");
+    assert_eq!(base64(b"M"), "TQ");
+    assert_eq!(base64(b"kloak-secret"), "a2xvYWstc2VjcmV0");
+}
