@@ -32,7 +32,7 @@ for kv in $jaeger_env; do export "${kv?}"; done
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-cargo test -p kloak-e2e --features whole-run --test whole_run --locked 2>&1 | tee -a "$log"
+cargo test -p kloak-e2e --features whole-run --test whole_run --locked -- --nocapture 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 set -e
 # One closing line over every test binary, so the total is what a reader (or CI) sees last.

@@ -145,6 +145,58 @@ impl Jaeger {
     }
 }
 
+/// A Jaeger of one test's own (`e2e/otel-tools/serve.sh`), which the test
+/// may stop mid-run; killed on drop.
+pub struct OwnJaeger {
+    pub jaeger: Jaeger,
+    pid: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnJaeger {
+    pub fn start() -> OwnJaeger {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("bash")
+            .arg(workspace_root().join("e2e/otel-tools/serve.sh"))
+            .arg(dir.path())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running e2e/otel-tools/serve.sh");
+        assert!(out.status.success(), "starting Jaeger failed");
+        let out = String::from_utf8(out.stdout).unwrap();
+        let var = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("serve.sh printed no {k}: {out}"))
+                .to_string()
+        };
+        let pid = std::fs::read_to_string(dir.path().join("jaeger.pid")).unwrap();
+        OwnJaeger {
+            jaeger: Jaeger {
+                otlp: var("KLOAK_E2E_JAEGER_OTLP="),
+                query: var("KLOAK_E2E_JAEGER_QUERY=").parse().unwrap(),
+                log: dir.path().join("jaeger.log"),
+            },
+            pid: pid.trim().parse().unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// For a shell command that stops the collector: `kill -9 <pid>`.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+impl Drop for OwnJaeger {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// A span's tag value by key.
 pub fn tag<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
     span["tags"]
