@@ -26,11 +26,11 @@ log=$(mktemp)
 # Jaeger, for the leak check that runs last (e2e/tests/whole_run.rs).
 export KLOAK_E2E_RUN_DIR
 KLOAK_E2E_RUN_DIR=$(mktemp -d /tmp/kloak-e2e-run.XXXXXX)
-trap 'kill "$(cat "$KLOAK_E2E_RUN_DIR/jaeger.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$log" "$KLOAK_E2E_RUN_DIR"' EXIT
+trap 'kill -KILL "$(cat "$KLOAK_E2E_RUN_DIR/jaeger.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$log" "$KLOAK_E2E_RUN_DIR"' EXIT
 jaeger_env=$(e2e/otel-tools/serve.sh "$KLOAK_E2E_RUN_DIR")
 for kv in $jaeger_env; do export "${kv?}"; done
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 cargo test -p kloak-e2e --features whole-run --test whole_run --locked -- --nocapture 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -1,6 +1,6 @@
 //! The webhook's serving certificate: made here (rcgen), kept in a Secret the
-//! webhook pods follow, trusted through the caBundle of the
-//! MutatingWebhookConfiguration, and replaced well before it expires.
+//! webhook pods follow, trusted through the caBundle of the Mutating- and
+//! ValidatingWebhookConfiguration, and replaced well before it expires.
 //!
 //! Every node's controller runs this loop. The Secret is created only if
 //! absent and replaced only at the resourceVersion that was read, so one
@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
@@ -213,19 +215,62 @@ pub async fn ensure(client: &Client, opts: &CertOpts) -> Result<Vec<u8>, CertErr
     Ok(ca)
 }
 
-/// Sets the caBundle of every webhook in the configuration to `ca`.
+/// Sets the caBundle of every webhook in the mutating and the validating
+/// configuration of that name to `ca`. A configuration that does not exist
+/// (not installed, or installed without one) is skipped.
 async fn patch_ca_bundle(client: &Client, name: &str, ca: &[u8]) -> Result<(), CertError> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let what = format!("MutatingWebhookConfiguration {name}");
+    patch_kind::<MutatingWebhookConfiguration>(client, name, ca, |c| {
+        c.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    })
+    .await?;
+    patch_kind::<ValidatingWebhookConfiguration>(client, name, ca, |c| {
+        c.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    })
+    .await
+}
+
+async fn patch_kind<K>(
+    client: &Client,
+    name: &str,
+    ca: &[u8],
+    configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<(), CertError>
+where
+    K: kube::Resource<Scope = kube::core::ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let what = format!("{} {name}", K::kind(&()));
     for _ in 0..5 {
-        let Some(mut cfg) = api.get_opt(name).await.map_err(kube_err(&what))? else {
-            tracing::warn!(config = %name, "MutatingWebhookConfiguration not found; the webhook is not registered yet");
+        let cfg = match api.get_opt(name).await {
+            Ok(c) => c,
+            // The seed's ClusterRole covers only the mutating kind; the
+            // other configuration's caBundle is then the operator's job.
+            Err(e) if is_status(&e, 403) => {
+                tracing::warn!(config = %what, "no permission to read it; its caBundle is not kept (grant get and update on it)");
+                return Ok(());
+            }
+            Err(e) => return Err(kube_err(&what)(e)),
+        };
+        let Some(mut cfg) = cfg else {
+            tracing::warn!(config = %what, "webhook configuration not found; not registered yet");
             return Ok(());
         };
         let mut changed = false;
-        for w in cfg.webhooks.iter_mut().flatten() {
-            if w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca) {
-                w.client_config.ca_bundle = Some(ByteString(ca.to_vec()));
+        for c in configs(&mut cfg) {
+            if c.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca) {
+                c.ca_bundle = Some(ByteString(ca.to_vec()));
                 changed = true;
             }
         }
@@ -234,7 +279,7 @@ async fn patch_ca_bundle(client: &Client, name: &str, ca: &[u8]) -> Result<(), C
         }
         match api.replace(name, &PostParams::default(), &cfg).await {
             Ok(_) => {
-                tracing::info!(config = %name, "webhook caBundle updated");
+                tracing::info!(config = %what, "webhook caBundle updated");
                 return Ok(());
             }
             Err(e) if is_status(&e, 409) => continue,

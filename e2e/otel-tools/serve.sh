@@ -11,12 +11,9 @@ import socket
 ss = [socket.socket() for _ in range(4)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))')
-setsid "$bin" \
-  "--set=receivers.otlp.protocols.grpc.endpoint=127.0.0.1:$grpc" \
-  "--set=receivers.otlp.protocols.http.endpoint=127.0.0.1:$http" \
-  "--set=extensions.jaeger_query.http.endpoint=127.0.0.1:$query" \
-  "--set=extensions.jaeger_query.grpc.endpoint=127.0.0.1:$qgrpc" \
-  </dev/null >/dev/null 2>"$dir/jaeger.log" &
+JAEGER_HOST=127.0.0.1 JAEGER_OTLP_GRPC=$grpc JAEGER_OTLP_HTTP=$http \
+  JAEGER_QUERY_HTTP=$query JAEGER_QUERY_GRPC=$qgrpc \
+  setsid "$bin" --config "$(dirname "$0")/jaeger.yaml" </dev/null >/dev/null 2>"$dir/jaeger.log" &
 echo $! >"$dir/jaeger.pid"
 for _ in $(seq 600); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$query" && exec 4<>"/dev/tcp/127.0.0.1/$grpc") 2>/dev/null; then

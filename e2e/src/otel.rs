@@ -42,12 +42,14 @@ pub fn jaeger() -> &'static Jaeger {
         let (grpc, http, query, qgrpc) = (free_port(), free_port(), free_port(), free_port());
         let log = std::env::temp_dir().join(format!("kloak-jaeger-{}.log", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
-        let args = vec![
-            format!("--set=receivers.otlp.protocols.grpc.endpoint=127.0.0.1:{grpc}"),
-            format!("--set=receivers.otlp.protocols.http.endpoint=127.0.0.1:{http}"),
-            format!("--set=extensions.jaeger_query.http.endpoint=127.0.0.1:{query}"),
-            format!("--set=extensions.jaeger_query.grpc.endpoint=127.0.0.1:{qgrpc}"),
+        let env = [
+            ("JAEGER_HOST", "127.0.0.1".to_string()),
+            ("JAEGER_OTLP_GRPC", grpc.to_string()),
+            ("JAEGER_OTLP_HTTP", http.to_string()),
+            ("JAEGER_QUERY_HTTP", query.to_string()),
+            ("JAEGER_QUERY_GRPC", qgrpc.to_string()),
         ];
+        let config = workspace_root().join("e2e/otel-tools/jaeger.yaml");
         // Held by a thread that lives as long as the test binary: the death
         // signal fires when the thread that started the child ends.
         let bin = format!("{dir}/jaeger");
@@ -55,7 +57,9 @@ pub fn jaeger() -> &'static Jaeger {
             let mut child = Command::new("setpriv")
                 .args(["--pdeathsig", "KILL", "--"])
                 .arg(bin)
-                .args(args)
+                .arg("--config")
+                .arg(config)
+                .envs(env)
                 .stdout(Stdio::null())
                 .stderr(f)
                 .spawn()
