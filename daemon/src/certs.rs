@@ -191,6 +191,16 @@ pub async fn ensure(client: &Client, opts: &CertOpts) -> Result<Vec<u8>, CertErr
                 let g = generate(&opts.sans, opts.validity)?;
                 let mut new = secret_for(opts, &g, prev.as_deref().and_then(first_pem));
                 new.metadata.resource_version = s.metadata.resource_version.clone();
+                // Keep what others put there (a Helm release owning the
+                // Secret marks it so); ours win where both set a key.
+                for (mine, theirs) in [
+                    (&mut new.metadata.labels, &s.metadata.labels),
+                    (&mut new.metadata.annotations, &s.metadata.annotations),
+                ] {
+                    let mut merged = theirs.clone().unwrap_or_default();
+                    merged.extend(mine.take().unwrap_or_default());
+                    *mine = Some(merged);
+                }
                 match api
                     .replace(&opts.secret, &PostParams::default(), &new)
                     .await
