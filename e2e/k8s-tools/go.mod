@@ -1,5 +1,5 @@
-// Pins k8s.io/kubernetes for building kube-apiserver, and the cluster test's kubelet and
-// friends) with the machine's Go. Its go.mod replaces the staging modules
+// Pins k8s.io/kubernetes for building kube-apiserver, and the cluster test's
+// kubelet and friends, with the machine's Go. Its go.mod replaces the staging modules
 // with local paths, which do not exist for a dependency, so each is pinned
 // here to the release that matches.
 module kloak.test/k8s-tools

@@ -23,10 +23,33 @@ pub struct ControlPlane {
     pub dir: PathBuf,
 }
 
+/// A control plane dies with its test binary (SIGKILL, so nothing of it can
+/// clean up): its directory (etcd's data, ~125 MiB) is removed by the next
+/// test binary that starts one.
+fn remove_dead_control_planes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kloak-k8s-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The control plane of this test binary.
 pub fn control_plane() -> &'static ControlPlane {
     static CP: OnceLock<ControlPlane> = OnceLock::new();
     CP.get_or_init(|| {
+        remove_dead_control_planes();
         let dir = std::env::temp_dir().join(format!("kloak-k8s-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("control plane dir");
