@@ -69,20 +69,37 @@ impl Mirror {
     }
 }
 
+/// Folds one op into the batch. A batch is applied puts first, removals
+/// second, so a later put must cancel an earlier removal of the same key: a
+/// DNS lookup's UDP socket closed and its descriptor reused at once by the
+/// TCP connection that follows, within one commit window, would otherwise
+/// lose the live connection (found on a real cluster).
 fn add(b: &mut Batch, op: Op) {
     match op {
-        Op::Secret(r) => b.secrets.push(r),
+        Op::Secret(r) => {
+            b.removed_secrets.retain(|id| *id != r.id);
+            b.secrets.retain(|x| x.id != r.id);
+            b.secrets.push(r);
+        }
         Op::RemoveSecret(id) => {
             b.secrets.retain(|r| r.id != id);
             b.removed_secrets.push(id);
         }
-        Op::Tracked(t) => b.tracked.push(t),
+        Op::Tracked(t) => {
+            b.untracked.retain(|id| *id != t.id);
+            b.tracked.retain(|x| x.id != t.id);
+            b.tracked.push(t);
+        }
         Op::Untracked(id) => {
             b.tracked.retain(|t| t.id != id);
             b.untracked.push(id);
         }
         Op::Dns(d) => b.dns.push(d),
-        Op::Conn(k, c) => b.conns.push((k, c)),
+        Op::Conn(k, c) => {
+            b.closed.retain(|x| *x != k);
+            b.conns.retain(|(x, _)| *x != k);
+            b.conns.push((k, c));
+        }
         Op::Closed(k) => {
             b.conns.retain(|(c, _)| *c != k);
             b.closed.push(k);
@@ -208,6 +225,42 @@ mod tests {
         assert!(process_alive(me, t));
         assert!(!process_alive(me, t + 1));
         assert_eq!(start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_descriptor_closed_and_reconnected_in_one_batch_stays_connected() {
+        let k = ConnKey {
+            tgid: 7,
+            start_time: 1,
+            fd: 3,
+        };
+        let rec = |dest: &str| ConnRecord {
+            dest: dest.into(),
+            connected_ns: 1,
+        };
+        let mut b = Batch::default();
+        // resolv: UDP socket to the DNS server; then the TCP connection on fd 3.
+        add(&mut b, Op::Conn(k, rec("10.96.0.10:53")));
+        add(&mut b, Op::Closed(k));
+        add(&mut b, Op::Conn(k, rec("10.96.4.2:443")));
+        assert!(b.closed.is_empty(), "the later connect cancels the close");
+        assert_eq!(b.conns.len(), 1);
+        assert_eq!(b.conns[0].1.dest, "10.96.4.2:443");
+
+        let d = tempfile::tempdir().unwrap();
+        let key = kloak_storage::Key::from_bytes(&[1; 32]);
+        let (store, _) = Store::open(&d.path().join("s.redb"), key).unwrap();
+        store.apply(&b).unwrap();
+        let conns = store.conns().unwrap();
+        assert_eq!(conns.len(), 1, "the live connection is in the file");
+        assert_eq!(conns[0].1.dest, "10.96.4.2:443");
+
+        // And the other order still ends closed.
+        let mut b = Batch::default();
+        add(&mut b, Op::Conn(k, rec("10.96.4.2:443")));
+        add(&mut b, Op::Closed(k));
+        store.apply(&b).unwrap();
+        assert!(store.conns().unwrap().is_empty());
     }
 
     #[test]
