@@ -52,7 +52,6 @@ ip link delete kloak0 2>/dev/null
 
 # kube-proxy's and the CNI plugins' iptables rules.
 for table in nat filter mangle; do
-  iptables-save -t "$table" 2>/dev/null | grep -q . || continue
   for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/) {print $2}'); do
     iptables -t "$table" -F "$chain" 2>/dev/null
   done

@@ -43,7 +43,7 @@ image() {
 with_libs() { # ROOTFS BINARY DEST
   install -D -m 0755 "$2" "$1$3"
   ldd "$2" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
-    install -D -m 0644 "$(readlink -f "$lib")" "$1$lib"
+    install -D -m 0755 "$(readlink -f "$lib")" "$1$lib"
   done
 }
 

@@ -18,6 +18,9 @@ export PATH="$PATH:/usr/local/go/bin"
 kubeconfig="$dir/admin.kubeconfig"
 if [ -f "$kubeconfig" ] && [ -x "$dir/bin/kubectl" ] &&
   "$dir/bin/kubectl" --kubeconfig "$kubeconfig" get node "$node" >/dev/null 2>&1; then
+  # Up already: only the kloak image is rebuilt from this tree.
+  (cd "$here/../.." && cargo build --release -p kloak --locked >&2)
+  "$here/images.sh" "$here/../../target/release/kloak" "$("$here/build.sh" coredns)/coredns"
   echo "KUBECONFIG=$kubeconfig"
   exit 0
 fi
@@ -48,6 +51,9 @@ sysctl -qw net.ipv4.ip_forward=1
 sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+# The agent's host mounts propagate into its container (HostToContainer),
+# which needs shared mounts, as a systemd host has everywhere.
+for m in /sys/fs/bpf /sys/kernel/tracing /sys/fs/cgroup; do mount --make-rshared "$m"; done
 
 # --- PKI ---------------------------------------------------------------------
 cd "$dir/pki"
@@ -115,7 +121,7 @@ start kube-apiserver "$dir/bin/kube-apiserver" --etcd-servers=http://127.0.0.1:2
   --bind-address=0.0.0.0 --advertise-address="$node_ip" --secure-port=6443 \
   --tls-cert-file=apiserver.pem --tls-private-key-file=apiserver.key --client-ca-file=ca.pem \
   --kubelet-client-certificate=apiserver-kubelet.pem --kubelet-client-key=apiserver-kubelet.key \
-  --kubelet-certificate-authority=ca.pem \
+  --kubelet-certificate-authority=ca.pem --kubelet-preferred-address-types=InternalIP \
   --service-account-issuer=https://kubernetes.default.svc --service-account-key-file=sa.pub \
   --service-account-signing-key-file=sa.key --authorization-mode=Node,RBAC \
   --service-cluster-ip-range=10.96.0.0/16 --allow-privileged=true

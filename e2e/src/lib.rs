@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod cluster;
 pub mod k8s;
 pub mod ledger;
 pub mod otel;
