@@ -15,6 +15,11 @@ e2e/k8s-tools/build.sh >/dev/null
 # Jaeger for the observability tests and the run's leak check, likewise
 # (~5 minutes cold).
 e2e/otel-tools/build.sh >/dev/null
+# The single-node cluster of e2e/tests/cluster.rs: kubelet and the rest of
+# Kubernetes, helm and CoreDNS, likewise (~15 minutes cold).
+e2e/k8s-tools/build.sh kube-controller-manager kube-scheduler kubelet kube-proxy kubectl >/dev/null
+e2e/cluster/build.sh helm >/dev/null
+e2e/cluster/build.sh coredns >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

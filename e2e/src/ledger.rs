@@ -63,6 +63,13 @@ pub fn keep_log(stem: &str, path: &Path) {
     }
 }
 
+/// Keeps an agent log read some other way (`kubectl logs`).
+pub fn keep_log_text(stem: &str, text: &str) {
+    if let Some(dst) = new_log(stem) {
+        std::fs::write(dst, text).expect("keeping a log");
+    }
+}
+
 /// Keeps a `/metrics` text an agent served.
 pub fn keep_metrics(stem: &str, text: &str) {
     if let Some(d) = subdir("metrics") {

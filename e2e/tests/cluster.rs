@@ -640,6 +640,39 @@ fn the_chart_on_a_real_node_rewrites_for_allowed_hosts_survives_restarts_and_uni
     );
     c.phase("agent pod deleted mid-traffic, the open connection keeps its value");
 
+    // For the whole run's leak check: what the agents and the webhook logged,
+    // and what the agent serves on /metrics.
+    for what in ["ds/kloak-controller", "deploy/kloak-webhook"] {
+        let log = c.kubectl(&["-n", NS, "logs", what, "--all-containers"]);
+        assert_eq!(
+            count(log.as_bytes(), value.as_bytes()),
+            0,
+            "the value in {what}'s log"
+        );
+        kloak_e2e::ledger::keep_log_text("cluster", &log);
+    }
+    let agent_ip = c.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "pod",
+        &agent_pod(&c).expect("a ready agent pod"),
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let (code, metrics) = http_get(
+        format!("{}:9090", agent_ip.trim()).parse().unwrap(),
+        "/metrics",
+    );
+    assert_eq!(code, 200);
+    assert!(metrics.contains("kloak_substitutions_total{"), "{metrics}");
+    assert_eq!(
+        count(metrics.as_bytes(), value.as_bytes()),
+        0,
+        "the value in /metrics"
+    );
+    kloak_e2e::ledger::keep_metrics("cluster", &metrics);
+
     // --- uninstall --------------------------------------------------------------
     c.helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "2m"]);
     // The chart's objects go at once; their pods with the garbage collector.
