@@ -36,6 +36,12 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
+def added_ns(runs):
+    """Medians of per-operation nanoseconds without and with the agent."""
+    base, agent = statistics.median(runs["no_agent"]), statistics.median(runs["agent"])
+    return {"no_agent_ns": round(base), "agent_ns": round(agent), "added_ns": round(agent - base)}
+
+
 def main():
     out_dir = os.path.join(ROOT, "target/bench")
     os.makedirs(out_dir, exist_ok=True)
@@ -156,12 +162,7 @@ def main():
                         cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--"] + cmd
                     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                     per_write[config].append(float(out.split("NS_PER_WRITE")[1].split()[0]))
-            results["write_without_placeholder"][client] = {
-                "no_agent_ns": round(statistics.median(per_write["no_agent"])),
-                "agent_ns": round(statistics.median(per_write["agent"])),
-                "added_ns": round(statistics.median(per_write["agent"]) - statistics.median(per_write["no_agent"])),
-                "runs": per_write,
-            }
+            results["write_without_placeholder"][client] = {**added_ns(per_write), "runs": per_write}
 
     if want("hooks"):
         # The destination hooks: cost per TCP connect and per DNS answer received.
@@ -183,11 +184,7 @@ def main():
                                    "--"] + cmd
                         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                         runs[config].append(float(out.split("NS_PER_OP")[1].split()[0]))
-                results["destination_hooks"][op] = {
-                    "no_agent_ns": round(statistics.median(runs["no_agent"])),
-                    "agent_ns": round(statistics.median(runs["agent"])),
-                    "added_ns": round(statistics.median(runs["agent"]) - statistics.median(runs["no_agent"])),
-                }
+                results["destination_hooks"][op] = added_ns(runs)
         finally:
             dns.kill()
 

@@ -58,22 +58,17 @@ for m in /sys/fs/bpf /sys/kernel/tracing /sys/fs/cgroup; do mount --make-rshared
 # --- PKI ---------------------------------------------------------------------
 cd "$dir/pki"
 if [ ! -f ca.pem ]; then
-  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-  openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -subj "/CN=kloak cluster CA" -days 7 2>/dev/null
-  leaf() { # name subject extensions
-    openssl req "${ec[@]}" -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-    printf '%b' "$3" >"$1.ext"
-    openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -out "$1.pem" -days 7 -extfile "$1.ext" 2>/dev/null
-  }
+  . "$here/../k8s-tools/pki.sh"
+  pki_ca "kloak cluster CA"
   client="basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n"
-  leaf apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,IP:$node_ip,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
-  leaf kubelet-serving "/CN=$node" "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:$node_ip,DNS:$node\n"
-  leaf admin "/O=system:masters/CN=kloak-cluster-admin" "$client"
-  leaf apiserver-kubelet "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client"
-  leaf controller-manager "/CN=system:kube-controller-manager" "$client"
-  leaf scheduler "/CN=system:kube-scheduler" "$client"
-  leaf kubelet "/O=system:nodes/CN=system:node:$node" "$client"
-  leaf kube-proxy "/CN=system:kube-proxy" "$client"
+  pki_leaf apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,IP:$node_ip,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+  pki_leaf kubelet-serving "/CN=$node" "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:$node_ip,DNS:$node\n"
+  pki_leaf admin "/O=system:masters/CN=kloak-cluster-admin" "$client"
+  pki_leaf apiserver-kubelet "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client"
+  pki_leaf controller-manager "/CN=system:kube-controller-manager" "$client"
+  pki_leaf scheduler "/CN=system:kube-scheduler" "$client"
+  pki_leaf kubelet "/O=system:nodes/CN=system:node:$node" "$client"
+  pki_leaf kube-proxy "/CN=system:kube-proxy" "$client"
   openssl genrsa -out sa.key 2048 2>/dev/null
   openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 fi

@@ -12,17 +12,13 @@ if [ "${1:-}" = --foreground ]; then fg=1; shift; fi
 dir=$1 port=${2:-16443} etcd_port=${3:-23790}
 run=()
 if [ -n "$fg" ]; then run=(setpriv --pdeathsig KILL --); fi
-bin=$("$(dirname "$0")/build.sh")
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$("$here/build.sh")
 mkdir -p "$dir" && cd "$dir"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -subj "/CN=kloak test CA" -days 2 2>/dev/null
-leaf() { # name subject extensions
-  openssl req "${ec[@]}" -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-  printf '%b' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -out "$1.pem" -days 2 -extfile "$1.ext" 2>/dev/null
-}
-leaf apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
-leaf admin "/O=system:masters/CN=kloak-test-admin" "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n"
+. "$here/pki.sh"
+pki_ca "kloak test CA"
+pki_leaf apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
+pki_leaf admin "/O=system:masters/CN=kloak-test-admin" "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n"
 openssl genrsa -out sa.key 2048 2>/dev/null
 openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 

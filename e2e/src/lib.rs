@@ -231,10 +231,16 @@ pub fn spawn_listening(c: &mut Command, what: &str) -> (Child, u16) {
 }
 
 pub fn make_certificates(dir: &Path, addrs: &[&str]) {
+    make_certificates_for(dir, &san(addrs));
+}
+
+/// A test CA (`ca.pem`, `ca.key`) and a leaf (`cert.pem`, `key.pem`) with
+/// this `subjectAltName=...` line, made with the openssl CLI in `dir`.
+pub fn make_certificates_for(dir: &Path, subject_alt_name: &str) {
     let ext = dir.join("leaf.ext");
     std::fs::write(
         &ext,
-        format!("basicConstraints=critical,CA:FALSE\n{}\n", san(addrs)),
+        format!("basicConstraints=critical,CA:FALSE\n{subject_alt_name}\n"),
     )
     .unwrap();
     let ec = [

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kloak_e2e::cluster::Cluster;
 use kloak_e2e::otel::tag;
-use kloak_e2e::{count, fixtures, http_get, random_secret, root_test, workspace_root};
+use kloak_e2e::{
+    count, fixtures, http_get, make_certificates_for, random_secret, root_test, workspace_root,
+};
 use serde_json::{Value, json};
 
 const RELEASE: &str = "kloak";
@@ -32,67 +34,12 @@ fn now() -> f64 {
 
 /// A CA and a server certificate for the echo Services' names.
 fn echo_pki(dir: &std::path::Path) -> (String, String, String) {
-    let sh = |args: &[&str]| {
-        let st = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "openssl {args:?}");
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    sh(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=echo CA",
-            "-days",
-            "2",
-        ],
-    ]
-    .concat());
-    sh(&[
-        &["req"][..],
-        &ec,
-        &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=echo"],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext"),
-        format!("subjectAltName=DNS:{ECHO},DNS:echo.echo.svc,DNS:{OTHER},DNS:other.echo.svc\n"),
-    )
-    .unwrap();
-    sh(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
+    make_certificates_for(
+        dir,
+        &format!("subjectAltName=DNS:{ECHO},DNS:echo.echo.svc,DNS:{OTHER},DNS:other.echo.svc"),
+    );
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-    (read("ca.pem"), read("tls.pem"), read("tls.key"))
+    (read("ca.pem"), read("cert.pem"), read("key.pem"))
 }
 
 fn tools_pod(name: &str, ns: &str, spec: Value) -> Value {

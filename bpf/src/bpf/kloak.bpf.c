@@ -672,28 +672,33 @@ static __always_inline void copy_hits(struct hit *dst, const struct hit *src, __
 	}
 }
 
-static __always_inline void emit_unknown(struct scan_ctx *c)
+/* An event about this write that nothing waits on. */
+static __always_inline struct tls_event *write_event(struct scan_ctx *c, __u32 kind)
 {
-	struct tls_event *e = new_event(EV_UNKNOWN);
+	struct tls_event *e = new_event(kind);
 	if (!e)
-		return;
+		return 0;
 	e->buf = c->buf;
 	e->len = c->len;
 	e->cookie = c->cookie;
 	e->fd = c->fd;
+	return e;
+}
+
+static __always_inline void emit_unknown(struct scan_ctx *c)
+{
+	struct tls_event *e = write_event(c, EV_UNKNOWN);
+	if (!e)
+		return;
 	e->nhits = c->nunknown;
 	bpf_ringbuf_submit(e, 0);
 }
 
 static __always_inline void emit_split(struct scan_ctx *c)
 {
-	struct tls_event *e = new_event(EV_SPLIT);
+	struct tls_event *e = write_event(c, EV_SPLIT);
 	if (!e)
 		return;
-	e->buf = c->buf;
-	e->len = c->len;
-	e->cookie = c->cookie;
-	e->fd = c->fd;
 	e->nhits = 1;
 	e->hits[0] = c->split;
 	bpf_ringbuf_submit(e, 0);
