@@ -167,7 +167,12 @@ fn echo_records(c: &Cluster) -> Vec<(String, Vec<u8>)> {
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).expect("record line is JSON");
-            let raw = decode_b64(v["raw"].as_str().unwrap());
+            let raw = {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(v["raw"].as_str().unwrap())
+                    .expect("raw is base64")
+            };
             let path = String::from_utf8_lossy(&raw)
                 .split_whitespace()
                 .nth(1)
@@ -176,21 +181,6 @@ fn echo_records(c: &Cluster) -> Vec<(String, Vec<u8>)> {
             (path, raw)
         })
         .collect()
-}
-
-fn decode_b64(s: &str) -> Vec<u8> {
-    let out = Command::new("base64")
-        .arg("-d")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut ch| {
-            use std::io::Write;
-            ch.stdin.take().unwrap().write_all(s.as_bytes())?;
-            ch.wait_with_output()
-        })
-        .unwrap();
-    out.stdout
 }
 
 /// The agent pod that is ready and not being deleted.

@@ -10,18 +10,12 @@ use kloak_e2e::count;
 use kloak_e2e::ledger::{ENV, run_dir};
 use kloak_e2e::otel::jaeger;
 
-/// Standard base64 without padding handling: how a Secret's data travels
-/// through the API server, and how a careless dump would print it.
+/// Standard base64 without the padding: how a Secret's data travels
+/// through the API server, and how a careless dump would print it (padded or
+/// not, this is a prefix of it).
 fn base64(v: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in v.chunks(3) {
-        let n = c.iter().fold(0u32, |a, &b| a << 8 | u32::from(b)) << (8 * (3 - c.len()));
-        for i in 0..=c.len() {
-            out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(v)
 }
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -145,12 +139,4 @@ fn a_value_or_its_base64_anywhere_is_found_and_not_printed() {
             .iter()
             .all(|f| !f.contains("sk-one") && !f.contains("other-value"))
     );
-}
-
-#[test]
-fn base64_matches_the_standard_encoding() {
-    assert_eq!(base64(b"Man"), "TWFu");
-    assert_eq!(base64(b"Ma"), "TWE");
-    assert_eq!(base64(b"M"), "TQ");
-    assert_eq!(base64(b"kloak-secret"), "a2xvYWstc2VjcmV0");
 }
