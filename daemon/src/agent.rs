@@ -989,23 +989,19 @@ impl Agent<'_> {
     /// What a user-space scan found that the kernel would have reported
     /// itself: counted, logged and audited the same way.
     fn scan_noted(&self, e: &Event, unknown: u32, split: Option<kloak_bpf::SplitTail>) {
-        if unknown > 0 {
-            let u = Event {
-                kind: EventKind::Unknown,
-                unknown,
-                ..e.clone()
-            };
-            note(&self.counters, &u);
-            self.audit_noted(&u);
-        }
-        if split.is_some() {
-            let t = Event {
-                kind: EventKind::Split,
-                split,
-                ..e.clone()
-            };
-            note(&self.counters, &t);
-            self.audit_noted(&t);
+        let unknown = (unknown > 0).then(|| Event {
+            kind: EventKind::Unknown,
+            unknown,
+            ..e.clone()
+        });
+        let split = split.map(|t| Event {
+            kind: EventKind::Split,
+            split: Some(t),
+            ..e.clone()
+        });
+        for noted in unknown.into_iter().chain(split) {
+            note(&self.counters, &noted);
+            self.audit_noted(&noted);
         }
     }
 
