@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kloak::mirror::{Mirror, conn_op};
+use kloak::state::mirror::{Mirror, conn_op};
 use kloak_bpf::{Conn, ConnChange, ConnEvent};
 use kloak_storage::{Batch, ConnKey, ConnRecord, DnsRecord, Key, Store};
 

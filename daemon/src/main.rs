@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kloak::{controller, doctor, guardian, run, webhook};
+use kloak::cmd::{controller, run, webhook};
+use kloak::datapath::guardian;
+use kloak::node::doctor;
 use kloak_observability::{LogFormat, LogHandle, OtelSettings};
 
 #[derive(Parser)]

@@ -417,17 +417,17 @@ fn json_logs_are_one_object_per_line_and_follow_rust_log() {
         "RUST_LOG=info lets a DEBUG line through: {info:?}"
     );
 
-    let debug = lines("warn,kloak::agent=debug");
+    let debug = lines("warn,kloak::datapath=debug");
     let rewritten = debug
         .iter()
         .find(|l| message(l) == "placeholder rewritten")
         .unwrap_or_else(|| panic!("no rewrite logged: {debug:?}"));
     assert_eq!(rewritten["level"], "DEBUG");
-    assert_eq!(rewritten["target"], "kloak::agent");
+    assert_eq!(rewritten["target"], "kloak::datapath::record");
     assert_eq!(rewritten["fields"]["secret"], "logged", "{rewritten}");
     assert!(
         debug.iter().all(|l| message(l) != "kloak run ready"),
-        "an INFO line of another target passed RUST_LOG=warn,kloak::agent=debug"
+        "an INFO line of another target passed RUST_LOG=warn,kloak::datapath=debug"
     );
     assert_eq!(srv.wait_for(2, Duration::from_secs(5)).len(), 2);
 }

@@ -17,8 +17,8 @@ use kloak_webhook::LABEL_MANAGED;
 use kloak_webhook::mutate::shadow_name;
 use kube::api::ObjectMeta;
 
-use crate::policy::Checked;
-use crate::secrets::Minted;
+use crate::datapath::secrets::Minted;
+use crate::k8s::policy::Checked;
 
 /// Order in which shadows keep a contested placeholder: older first, then by uid.
 pub fn seniority(s: &KubeSecret) -> (String, String) {
@@ -194,7 +194,7 @@ pub fn owner_uid(shadow: &KubeSecret) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secrets::SecretValue;
+    use crate::datapath::secrets::SecretValue;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn checked(values: &[(&str, &[u8])]) -> Checked {

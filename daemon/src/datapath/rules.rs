@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::dns::normalise;
+use crate::datapath::dns::normalise;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostRule {

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kloak_bpf::{MAX_SECRET_LEN, MIN_SECRET_LEN, PREFIX_LEN};
 use kloak_webhook::{ANN_HOSTS, ANN_PORT};
 
-use crate::rules::Rules;
-use crate::secrets::SecretValue;
+use crate::datapath::rules::Rules;
+use crate::datapath::secrets::SecretValue;
 
 /// A labeled Secret, checked: its values and where they may go.
 pub struct Checked {
@@ -26,8 +26,8 @@ pub struct Checked {
 /// Whether a placeholder as long as `value` can have an HPACK Huffman code
 /// exactly as long as the value's: then HTTP/2 header values can be swapped.
 pub fn hpack_possible(value: &[u8]) -> bool {
-    let target = crate::hpack::huffman_bits(value);
-    let prefix = crate::hpack::huffman_bits(kloak_bpf::PREFIX);
+    let target = crate::datapath::hpack::huffman_bits(value);
+    let prefix = crate::datapath::hpack::huffman_bits(kloak_bpf::PREFIX);
     let n = value.len().saturating_sub(PREFIX_LEN) as u32;
     target
         .checked_sub(prefix)

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod};
 use kloak_webhook::mutate::SHADOW_SUFFIX;
 
-use crate::containers::ContainerId;
+use crate::k8s::containers::ContainerId;
 
 /// Which keys of one Secret a pod may receive.
 #[derive(Debug, Clone, PartialEq, Eq)]

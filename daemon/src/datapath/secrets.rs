@@ -12,7 +12,7 @@ use rand::Rng;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::rules::Rules;
+use crate::datapath::rules::Rules;
 
 /// Crockford base32: no I, L, O or U, so placeholders survive being read aloud
 /// and never contain characters that need quoting in headers, URLs, JSON or shell.
@@ -110,6 +110,31 @@ pub struct Secret {
     /// can be swapped inside an HTTP/2 header. False when no safe placeholder
     /// can match the value's code length.
     pub hpack_safe: bool,
+}
+
+impl Secret {
+    /// A secret as the data path holds it, from a placeholder minted earlier
+    /// (the controller's shadows, the state file). Whether it can be swapped
+    /// inside an HPACK header follows from the two Huffman lengths.
+    pub fn new(
+        id: u32,
+        name: String,
+        value: SecretValue,
+        placeholder: String,
+        rules: Rules,
+    ) -> Secret {
+        let hpack_safe = crate::datapath::hpack::huffman_bits(placeholder.as_bytes())
+            == crate::datapath::hpack::huffman_bits(value.expose());
+        Secret {
+            id,
+            name,
+            env: String::new(),
+            value,
+            placeholder,
+            rules,
+            hpack_safe,
+        }
+    }
 }
 
 /// Reads and validates a secrets file, then mints a placeholder per secret.
@@ -292,10 +317,10 @@ impl Minted {
     /// HPACK Huffman code exactly as long as the value's (the bool says so),
     /// using characters beyond Crockford's where that takes them.
     pub fn mint_for(&mut self, value: &[u8]) -> (String, bool) {
-        let target = crate::hpack::huffman_bits(value);
+        let target = crate::datapath::hpack::huffman_bits(value);
         loop {
             let mut p = self.random(value.len());
-            let hpack_safe = crate::hpack::tune(&mut p[PREFIX_LEN..], target).is_some();
+            let hpack_safe = crate::datapath::hpack::tune(&mut p[PREFIX_LEN..], target).is_some();
             if self.accept(&p) {
                 return (String::from_utf8(p).expect("ASCII"), hpack_safe);
             }
@@ -364,8 +389,8 @@ mod tests {
         );
         assert!(s[0].hpack_safe);
         assert_eq!(
-            crate::hpack::huffman_bits(p.as_bytes()),
-            crate::hpack::huffman_bits(b"0123456789abcdef")
+            crate::datapath::hpack::huffman_bits(p.as_bytes()),
+            crate::datapath::hpack::huffman_bits(b"0123456789abcdef")
         );
     }
 

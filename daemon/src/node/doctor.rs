@@ -259,10 +259,10 @@ pub fn run_checks() -> Report {
 /// and secrets without `hosts`/`port` are named, since any destination
 /// receives them.
 pub fn check_secrets(report: &mut Report, path: &Path) {
-    let c = match crate::secrets::load(path) {
+    let c = match crate::datapath::secrets::load(path) {
         Err(e) => check("secrets", true, false, e.to_string()),
         Ok(list) => {
-            let names = |f: &dyn Fn(&crate::secrets::Secret) -> bool| {
+            let names = |f: &dyn Fn(&crate::datapath::secrets::Secret) -> bool| {
                 list.iter()
                     .filter(|s| f(s))
                     .map(|s| s.name.as_str())

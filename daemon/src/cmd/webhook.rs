@@ -33,7 +33,7 @@ pub async fn run(o: WebhookOpts) -> anyhow::Result<()> {
     ));
     let ctx = Arc::new(Webhook {
         client,
-        policy: Arc::new(crate::policy::Policy),
+        policy: Arc::new(crate::k8s::policy::Policy),
         certs,
     });
     tracing::info!(listen = %o.listen, secret = %format!("{}/{}", o.namespace, o.tls_secret), "kloak webhook starting");

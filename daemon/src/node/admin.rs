@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::mirror::MirrorStats;
+use crate::state::mirror::MirrorStats;
 
 /// Where the data path stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +67,13 @@ pub struct Health {
     restored: OnceLock<RestoredCounts>,
     audit: OnceLock<Arc<kloak_observability::AuditStats>>,
     /// The data path's hash maps and the agent's counters, once loaded.
-    datapath_info: OnceLock<(Vec<kloak_bpf::MapInfo>, Arc<crate::agent::Counters>)>,
+    datapath_info: OnceLock<(
+        Vec<kloak_bpf::MapInfo>,
+        Arc<crate::datapath::record::Counters>,
+    )>,
     started_ms: AtomicU64,
     /// What the data path and the reconciler count.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::datapath::metrics::Metrics>,
 }
 
 impl Health {
@@ -129,7 +132,7 @@ impl Health {
     pub fn follow_datapath(
         &self,
         maps: Vec<kloak_bpf::MapInfo>,
-        counters: Arc<crate::agent::Counters>,
+        counters: Arc<crate::datapath::record::Counters>,
     ) {
         let _ = self.datapath_info.set((maps, counters));
     }

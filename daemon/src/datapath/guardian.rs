@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::agent::proc_state;
-use crate::cgroup::Cgroup;
+use crate::datapath::cgroup::Cgroup;
+use crate::datapath::stops::proc_state;
 
 /// How long after the agent's death the guardian keeps sweeping.
 const SWEEP_FOR: Duration = Duration::from_secs(2);

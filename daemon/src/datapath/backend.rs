@@ -1,0 +1,86 @@
+//! The backend seam. Every placeholder write is served by exactly one
+//! backend, and this is the one place that says which:
+//!
+//! - `inplace`: the kernel program wrote the value itself
+//!   (`bpf_probe_write_user`) and only reports it (`Rewritten`, `Scrubbed`).
+//! - `pause`: the kernel program stopped the writing thread; the agent
+//!   waits for the whole group, patches, and continues it (`Rewrite`,
+//!   `Scrub`, and `Scan`, the full user-space scan the kernel asks for when
+//!   it could not read the buffer or found more placeholders than it
+//!   tracks; that is also what the pause backend does for writes the
+//!   in-place program cannot serve).
+//!
+//! Which program the kernel runs per write is fixed at load time by
+//! [`kloak_bpf::Backend`]; the event kind then tells what actually
+//! happened, so events, metrics and spans name the backend that served
+//! *that* write, not only the one configured.
+
+use kloak_bpf::EventKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    InPlace,
+    Pause,
+}
+
+impl BackendKind {
+    /// The `backend` label of metrics and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::InPlace => "inplace",
+            BackendKind::Pause => "pause",
+        }
+    }
+}
+
+impl From<kloak_bpf::Backend> for BackendKind {
+    fn from(b: kloak_bpf::Backend) -> Self {
+        match b {
+            kloak_bpf::Backend::InPlace => BackendKind::InPlace,
+            kloak_bpf::Backend::Pause => BackendKind::Pause,
+        }
+    }
+}
+
+/// The backend that served (or, for a stopped writer, will serve) a write
+/// the kernel reported as `kind`, on a data path loaded with `configured`.
+/// Tokens that name no secret and cut placeholders are sent unchanged by
+/// whichever backend ran; process events (exec, mmap, exit) are no write.
+pub fn serving(configured: kloak_bpf::Backend, kind: EventKind) -> Option<BackendKind> {
+    match kind {
+        EventKind::Rewritten | EventKind::Scrubbed => Some(BackendKind::InPlace),
+        EventKind::Rewrite | EventKind::Scrub | EventKind::Scan => Some(BackendKind::Pause),
+        EventKind::Unknown | EventKind::Split => Some(configured.into()),
+        EventKind::Exec | EventKind::Mmap | EventKind::Exit => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_kernel_did_names_the_backend() {
+        use kloak_bpf::Backend::{InPlace, Pause};
+        assert_eq!(
+            serving(InPlace, EventKind::Rewritten),
+            Some(BackendKind::InPlace)
+        );
+        // A stop is always the pause backend's, whatever was configured.
+        for k in [EventKind::Rewrite, EventKind::Scan, EventKind::Scrub] {
+            assert_eq!(serving(InPlace, k), Some(BackendKind::Pause), "{k:?}");
+            assert_eq!(serving(Pause, k), Some(BackendKind::Pause), "{k:?}");
+        }
+        assert_eq!(
+            serving(InPlace, EventKind::Unknown),
+            Some(BackendKind::InPlace)
+        );
+        assert_eq!(serving(Pause, EventKind::Split), Some(BackendKind::Pause));
+        assert_eq!(serving(Pause, EventKind::Exec), None);
+        // Every kind that leaves a thread stopped for a write is served by a
+        // backend that continues it.
+        for k in [EventKind::Rewrite, EventKind::Scan, EventKind::Scrub] {
+            assert!(k.leaves_stopped());
+        }
+    }
+}
