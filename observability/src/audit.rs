@@ -215,6 +215,21 @@ impl Audit {
         }
     }
 
+    /// Whether the export thread still runs, asked without holding a
+    /// handle (a handle would keep the thread from finishing).
+    pub fn liveness(&self) -> impl Fn() -> bool + Send + 'static {
+        let finished = Arc::downgrade(&self.finished);
+        move || {
+            let Some(f) = finished.upgrade() else {
+                return false;
+            };
+            let f = f.lock().expect("not poisoned");
+            // Taken by `finish`: the agent is stopping it on purpose.
+            let Some(rx) = f.as_ref() else { return true };
+            matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty))
+        }
+    }
+
     /// Exports what is queued and stops, waiting at most `timeout`. Call it
     /// on the last handle, once the data path (which holds clones) is gone.
     pub fn finish(self, timeout: Duration) {

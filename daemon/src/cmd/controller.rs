@@ -27,6 +27,7 @@ use crate::k8s::containers::Layout;
 use crate::k8s::controller::{Key, State};
 use crate::k8s::shadow;
 use crate::node::admin::Health;
+use crate::node::tasks::Tasks;
 use crate::state::mirror::Mirror;
 
 #[derive(clap::Args, Clone)]
@@ -106,6 +107,7 @@ pub async fn run(
         opts.datapath,
         (opts.datapath && !opts.no_state).then(|| opts.state.display().to_string()),
     );
+    let tasks = Tasks::with_metrics(health.tasks.clone());
     // One span per substitution event, when OTLP export is configured.
     let audit = match otel {
         Some(s) => {
@@ -114,15 +116,16 @@ pub async fn run(
                 .context("starting the span exporter")?;
             tracing::info!(endpoint = %endpoint, queue = opts.audit_queue, "exporting a span per substitution over OTLP");
             health.follow_audit(a.stats.clone());
+            tasks.watch("audit-export", a.liveness());
             Some(a)
         }
         None => None,
     };
-    crate::node::admin::serve(opts.admin_listen, health.clone(), log)
+    crate::node::admin::serve(opts.admin_listen, health.clone(), log, &tasks)
         .await
         .with_context(|| format!("binding the admin port {}", opts.admin_listen))?;
     let restored = if opts.datapath && !opts.no_state {
-        match open_state(&opts) {
+        match open_state(&opts, &tasks) {
             Ok(r) => Some(r),
             // Two agents on one node would both stop and patch: refuse.
             Err(e) if is_locked(&e) => return Err(e),
@@ -180,7 +183,11 @@ pub async fn run(
             validity: Duration::from_secs(opts.cert_validity_secs),
         };
         let (tx, _rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(certs::run(client.clone(), cert, tx));
+        let client = client.clone();
+        tasks.spawn("webhook-cert", move |_| async move {
+            certs::run(client, cert, tx).await;
+            Ok::<(), String>(())
+        });
     }
     let mut layout = Layout::detect().context("reading /proc/self/mountinfo")?;
     if let Some(host) = &opts.host_cgroup {
@@ -355,6 +362,7 @@ pub async fn run(
         );
     }
     tracing::info!("kloak controller stopping");
+    tasks.begin_shutdown();
     drop(st);
     if let Some(dp) = dp {
         dp.stop();
@@ -363,6 +371,9 @@ pub async fn run(
     if let Some(a) = audit {
         a.finish(Duration::from_secs(5));
     }
+    // Every mirror handle is gone too: its thread commits the last batch
+    // and ends; the admin server and the certificate upkeep stop.
+    tokio::task::spawn_blocking(move || tasks.drain(Duration::from_secs(10))).await?;
     Ok(())
 }
 
@@ -389,7 +400,7 @@ struct Restored {
     ssl: Vec<kloak_storage::SslRecord>,
 }
 
-fn open_state(opts: &ControllerOpts) -> anyhow::Result<Restored> {
+fn open_state(opts: &ControllerOpts, tasks: &Tasks) -> anyhow::Result<Restored> {
     let dir = opts
         .state
         .parent()
@@ -411,8 +422,15 @@ fn open_state(opts: &ControllerOpts) -> anyhow::Result<Restored> {
             "the node rebooted since the state file was written: connections and DNS answers dropped"
         );
     }
+    let (mirror, commit) = Mirror::new(store);
+    tasks
+        .spawn_thread("state-mirror", move |_| {
+            commit();
+            Ok::<(), String>(())
+        })
+        .context("starting the state file's mirror thread")?;
     Ok(Restored {
-        mirror: Mirror::spawn(store),
+        mirror,
         secrets: snap.secrets,
         tracked: snap.tracked,
         dns: snap.dns,

@@ -8,6 +8,8 @@ use anyhow::Context;
 use kloak_webhook::server::{Webhook, follow_cert_secret, serve};
 use kloak_webhook::tls::CertStore;
 
+use crate::node::tasks::Tasks;
+
 #[derive(clap::Args, Clone)]
 pub struct WebhookOpts {
     #[arg(long, default_value = "0.0.0.0:8443")]
@@ -25,12 +27,18 @@ pub async fn run(o: WebhookOpts) -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let certs = Arc::new(CertStore::default());
-    tokio::spawn(follow_cert_secret(
+    let tasks = Tasks::new();
+    let (c, ns, name, store) = (
         client.clone(),
         o.namespace.clone(),
         o.tls_secret.clone(),
         certs.clone(),
-    ));
+    );
+    // Without it a rotated certificate would never be served.
+    tasks.spawn("cert-follower", move |_| async move {
+        follow_cert_secret(c, ns, name, store).await;
+        Ok::<(), String>(())
+    });
     let ctx = Arc::new(Webhook {
         client,
         policy: Arc::new(crate::k8s::policy::Policy),
@@ -47,5 +55,6 @@ pub async fn run(o: WebhookOpts) -> anyhow::Result<()> {
         tracing::info!("kloak webhook draining");
     };
     serve(ctx, o.listen, shutdown).await?;
+    tokio::task::spawn_blocking(move || tasks.drain(std::time::Duration::from_secs(5))).await?;
     Ok(())
 }

@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::node::tasks::{BlockReady, Ready, TaskMetrics, Tasks};
 use crate::state::mirror::MirrorStats;
 
 /// Where the data path stands.
@@ -74,10 +75,17 @@ pub struct Health {
     started_ms: AtomicU64,
     /// What the data path and the reconciler count.
     pub metrics: Arc<crate::datapath::metrics::Metrics>,
+    /// Holds on readiness; the data path's (or, without one, the API's)
+    /// is taken at start.
+    pub ready: Ready,
+    start_hold: Mutex<Option<BlockReady>>,
+    /// Background tasks that ended before shutdown.
+    pub tasks: Arc<TaskMetrics>,
 }
 
 impl Health {
     pub fn new(datapath: bool, state_path: Option<String>) -> Arc<Health> {
+        let ready = Ready::default();
         let state = if state_path.is_some() {
             StateMode::File
         } else {
@@ -98,6 +106,9 @@ impl Health {
             datapath_info: OnceLock::new(),
             started_ms: AtomicU64::new(0),
             metrics: Arc::default(),
+            start_hold: Mutex::new(Some(ready.block(if datapath { "datapath" } else { "api" }))),
+            ready,
+            tasks: Arc::default(),
         })
     }
 
@@ -110,6 +121,13 @@ impl Health {
             .store(after.as_millis() as u64, Ordering::Relaxed);
         self.datapath
             .store(Datapath::Ready as u8, Ordering::Release);
+        self.release_start_hold();
+    }
+
+    fn release_start_hold(&self) {
+        if let Some(h) = self.start_hold.lock().expect("not poisoned").take() {
+            h.release();
+        }
     }
 
     pub fn is_datapath_ready(&self) -> bool {
@@ -118,6 +136,10 @@ impl Health {
 
     pub fn reconciled(&self) {
         self.reconciled.store(true, Ordering::Release);
+        // Without a data path there is nothing to serve but the API.
+        if self.datapath() == Datapath::Off {
+            self.release_start_hold();
+        }
     }
 
     pub fn state_in_memory(&self, reason: String) {
@@ -166,12 +188,7 @@ impl Health {
     }
 
     fn is_ready(&self) -> bool {
-        match self.datapath() {
-            Datapath::Ready => true,
-            Datapath::Starting => false,
-            // Without a data path there is nothing to serve but the API.
-            Datapath::Off => self.reconciled.load(Ordering::Acquire),
-        }
+        self.ready.is_ready()
     }
 
     pub fn details(&self) -> serde_json::Value {
@@ -184,6 +201,7 @@ impl Health {
         };
         serde_json::json!({
             "ready": self.is_ready(),
+            "waiting_for": self.ready.pending(),
             "datapath": match self.datapath() {
                 Datapath::Off => "off",
                 Datapath::Starting => "starting",
@@ -436,6 +454,7 @@ pub fn router(health: Arc<Health>, log: Option<kloak_observability::LogHandle>) 
     let mut registry = Registry::default();
     registry.register_collector(Box::new(StateCollector(health.clone())));
     health.metrics.register(&mut registry);
+    health.tasks.register(&mut registry);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -450,17 +469,19 @@ pub fn router(health: Arc<Health>, log: Option<kloak_observability::LogHandle>) 
 
 /// Binds the admin port now (a taken port is a start-up error, not a silent
 /// gap in monitoring) and serves it in the background.
+/// Binds the admin port and serves it as a supervised task until shutdown.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     log: Option<kloak_observability::LogHandle>,
+    tasks: &Tasks,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(health, log)).await {
-            tracing::error!(error = %e, "the admin server stopped");
-        }
+    tasks.spawn("admin-server", move |shutdown| async move {
+        axum::serve(listener, router(health, log))
+            .with_graceful_shutdown(shutdown.wait())
+            .await
     });
     tracing::info!(addr = %local, "admin server listening (/healthz, /readyz, /metrics)");
     Ok(local)

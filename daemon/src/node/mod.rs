@@ -1,5 +1,7 @@
 //! Operating the agent on a node: the admin port (health, readiness,
-//! metrics, log level) and the doctor's preflight checks.
+//! metrics, log level), the doctor's preflight checks, and the supervised
+//! background tasks with their readiness holds and drain.
 
 pub mod admin;
 pub mod doctor;
+pub mod tasks;

@@ -52,15 +52,25 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// The mirror on a plain thread of its own (benchmarks and tests; the
+    /// agent supervises it, see [`Mirror::new`]).
     pub fn spawn(store: Store) -> Mirror {
+        let (m, run) = Mirror::new(store);
+        std::thread::Builder::new()
+            .name("kloak-mirror".into())
+            .spawn(run)
+            .expect("spawning the mirror thread");
+        m
+    }
+
+    /// The mirror and the loop that commits its batches, for the caller to
+    /// run on a thread. The loop returns once every `Mirror` clone is gone,
+    /// after committing what they sent.
+    pub fn new(store: Store) -> (Mirror, impl FnOnce() + Send + 'static) {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(MirrorStats::default());
         let st = stats.clone();
-        std::thread::Builder::new()
-            .name("kloak-mirror".into())
-            .spawn(move || run(store, rx, &st))
-            .expect("spawning the mirror thread");
-        Mirror { tx, stats }
+        (Mirror { tx, stats }, move || run(store, rx, &st))
     }
 
     pub fn send(&self, op: Op) {
