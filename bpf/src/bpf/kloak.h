@@ -1,27 +1,39 @@
 /* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
-/* Types shared by the BPF programs and, through the skeleton, the Rust side. */
+/*
+ * Everything that crosses the kernel boundary: record layouts and the
+ * numbers in them. The Rust side gets these through the skeleton's BTF
+ * types (kloak.bpf.c keeps one global of each, so BTF holds them), so a
+ * number is written here and nowhere else; src/layout_tests.rs checks the
+ * Rust side's use of each against the object's BTF.
+ */
 #ifndef KLOAK_H
 #define KLOAK_H
 
-#define PREFIX_LEN 6          /* "kloak:" */
-#define MIN_SECRET_LEN 8
-#define MAX_SECRET_LEN 128    /* bytes of placeholder (and of value) a map entry holds */
-#define KEY_LEN 8             /* random characters right after the prefix */
-#define MAX_HITS 8            /* placeholders handled by the kernel per write */
-#define CHUNK 512             /* bytes read per bpf_loop iteration */
-#define CHUNK_BUF (CHUNK + 8) /* a chunk plus the overlap a prefix can straddle */
+/* Enumerators rather than macros: only typed values reach BTF. */
+enum kloak_limits {
+	PREFIX_LEN = 6,         /* "kloak:" */
+	MIN_SECRET_LEN = 8,
+	MAX_SECRET_LEN = 128,   /* bytes of placeholder (and of value) a map entry holds */
+	KEY_LEN = 8,            /* random characters right after the prefix */
+	MAX_HITS = 8,           /* placeholders handled by the kernel per write */
+};
 
-/* Bits of the uprobe cookie. */
-#define ABI_MASK 0xffULL
-#define ABI_SSL_WRITE 1       /* int SSL_write(SSL *, const void *, int) */
-#define ABI_SSL_WRITE_EX 2    /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
-#define ABI_GO_TLS_WRITE 3    /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
-#define ABI_GNUTLS_SEND 4     /* ssize_t gnutls_record_send2(session, const void *, size_t, ...) */
-#define ABI_RUSTLS_WRITE 5    /* <rustls Writer as io::Write>::write(&mut self, &[u8]): RSI ptr, RDX len */
-/* Hooks that map an SSL* to its socket. */
-#define FD_ARG_RSI 1          /* SSL_set_fd(ssl, fd), gnutls_transport_set_ptr(session, ptr) */
-#define FD_ARG_RDX 2          /* gnutls_transport_set_int2/ptr2(session, recv, send) */
-#define ABI_SSL_HANDSHAKE 17  /* SSL_connect / SSL_do_handshake(SSL *): the thread's next socket write names the fd */
+/* The uprobe cookie of a TLS write probe: its low byte names the ABI. */
+enum write_abi {
+	ABI_SSL_WRITE = 1,      /* int SSL_write(SSL *, const void *, int) */
+	ABI_SSL_WRITE_EX = 2,   /* int SSL_write_ex(SSL *, const void *, size_t, size_t *) */
+	ABI_GO_TLS_WRITE = 3,   /* Go register ABI: RAX recv, RBX buf ptr, RCX len */
+	ABI_GNUTLS_SEND = 4,    /* ssize_t gnutls_record_send2(session, const void *, size_t, ...) */
+	ABI_RUSTLS_WRITE = 5,   /* <rustls Writer as io::Write>::write(&mut self, &[u8]): RSI ptr, RDX len */
+	ABI_SSL_HANDSHAKE = 17, /* SSL_connect / SSL_do_handshake(SSL *): the thread's next socket write names the fd */
+	ABI_MASK = 0xff,
+};
+
+/* The uprobe cookie of an fd setter: which register holds the (sending) fd. */
+enum fd_arg {
+	FD_ARG_RSI = 1,       /* SSL_set_fd(ssl, fd), gnutls_transport_set_ptr(session, ptr) */
+	FD_ARG_RDX = 2,       /* gnutls_transport_set_int2/ptr2(session, recv, send) */
+};
 
 /* Event kinds on tls_events. STOP kinds leave the writing thread stopped. */
 enum event_kind {
@@ -39,11 +51,17 @@ enum event_kind {
 
 #define DNS_MAX_PAYLOAD 512
 
+/* Address families as the kernel numbers them, in conn_val and dns_event. */
+enum addr_family {
+	AF_INET = 2,
+	AF_INET6 = 10,
+};
+
 /* A DNS answer a tracked process received (UDP, source port 53). */
 struct dns_event {
 	__u64 ts_ns;
 	__u32 tgid;
-	__u16 family;       /* AF_INET or AF_INET6 */
+	__u16 family;       /* enum addr_family */
 	__be16 port;        /* source port, network order */
 	__u8 addr[16];      /* source address */
 	__u32 len;          /* bytes of payload captured */
@@ -59,19 +77,22 @@ struct conn_key {
 /* Destination of a connected socket, from connect(2). */
 struct conn_val {
 	__u64 ts_ns;        /* when connect(2) returned */
-	__u16 family;
+	__u16 family;       /* enum addr_family */
 	__be16 port;
 	__u32 _pad;
 	__u8 addr[16];
 };
 
+enum conn_kind {
+	CONN_OPEN = 1,
+	CONN_CLOSE = 2,
+	CONN_SSL = 3,       /* a TLS object (obj) was bound to socket fd */
+};
+
 /* A tracked socket connected or closed: the agent mirrors conn_ip_map
  * from these, so a restarted agent knows where open sockets go. */
-#define CONN_OPEN 1
-#define CONN_CLOSE 2
-#define CONN_SSL 3    /* a TLS object (obj) was bound to socket fd */
 struct conn_event {
-	__u32 kind;
+	__u32 kind;         /* enum conn_kind */
 	__u32 tgid;
 	__s32 fd;
 	__u32 _pad;
@@ -87,6 +108,7 @@ struct obj_key {
 	__u64 ptr;
 };
 
+/* Slots of the per-CPU stats array. */
 enum stat_idx {
 	ST_WRITES = 0,       /* TLS writes scanned */
 	ST_BYTES = 1,        /* bytes scanned */
@@ -136,18 +158,21 @@ struct tls_event {
 	__u64 cookie;
 	__u64 dev;
 	__u64 ino;
-	__u32 kind;
+	__u32 kind;         /* enum event_kind */
 	__u32 tgid;
 	__u32 tid;
 	__u32 nhits;
-	__u32 flags;
+	__u32 flags;        /* enum event_flag bits */
 	__s32 fd;           /* socket the write goes to; -1 when unknown */
 	char comm[16];
 	struct hit hits[MAX_HITS];
 };
 
-#define EVF_UNREADABLE 1
-#define EVF_OVERFLOW 2
-#define EVF_HUFFMAN 4   /* an HPACK Huffman-coded "kloak:" may be in the buffer */
+/* Bits of tls_event.flags. */
+enum event_flag {
+	EVF_UNREADABLE = 1,
+	EVF_OVERFLOW = 2,
+	EVF_HUFFMAN = 4,    /* an HPACK Huffman-coded "kloak:" may be in the buffer */
+};
 
 #endif

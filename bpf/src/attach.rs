@@ -1,0 +1,229 @@
+//! The uprobes on TLS libraries: write functions, and the functions that
+//! tell which socket a TLS object writes to.
+
+use std::path::Path;
+
+use libbpf_rs::{Link, UprobeOpts};
+
+use crate::types::{fd_arg, write_abi};
+use crate::{Backend, Error, Probes, Result};
+
+/// The TLS write function a uprobe sits on; it fixes the argument registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAbi {
+    SslWrite,
+    SslWriteEx,
+    GoTlsWrite,
+    /// `gnutls_record_send2` (which `gnutls_record_send` jumps to).
+    GnutlsSend,
+    /// `<rustls::conn::connection::Writer as std::io::Write>::write`: Rust's
+    /// ABI for `(&mut self, &[u8]) -> io::Result<usize>` puts the slice in RSI/RDX.
+    RustlsWrite,
+}
+
+impl WriteAbi {
+    pub(crate) fn cookie(self) -> u64 {
+        let abi = match self {
+            WriteAbi::SslWrite => write_abi::ABI_SSL_WRITE,
+            WriteAbi::SslWriteEx => write_abi::ABI_SSL_WRITE_EX,
+            WriteAbi::GoTlsWrite => write_abi::ABI_GO_TLS_WRITE,
+            WriteAbi::GnutlsSend => write_abi::ABI_GNUTLS_SEND,
+            WriteAbi::RustlsWrite => write_abi::ABI_RUSTLS_WRITE,
+        };
+        u64::from(abi.0)
+    }
+
+    pub(crate) fn from_cookie(c: u64) -> Option<Self> {
+        let abi = (c & u64::from(write_abi::ABI_MASK.0)) as u32;
+        match write_abi(abi) {
+            write_abi::ABI_SSL_WRITE => Some(WriteAbi::SslWrite),
+            write_abi::ABI_SSL_WRITE_EX => Some(WriteAbi::SslWriteEx),
+            write_abi::ABI_GO_TLS_WRITE => Some(WriteAbi::GoTlsWrite),
+            write_abi::ABI_GNUTLS_SEND => Some(WriteAbi::GnutlsSend),
+            write_abi::ABI_RUSTLS_WRITE => Some(WriteAbi::RustlsWrite),
+            _ => None,
+        }
+    }
+
+    pub fn function(self) -> &'static str {
+        match self {
+            WriteAbi::SslWrite => "SSL_write",
+            WriteAbi::SslWriteEx => "SSL_write_ex",
+            WriteAbi::GoTlsWrite => "crypto/tls.(*Conn).Write",
+            WriteAbi::GnutlsSend => "gnutls_record_send",
+            WriteAbi::RustlsWrite => "<rustls::conn::connection::Writer as std::io::Write>::write",
+        }
+    }
+
+    /// The TLS implementation the function belongs to.
+    pub fn library(self) -> &'static str {
+        match self {
+            WriteAbi::SslWrite | WriteAbi::SslWriteEx => "openssl",
+            WriteAbi::GoTlsWrite => "go-crypto-tls",
+            WriteAbi::GnutlsSend => "gnutls",
+            WriteAbi::RustlsWrite => "rustls",
+        }
+    }
+
+    /// Go moves goroutine stacks, so a uretprobe's return-address trampoline corrupts them.
+    pub fn supports_return_probe(self) -> bool {
+        !matches!(self, WriteAbi::GoTlsWrite)
+    }
+}
+
+/// File offsets of the functions that bind an `SSL*` to a socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketHooks {
+    /// Functions `(tls object, …, fd)` that bind a socket: `SSL_set_fd`
+    /// (Python's `ssl`; fd in RSI), GnuTLS's transport setters (fd in RSI or,
+    /// for the two-sided ones, the sending fd in RDX).
+    pub fd_setters: Vec<(usize, FdArg)>,
+    /// `SSL_set_bio(ssl, rbio, wbio)`, with `BIO_new_socket(fd)` naming the BIO's fd.
+    pub set_bio: Option<usize>,
+    pub bio_new_socket: Option<usize>,
+    /// `SSL_connect`/`SSL_do_handshake`: the thread's first socket write during
+    /// them names the fd (curl's own BIO).
+    pub handshakes: Vec<usize>,
+}
+
+/// Which argument register of an fd setter holds the (sending) fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdArg {
+    Rsi,
+    Rdx,
+}
+
+impl FdArg {
+    pub(crate) fn cookie(self) -> u64 {
+        let arg = match self {
+            FdArg::Rsi => fd_arg::FD_ARG_RSI,
+            FdArg::Rdx => fd_arg::FD_ARG_RDX,
+        };
+        u64::from(arg.0)
+    }
+}
+
+impl SocketHooks {
+    pub fn is_empty(&self) -> bool {
+        *self == SocketHooks::default()
+    }
+}
+
+impl Probes {
+    /// Attaches the write probes (and, where the ABI allows and scrub is on,
+    /// the return probe) to `func_offset` in `binary`, for every process;
+    /// the programs themselves filter by cgroup.
+    pub fn attach_tls_write(
+        &self,
+        binary: &Path,
+        func_offset: usize,
+        abi: WriteAbi,
+    ) -> Result<Vec<Link>> {
+        let what = |ret: bool| {
+            format!(
+                "{} {} at {}+{:#x}",
+                if ret { "uretprobe" } else { "uprobe" },
+                abi.function(),
+                binary.display(),
+                func_offset
+            )
+        };
+        let mut links = Vec::with_capacity(2);
+        let opts = UprobeOpts {
+            cookie: abi.cookie(),
+            retprobe: false,
+            ..Default::default()
+        };
+        links.push(
+            self.skel
+                .progs
+                .tls_write_enter
+                .attach_uprobe_with_opts(-1, binary, func_offset, opts)
+                .map_err(|source| Error::Attach {
+                    what: what(false),
+                    source,
+                })?,
+        );
+        if self.scrub && abi.supports_return_probe() {
+            let prog = match self.backend {
+                Backend::Pause => &self.skel.progs.tls_write_return_pause,
+                Backend::InPlace => &self.skel.progs.tls_write_return_inplace,
+            };
+            let opts = UprobeOpts {
+                cookie: abi.cookie(),
+                retprobe: true,
+                ..Default::default()
+            };
+            links.push(
+                prog.attach_uprobe_with_opts(-1, binary, func_offset, opts)
+                    .map_err(|source| Error::Attach {
+                        what: what(true),
+                        source,
+                    })?,
+            );
+        }
+        Ok(links)
+    }
+
+    /// Attaches the hooks that tell which socket an SSL* writes to.
+    pub fn attach_socket_hooks(&self, binary: &Path, hooks: &SocketHooks) -> Result<Vec<Link>> {
+        let mut links = Vec::new();
+        let attach = |prog: &libbpf_rs::ProgramMut<'_>, off: usize, ret: bool, what: &str| {
+            prog.attach_uprobe_with_opts(
+                -1,
+                binary,
+                off,
+                UprobeOpts {
+                    retprobe: ret,
+                    ..Default::default()
+                },
+            )
+            .map_err(|source| Error::Attach {
+                what: format!("{what} at {}+{off:#x}", binary.display()),
+                source,
+            })
+        };
+        let p = &self.skel.progs;
+        for &(off, arg) in &hooks.fd_setters {
+            let opts = UprobeOpts {
+                cookie: arg.cookie(),
+                ..Default::default()
+            };
+            links.push(
+                p.ssl_set_fd
+                    .attach_uprobe_with_opts(-1, binary, off, opts)
+                    .map_err(|source| Error::Attach {
+                        what: format!("fd setter at {}+{off:#x}", binary.display()),
+                        source,
+                    })?,
+            );
+        }
+        if let Some(off) = hooks.set_bio {
+            links.push(attach(&p.ssl_set_bio, off, false, "SSL_set_bio")?);
+        }
+        if let Some(off) = hooks.bio_new_socket {
+            links.push(attach(
+                &p.bio_new_socket_enter,
+                off,
+                false,
+                "BIO_new_socket",
+            )?);
+            links.push(attach(
+                &p.bio_new_socket_exit,
+                off,
+                true,
+                "BIO_new_socket return",
+            )?);
+        }
+        for &off in &hooks.handshakes {
+            links.push(attach(&p.ssl_handshake_enter, off, false, "handshake")?);
+            links.push(attach(
+                &p.ssl_handshake_exit,
+                off,
+                true,
+                "handshake return",
+            )?);
+        }
+        Ok(links)
+    }
+}

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/* Which socket a TLS object writes to. */
+#ifndef KLOAK_SSL_FD_H
+#define KLOAK_SSL_FD_H
+
+#include "conn.h"
+
+/* tid -> SSL* whose handshake the thread is running. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} hs_ssl SEC(".maps");
+
+/* A TLS object gets its socket: the cookie says which register holds the
+ * fd. GnuTLS's pointer setters carry an fd cast to a pointer by convention;
+ * anything that does not look like an fd is left alone. */
+SEC("uprobe")
+int ssl_set_fd(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di, si = ctx->si, dx = ctx->dx;
+	__u64 v = bpf_get_attach_cookie(ctx) == FD_ARG_RDX ? dx : si;
+	if (v >= (1 << 20))
+		return 0;
+	__s32 fd = (__s32)v;
+	struct obj_key k = obj_key_of(ssl);
+	bpf_map_update_elem(&ssl_fd, &k, &fd, BPF_ANY);
+	emit_ssl(&k, fd);
+	return 0;
+}
+
+SEC("uprobe")
+int ssl_handshake_enter(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di;
+	struct obj_key k = obj_key_of(ssl);
+	if (bpf_map_lookup_elem(&ssl_fd, &k))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&hs_ssl, &tid, &ssl, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int ssl_handshake_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_delete_elem(&hs_ssl, &tid);
+	return 0;
+}
+
+/* (tgid, BIO*) -> fd, for socket BIOs made with BIO_new_socket (openssl s_client). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct obj_key);
+	__type(value, __s32);
+} bio_fd SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __s32);
+} bio_args SEC(".maps");
+
+SEC("uprobe")
+int bio_new_socket_enter(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 fd = (__s32)ctx->di;
+	bpf_map_update_elem(&bio_args, &tid, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int bio_new_socket_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 *fd = bpf_map_lookup_elem(&bio_args, &tid);
+	if (!fd)
+		return 0;
+	__s32 v = *fd;
+	__u64 bio = ctx->ax;
+	bpf_map_delete_elem(&bio_args, &tid);
+	if (bio) {
+		struct obj_key k = obj_key_of(bio);
+		bpf_map_update_elem(&bio_fd, &k, &v, BPF_ANY);
+	}
+	return 0;
+}
+
+/* SSL_set_bio(ssl, rbio, wbio): the write BIO's socket is the SSL*'s. */
+SEC("uprobe")
+int ssl_set_bio(struct pt_regs *ctx)
+{
+	if (!tracked())
+		return 0;
+	__u64 ssl = ctx->di, wbio = ctx->dx;
+	struct obj_key bk = obj_key_of(wbio);
+	__s32 *fd = bpf_map_lookup_elem(&bio_fd, &bk);
+	if (fd) {
+		__s32 v = *fd;
+		struct obj_key k = obj_key_of(ssl);
+		bpf_map_update_elem(&ssl_fd, &k, &v, BPF_ANY);
+		emit_ssl(&k, v);
+	}
+	return 0;
+}
+
+/* A handshake's first socket write (custom BIOs such as curl's) names the fd. */
+static __always_inline void handshake_write(long fd)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *ssl = bpf_map_lookup_elem(&hs_ssl, &tid);
+	if (!ssl)
+		return;
+	struct obj_key key = obj_key_of(*ssl);
+	__s32 v = (__s32)fd;
+	if (bpf_map_update_elem(&ssl_fd, &key, &v, BPF_NOEXIST) == 0)
+		emit_ssl(&key, v);
+	bpf_map_delete_elem(&hs_ssl, &tid);
+}
+
+SEC("tp/syscalls/sys_enter_write")
+int on_write_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_sendto")
+int on_sendto_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_sendmsg")
+int on_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	return 0;
+}
+
+#endif

@@ -1,0 +1,74 @@
+//! Kernel feature probes for `kloak doctor` and the backend choice.
+
+fn helper(
+    prog_type: libbpf_sys::bpf_prog_type,
+    helper: libbpf_sys::bpf_func_id,
+) -> Result<bool, i32> {
+    // SAFETY: plain FFI call with a null options pointer, which libbpf accepts.
+    let r = unsafe { libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null()) };
+    if r < 0 { Err(r) } else { Ok(r == 1) }
+}
+
+/// Whether the kernel verifier accepts `bpf_loop` in a uprobe program.
+pub fn bpf_loop() -> Result<bool, i32> {
+    helper(libbpf_sys::BPF_PROG_TYPE_KPROBE, libbpf_sys::BPF_FUNC_loop)
+}
+
+/// Whether a uprobe program may call `bpf_probe_write_user`. Kernel
+/// lockdown refuses it with a message libbpf's generic helper probe
+/// counts as "supported", so this loads a real, valid program instead.
+pub fn probe_write_user() -> Result<bool, i32> {
+    const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+        (code as u64)
+            | (((dst | (src << 4)) as u64) << 8)
+            | ((off as u16 as u64) << 16)
+            | ((imm as u32 as u64) << 32)
+    }
+    let prog: [u64; 8] = [
+        insn(0x7a, 10, 0, -8, 0), // *(u64 *)(r10 - 8) = 0
+        insn(0xb7, 1, 0, 0, 0),   // r1 = 0 (destination, never called)
+        insn(0xbf, 2, 10, 0, 0),  // r2 = r10
+        insn(0x07, 2, 0, 0, -8),  // r2 += -8
+        insn(0xb7, 3, 0, 0, 8),   // r3 = 8
+        insn(0x85, 0, 0, 0, libbpf_sys::BPF_FUNC_probe_write_user as i32),
+        insn(0xb7, 0, 0, 0, 0), // r0 = 0
+        insn(0x95, 0, 0, 0, 0), // exit
+    ];
+    let license = c"GPL";
+    // SAFETY: `prog` is 8 valid 8-byte instructions laid out as struct
+    // bpf_insn; the license string is NUL-terminated; null opts are allowed.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            libbpf_sys::BPF_PROG_TYPE_KPROBE,
+            std::ptr::null(),
+            license.as_ptr(),
+            prog.as_ptr().cast(),
+            prog.len() as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: bpf_prog_load returned a fresh descriptor we own.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        return Ok(true);
+    }
+    match -fd {
+        libc::EINVAL | libc::EACCES | libc::EPERM => Ok(false),
+        e => Err(-e),
+    }
+}
+
+pub fn send_signal_thread() -> Result<bool, i32> {
+    helper(
+        libbpf_sys::BPF_PROG_TYPE_KPROBE,
+        libbpf_sys::BPF_FUNC_send_signal_thread,
+    )
+}
+
+pub fn ringbuf() -> Result<bool, i32> {
+    // SAFETY: plain FFI call with a null options pointer.
+    let r = unsafe {
+        libbpf_sys::libbpf_probe_bpf_map_type(libbpf_sys::BPF_MAP_TYPE_RINGBUF, std::ptr::null())
+    };
+    if r < 0 { Err(r) } else { Ok(r == 1) }
+}

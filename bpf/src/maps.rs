@@ -1,0 +1,379 @@
+//! What the agent keeps in the programs' maps: secrets, tracked cgroups,
+//! pids and files, socket destinations, scrub hand-overs; and what it reads
+//! back: stats and map fill.
+
+use libbpf_rs::{MapCore, MapFlags};
+
+use crate::events::ip_from;
+use crate::pod::{pod_bytes, read_pod};
+use crate::types::{self, addr_family, stat_idx};
+use crate::{
+    Backend, Conn, Error, Hit, KEY_LEN, MAX_HITS, MAX_SECRET_LEN, MIN_SECRET_LEN, PREFIX,
+    PREFIX_LEN, Probes, Result,
+};
+
+/// What a map entry holds for one secret.
+pub struct SecretEntry<'a> {
+    pub id: u32,
+    pub placeholder: &'a [u8],
+    /// Only given to the kernel for the in-place backend.
+    pub value: Option<&'a [u8]>,
+}
+
+/// Map key of a placeholder: its random characters after `kloak:`, up to
+/// [`KEY_LEN`], zero padded.
+pub fn placeholder_key(placeholder: &[u8]) -> Option<[u8; KEY_LEN]> {
+    if placeholder.len() < MIN_SECRET_LEN || !placeholder.starts_with(PREFIX) {
+        return None;
+    }
+    let mut k = [0u8; KEY_LEN];
+    let rand = &placeholder[PREFIX_LEN..];
+    let n = rand.len().min(KEY_LEN);
+    k[..n].copy_from_slice(&rand[..n]);
+    Some(k)
+}
+
+/// Counters the programs keep, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub writes: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub unknown: u64,
+    pub lost_events: u64,
+    pub unreadable: u64,
+    pub overflow: u64,
+    pub tailcall_failures: u64,
+    pub stops: u64,
+    pub write_failures: u64,
+    pub huffman_candidates: u64,
+    /// Writes that ended inside a placeholder-like token.
+    pub splits: u64,
+}
+
+/// A loaded hash map, for its fill metrics.
+#[derive(Debug, Clone)]
+pub struct MapInfo {
+    pub name: String,
+    pub id: u32,
+    pub capacity: u32,
+}
+
+impl MapInfo {
+    /// Entries in the map now, by walking its keys (one syscall per key:
+    /// call it off the data path).
+    pub fn entries(&self) -> Result<u64> {
+        let h = libbpf_rs::MapHandle::from_map_id(self.id).map_err(|source| Error::Map {
+            map: "map by id",
+            source,
+        })?;
+        Ok(h.keys().count() as u64)
+    }
+}
+
+impl Stats {
+    /// The counters from the `stats` array, indexed by its slots.
+    pub(crate) fn from_slots(s: &[u64; stat_idx::ST_MAX.0 as usize]) -> Stats {
+        let at = |i: stat_idx| s[i.0 as usize];
+        Stats {
+            writes: at(stat_idx::ST_WRITES),
+            bytes: at(stat_idx::ST_BYTES),
+            hits: at(stat_idx::ST_HITS),
+            unknown: at(stat_idx::ST_UNKNOWN),
+            lost_events: at(stat_idx::ST_LOST),
+            unreadable: at(stat_idx::ST_UNREADABLE),
+            overflow: at(stat_idx::ST_OVERFLOW),
+            tailcall_failures: at(stat_idx::ST_TAILCALL_FAIL),
+            stops: at(stat_idx::ST_STOPS),
+            write_failures: at(stat_idx::ST_WRITE_FAIL),
+            huffman_candidates: at(stat_idx::ST_HUFFMAN),
+            splits: at(stat_idx::ST_SPLIT),
+        }
+    }
+}
+
+impl Probes {
+    pub fn put_secret(&self, e: &SecretEntry<'_>) -> Result<()> {
+        let key = placeholder_key(e.placeholder).ok_or(Error::Entry(
+            "placeholder lacks the kloak: prefix or is too short",
+        ))?;
+        if e.placeholder.len() > MAX_SECRET_LEN {
+            return Err(Error::Entry("placeholder is longer than a map entry holds"));
+        }
+        let mut v = types::secret_val {
+            len: e.placeholder.len() as u32,
+            id: e.id,
+            placeholder: [0; MAX_SECRET_LEN],
+            value: [0; MAX_SECRET_LEN],
+        };
+        v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
+        if self.backend == Backend::InPlace {
+            let value = e
+                .value
+                .ok_or(Error::Entry("the in-place backend needs the value"))?;
+            if value.len() != e.placeholder.len() {
+                return Err(Error::Entry("value and placeholder differ in length"));
+            }
+            v.value[..value.len()].copy_from_slice(value);
+        }
+        let bytes = pod_bytes(&v);
+        let r = self
+            .skel
+            .maps
+            .secret_map
+            .update(&key, bytes, MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "secret_map",
+                source,
+            });
+        // Do not leave a copy of the value in this stack frame.
+        v.value.fill(0);
+        std::hint::black_box(&v);
+        r
+    }
+
+    pub fn remove_secret(&self, placeholder: &[u8]) -> Result<()> {
+        let key = placeholder_key(placeholder).ok_or(Error::Entry("not a placeholder"))?;
+        match self.skel.maps.secret_map.delete(&key) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: "secret_map",
+                source,
+            }),
+        }
+    }
+
+    pub fn track_cgroup(&self, cgroup_id: u64) -> Result<()> {
+        self.skel
+            .maps
+            .tracked_cgroups
+            .update(&cgroup_id.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "tracked_cgroups",
+                source,
+            })
+    }
+
+    pub fn untrack_cgroup(&self, cgroup_id: u64) {
+        let _ = self
+            .skel
+            .maps
+            .tracked_cgroups
+            .delete(&cgroup_id.to_ne_bytes());
+    }
+
+    /// Tracks process `pid` (and, from now on, what it forks) as a member
+    /// of `group`: for containers with no cgroup v2 id to match.
+    pub fn track_pid(&self, pid: u32, group: u64) -> Result<()> {
+        self.skel
+            .maps
+            .tracked_pids
+            .update(&pid.to_ne_bytes(), &group.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "tracked_pids",
+                source,
+            })
+    }
+
+    /// The group a pid-tracked process belongs to, if any.
+    pub fn pid_group(&self, pid: u32) -> Option<u64> {
+        let v = self
+            .skel
+            .maps
+            .tracked_pids
+            .lookup(&pid.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()?;
+        Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?))
+    }
+
+    /// Stops tracking every process of `group`.
+    pub fn untrack_pids(&self, group: u64) {
+        let m = &self.skel.maps.tracked_pids;
+        let members: Vec<Vec<u8>> = m
+            .keys()
+            .filter(|k| {
+                m.lookup(k, MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v[..] == group.to_ne_bytes())
+            })
+            .collect();
+        for k in members {
+            let _ = m.delete(&k);
+        }
+    }
+
+    /// Forgets a file, so that the next executable mapping of it stops for a look again.
+    pub fn forget_inode(&self, dev: u64, ino: u64) {
+        let key = types::inode_key { dev, ino };
+        let _ = self.skel.maps.known_inodes.delete(pod_bytes(&key));
+    }
+
+    /// Tells the mmap hook that this file needs no look from the agent.
+    pub fn mark_inode_known(&self, dev: u64, ino: u64) -> Result<()> {
+        let key = types::inode_key { dev, ino };
+        self.skel
+            .maps
+            .known_inodes
+            .update(pod_bytes(&key), &[1u8], MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "known_inodes",
+                source,
+            })
+    }
+
+    /// The hash maps whose fill the metrics report: name, kernel id and
+    /// capacity. Arrays are always full and ring buffers hold bytes, so
+    /// they are left out.
+    pub fn maps(&self) -> Vec<MapInfo> {
+        let m = &self.skel.maps;
+        let all: [&dyn MapCore; 14] = [
+            &m.secret_map,
+            &m.tracked_cgroups,
+            &m.tracked_pids,
+            &m.known_inodes,
+            &m.pending_scrub,
+            &m.mmap_args,
+            &m.conn_ip_map,
+            &m.connect_args,
+            &m.ssl_fd,
+            &m.hs_ssl,
+            &m.recv_args,
+            &m.bio_fd,
+            &m.bio_args,
+            &m.kp_args,
+        ];
+        all.iter()
+            .filter_map(|m| {
+                Some(MapInfo {
+                    name: m.name().to_string_lossy().into_owned(),
+                    id: m.info().ok()?.info.id,
+                    capacity: m.max_entries(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = [0u64; stat_idx::ST_MAX.0 as usize];
+        for (i, slot) in s.iter_mut().enumerate() {
+            if let Ok(Some(per_cpu)) = self
+                .skel
+                .maps
+                .stats
+                .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+            {
+                *slot = per_cpu
+                    .iter()
+                    .filter_map(|b| {
+                        b.get(..8)
+                            .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                    })
+                    .sum();
+            }
+        }
+        Stats::from_slots(&s)
+    }
+
+    /// The destination `connect(2)` gave socket `fd` of `tgid`, if tracked.
+    pub fn conn(&self, tgid: u32, fd: i32) -> Option<Conn> {
+        let key = types::conn_key { tgid, fd };
+        let v = self
+            .skel
+            .maps
+            .conn_ip_map
+            .lookup(pod_bytes(&key), MapFlags::ANY)
+            .ok()??;
+        let c: types::conn_val = read_pod(&v)?;
+        Some(Conn {
+            dest: std::net::SocketAddr::new(ip_from(c.family, &c.addr)?, u16::from_be(c.port)),
+            connected_ns: c.ts_ns,
+        })
+    }
+
+    /// Puts back where socket `fd` of `tgid` was connected (a restarted
+    /// agent, from its mirror).
+    pub fn put_conn(&self, tgid: u32, fd: i32, c: &Conn) -> Result<()> {
+        let key = types::conn_key { tgid, fd };
+        let (family, addr) = match c.dest.ip() {
+            std::net::IpAddr::V4(v4) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&v4.octets());
+                (addr_family::AF_INET, a)
+            }
+            std::net::IpAddr::V6(v6) => (addr_family::AF_INET6, v6.octets()),
+        };
+        let v = types::conn_val {
+            ts_ns: c.connected_ns,
+            family: family.0 as u16,
+            port: c.dest.port().to_be(),
+            addr,
+            ..Default::default()
+        };
+        self.skel
+            .maps
+            .conn_ip_map
+            .update(pod_bytes(&key), pod_bytes(&v), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "conn_ip_map",
+                source,
+            })
+    }
+
+    /// Puts back which socket a process's TLS object writes to.
+    pub fn put_ssl_fd(&self, tgid: u32, ssl: u64, fd: i32) -> Result<()> {
+        let key = types::obj_key {
+            tgid,
+            _pad: 0,
+            ptr: ssl,
+        };
+        self.skel
+            .maps
+            .ssl_fd
+            .update(pod_bytes(&key), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "ssl_fd",
+                source,
+            })
+    }
+
+    /// Arms the scrub for a write the agent patched on its own (after a
+    /// user-space scan), so the return probe stops the thread once more.
+    pub fn arm_scrub(&self, tid: u32, buf: u64, hits: &[(Hit, &[u8])]) -> Result<()> {
+        let mut p = types::pending {
+            buf,
+            nmatch: hits.len().min(MAX_HITS) as u32,
+            _pad: 0,
+            r#match: [types::hit::default(); MAX_HITS],
+        };
+        for (slot, (h, placeholder)) in p.r#match.iter_mut().zip(hits) {
+            slot.off = h.offset as u32;
+            slot.id = h.secret_id;
+            slot.len = h.len;
+            slot.key.b = placeholder_key(placeholder).ok_or(Error::Entry("not a placeholder"))?;
+        }
+        self.skel
+            .maps
+            .pending_scrub
+            .update(&tid.to_ne_bytes(), pod_bytes(&p), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "pending_scrub",
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_pads_short_placeholders() {
+        assert_eq!(placeholder_key(b"kloak:AB"), Some(*b"AB\0\0\0\0\0\0"));
+        assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
+        assert_eq!(placeholder_key(b"kloak:A"), None);
+        assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
+    }
+}
