@@ -2,31 +2,22 @@
 //!
 //! Start-up order: admin port, the state file, continue what a dead agent
 //! left stopped, load the maps, attach, serve; reconcile with the API after.
-//! The watches and the reconcile loop live in `k8s::controller`.
+//! The watches and the reconcile loop live in `k8s::controller`; this
+//! file is the order things start and stop in.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
-use kloak_storage::{SecretRecord, TrackedRecord};
-use kloak_webhook::mutate::SHADOW_SUFFIX;
-use kloak_webhook::{LABEL_ENABLED, LABEL_MANAGED};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::Client;
 
 use crate::cmd::datapath::{self, Datapath, DatapathOpts, Decides, Spec};
-use crate::datapath::agent::{Command, Workload};
 use crate::datapath::guardian;
-use crate::datapath::secrets::{Secret, SecretValue};
 use crate::k8s::certs::{self, CertOpts};
 use crate::k8s::containers::Layout;
-use crate::k8s::controller::{Key, State};
-use crate::k8s::shadow;
-use crate::node::admin::Health;
+use crate::k8s::controller::{Controller, LoopOpts, Readiness};
+use crate::node::admin::{Health, RestoredCounts};
 use crate::node::tasks::Tasks;
 use crate::state::mirror::Mirror;
 
@@ -100,7 +91,7 @@ pub async fn run(
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     // Start-up order: the state file, continue what a dead agent left
     // stopped, load the maps, attach, serve; reconcile with the API after.
     let health = Health::new(
@@ -108,34 +99,12 @@ pub async fn run(
         (opts.datapath && !opts.no_state).then(|| opts.state.display().to_string()),
     );
     let tasks = Tasks::with_metrics(health.tasks.clone());
-    // One span per substitution event, when OTLP export is configured.
-    let audit = match otel {
-        Some(s) => {
-            let endpoint = s.endpoint.clone();
-            let a = kloak_observability::Audit::start(s, opts.audit_queue)
-                .context("starting the span exporter")?;
-            tracing::info!(endpoint = %endpoint, queue = opts.audit_queue, "exporting a span per substitution over OTLP");
-            health.follow_audit(a.stats.clone());
-            tasks.watch("audit-export", a.liveness());
-            Some(a)
-        }
-        None => None,
-    };
+    let audit = start_audit(otel, opts.audit_queue, &health, &tasks)?;
     crate::node::admin::serve(opts.admin_listen, health.clone(), log, &tasks)
         .await
         .with_context(|| format!("binding the admin port {}", opts.admin_listen))?;
     let restored = if opts.datapath && !opts.no_state {
-        match open_state(&opts, &tasks) {
-            Ok(r) => Some(r),
-            // Two agents on one node would both stop and patch: refuse.
-            Err(e) if is_locked(&e) => return Err(e),
-            Err(e) => {
-                let reason = format!("{e:#}");
-                tracing::error!(error = %reason, "the state file cannot be used; serving from memory (a restart will rebuild from the API)");
-                health.state_in_memory(reason);
-                None
-            }
-        }
+        load_state(&opts, &health, &tasks)?
     } else {
         None
     };
@@ -145,14 +114,7 @@ pub async fn run(
         guardian::retire_predecessors(&guardian_owner(&opts));
     }
     if let Some(r) = &restored {
-        for t in &r.tracked {
-            if let Ok(cg) = crate::datapath::cgroup::Cgroup::open(&t.cgroup) {
-                let n = guardian::sweep(&cg);
-                if n > 0 {
-                    tracing::warn!(cgroup = %t.cgroup.display(), continued = n, "continued processes the previous agent left stopped");
-                }
-            }
-        }
+        continue_stopped(&r.snap.tracked);
     }
     let mirror = restored.as_ref().map(|r| r.mirror.clone());
     let dp = if opts.datapath {
@@ -165,25 +127,9 @@ pub async fn run(
     } else {
         None
     };
-    let agent = dp.as_ref().map(Datapath::link);
     if !opts.no_webhook_cert {
-        let mut sans = vec![
-            format!("{}.{}.svc", opts.webhook_service, opts.namespace),
-            format!(
-                "{}.{}.svc.cluster.local",
-                opts.webhook_service, opts.namespace
-            ),
-        ];
-        sans.extend(opts.webhook_sans.iter().cloned());
-        let cert = CertOpts {
-            namespace: opts.namespace.clone(),
-            secret: opts.webhook_secret.clone(),
-            webhook_config: opts.webhook_config.clone(),
-            sans,
-            validity: Duration::from_secs(opts.cert_validity_secs),
-        };
         let (tx, _rx) = tokio::sync::watch::channel(false);
-        let client = client.clone();
+        let (client, cert) = (client.clone(), cert_opts(&opts));
         tasks.spawn("webhook-cert", move |_| async move {
             certs::run(client, cert, tx).await;
             Ok::<(), String>(())
@@ -194,176 +140,22 @@ pub async fn run(
         layout = layout.rooted(std::path::Path::new("/sys/fs/cgroup"), host);
     }
     tracing::info!(node = %opts.node, datapath = opts.datapath, cgroup_layout = ?layout, "kloak controller starting");
-    let mut st = State::new(client.clone(), layout, agent);
-    st.mirror = mirror;
+    let mut ctl = Controller::new(client, layout, dp.as_ref().map(Datapath::link), mirror);
     if let Some(r) = restored {
-        st.restore(&r.secrets, &r.tracked);
-        for rec in &r.secrets {
-            if let Ok(rules) = crate::datapath::rules::Rules::parse(&rec.hosts, &rec.ports) {
-                st.send(Command::PutSecret(Secret::new(
-                    rec.id,
-                    rec.name.clone(),
-                    SecretValue::new(rec.value.clone()),
-                    rec.placeholder.clone(),
-                    rules,
-                )));
-            }
-        }
-        // The maps first, then the probes: a write that meets the probe
-        // finds its connection already known.
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        st.send(Command::Restore {
-            dns: r.dns,
-            conns: r.conns,
-            ssl: r.ssl,
-            done: Some(done_tx),
-        });
-        for t in &r.tracked {
-            let (namespace, pod) = t.pod.split_once('/').unwrap_or(("", &t.pod));
-            st.send(Command::Track {
-                cgroup: t.cgroup.clone(),
-                id: t.id,
-                secrets: t.secrets.iter().copied().collect(),
-                by_pid: t.by_pid,
-                workload: Some(Workload {
-                    namespace: namespace.into(),
-                    pod: pod.into(),
-                    container: t.container.clone(),
-                }),
-            });
-        }
-        let (barrier_tx, barrier_rx) = tokio::sync::oneshot::channel();
-        st.send(Command::Barrier(barrier_tx));
-        let loaded = done_rx.await.unwrap_or_default();
-        if barrier_rx.await.is_ok() {
-            health.follow_mirror(
-                r.mirror.stats.clone(),
-                crate::node::admin::RestoredCounts {
-                    secrets: r.secrets.len() as u64,
-                    containers: r.tracked.len() as u64,
-                    dns_answers: loaded.dns_answers,
-                    connections: loaded.connections,
-                    tls_objects: loaded.tls_objects,
-                },
-            );
-            health.datapath_ready(started.elapsed());
-        }
-        tracing::info!(
-            secrets = r.secrets.len(),
-            containers = r.tracked.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "serving from the state file; reconciling with the API next"
-        );
+        restore(&mut ctl, r, &health, started).await;
     }
-    let secrets: Api<KubeSecret> = Api::all(client.clone());
-    let pods_api: Api<Pod> = Api::all(client.clone());
-    let mut originals = watcher(
-        secrets.clone(),
-        watcher::Config::default().labels(&format!("{LABEL_ENABLED}=true")),
-    )
-    .default_backoff()
-    .boxed();
-    let mut shadows = watcher(
-        secrets,
-        watcher::Config::default().labels(&format!("{LABEL_MANAGED}=true")),
-    )
-    .default_backoff()
-    .boxed();
-    let mut pod_events = watcher(
-        pods_api,
-        watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node)),
-    )
-    .default_backoff()
-    .boxed();
-    let mut tick = tokio::time::interval(Duration::from_secs(opts.resync_secs.max(1)));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-
-    loop {
-        let mut dirty: BTreeSet<Key> = BTreeSet::new();
-        let mut pods_dirty = false;
-        tokio::select! {
-            Some(ev) = originals.next() => match ev {
-                Ok(ev) => dirty.extend(st.originals.apply(ev)),
-                Err(e) => tracing::warn!(error = %e, "watching labeled Secrets"),
-            },
-            Some(ev) = shadows.next() => match ev {
-                Ok(ev) => dirty.extend(st.shadows.apply(ev).into_iter().filter_map(|(ns, n)| {
-                    n.strip_suffix(SHADOW_SUFFIX).map(|o| (ns, o.to_string()))
-                })),
-                Err(e) => tracing::warn!(error = %e, "watching shadow Secrets"),
-            },
-            Some(ev) = pod_events.next() => match ev {
-                Ok(ev) => { st.pods.apply(ev); pods_dirty = true; }
-                Err(e) => tracing::warn!(error = %e, "watching this node's pods"),
-            },
-            _ = tick.tick() => {
-                dirty.extend(st.originals.objects.keys().cloned());
-                dirty.extend(st.shadows.objects.keys().filter_map(|(ns, n)| {
-                    n.strip_suffix(SHADOW_SUFFIX).map(|o| (ns.clone(), o.to_string()))
-                }));
-                pods_dirty = true;
-            },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
-        if !st.originals.synced || !st.shadows.synced {
-            continue;
-        }
-        let first = !st.reconciled;
-        if first {
-            // The source is the truth: what the state file restored for
-            // Secrets deleted while the agent was down goes now.
-            st.reconciled = true;
-            dirty.extend(st.by_secret.keys().cloned());
-            pods_dirty = true;
-        }
-        let pass = std::time::Instant::now();
-        let index = shadow::Index::build(st.shadows.objects.values());
-        let withdrawn_before = st.withdrawn;
-        for k in &dirty {
-            if let Err(e) = st.reconcile_shadow(k, &index).await {
-                tracing::warn!(namespace = %k.0, secret = %k.1, error = %e, "reconciling the shadow failed; retrying");
-            }
-            st.publish(k);
-        }
-        if !dirty.is_empty() {
-            health.metrics.sync.observe(pass.elapsed().as_secs_f64());
-        }
-        if first {
-            health.reconciled();
-            tracing::info!(
-                secrets = st.published.len(),
-                withdrawn = st.withdrawn - withdrawn_before,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "reconciled with the API"
-            );
-        }
-        if (pods_dirty || !dirty.is_empty()) && st.pods.synced {
-            st.bind_pods();
-            if opts.datapath && !health.is_datapath_ready() {
-                // Without a restored state, serving starts with what the
-                // API says: secrets published, this node's pods bound.
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                st.send(Command::Barrier(tx));
-                if rx.await.is_ok() {
-                    health.datapath_ready(started.elapsed());
-                }
-            }
-        }
-    }
-    if let Some(m) = &st.mirror {
-        let s = &m.stats;
-        tracing::info!(
-            batches = s.batches.load(Ordering::Relaxed),
-            records = s.records.load(Ordering::Relaxed),
-            failures = s.failures.load(Ordering::Relaxed),
-            degraded = s.degraded.load(Ordering::Relaxed),
-            "state file"
-        );
+    let loop_opts = LoopOpts {
+        node: opts.node.clone(),
+        resync: Duration::from_secs(opts.resync_secs.max(1)),
+        started,
+    };
+    ctl.run(&loop_opts, &*health).await?;
+    if let Some(m) = ctl.mirror() {
+        log_mirror(m);
     }
     tracing::info!("kloak controller stopping");
     tasks.begin_shutdown();
-    drop(st);
+    drop(ctl);
     if let Some(dp) = dp {
         dp.stop();
     }
@@ -375,6 +167,126 @@ pub async fn run(
     // and ends; the admin server and the certificate upkeep stop.
     tokio::task::spawn_blocking(move || tasks.drain(Duration::from_secs(10))).await?;
     Ok(())
+}
+
+/// One span per substitution event, when OTLP export is configured.
+fn start_audit(
+    otel: Option<kloak_observability::OtelSettings>,
+    queue: usize,
+    health: &Health,
+    tasks: &Tasks,
+) -> anyhow::Result<Option<kloak_observability::Audit>> {
+    let Some(s) = otel else { return Ok(None) };
+    let endpoint = s.endpoint.clone();
+    let a = kloak_observability::Audit::start(s, queue).context("starting the span exporter")?;
+    tracing::info!(endpoint = %endpoint, queue, "exporting a span per substitution over OTLP");
+    health.follow_audit(a.stats.clone());
+    tasks.watch("audit-export", a.liveness());
+    Ok(Some(a))
+}
+
+/// The state file, or None to serve from memory when it cannot be used;
+/// an error only when another agent holds it.
+fn load_state(
+    opts: &ControllerOpts,
+    health: &Health,
+    tasks: &Tasks,
+) -> anyhow::Result<Option<Restored>> {
+    match open_state(opts, tasks) {
+        Ok(r) => Ok(Some(r)),
+        // Two agents on one node would both stop and patch: refuse.
+        Err(e) if is_locked(&e) => Err(e),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::error!(error = %reason, "the state file cannot be used; serving from memory (a restart will rebuild from the API)");
+            health.state_in_memory(reason);
+            Ok(None)
+        }
+    }
+}
+
+/// A dead agent may have left processes stopped mid-write in the
+/// containers it tracked; nobody else would ever continue them.
+fn continue_stopped(tracked: &[kloak_storage::TrackedRecord]) {
+    for t in tracked {
+        if let Ok(cg) = crate::datapath::cgroup::Cgroup::open(&t.cgroup) {
+            let n = guardian::sweep(&cg);
+            if n > 0 {
+                tracing::warn!(cgroup = %t.cgroup.display(), continued = n, "continued processes the previous agent left stopped");
+            }
+        }
+    }
+}
+
+fn log_mirror(m: &Mirror) {
+    let s = &m.stats;
+    tracing::info!(
+        batches = s.batches.load(Ordering::Relaxed),
+        records = s.records.load(Ordering::Relaxed),
+        failures = s.failures.load(Ordering::Relaxed),
+        degraded = s.degraded.load(Ordering::Relaxed),
+        "state file"
+    );
+}
+
+/// The loop reports to the admin port.
+impl Readiness for Health {
+    fn pass_done(&self, took: Duration) {
+        self.metrics.sync.observe(took.as_secs_f64());
+    }
+    fn reconciled(&self) {
+        Health::reconciled(self);
+    }
+    fn is_datapath_ready(&self) -> bool {
+        Health::is_datapath_ready(self)
+    }
+    fn datapath_ready(&self, after: Duration) {
+        Health::datapath_ready(self, after);
+    }
+}
+
+/// Serves what the state file held until the API has been listed; the
+/// data path is ready as soon as it has applied it.
+async fn restore(ctl: &mut Controller, r: Restored, health: &Health, started: Instant) {
+    let (secrets, containers) = (r.snap.secrets.len(), r.snap.tracked.len());
+    if let Some(loaded) = ctl.restore(r.snap).await {
+        health.follow_mirror(
+            r.mirror.stats.clone(),
+            RestoredCounts {
+                secrets: secrets as u64,
+                containers: containers as u64,
+                dns_answers: loaded.dns_answers,
+                connections: loaded.connections,
+                tls_objects: loaded.tls_objects,
+            },
+        );
+        health.datapath_ready(started.elapsed());
+    }
+    tracing::info!(
+        secrets,
+        containers,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "serving from the state file; reconciling with the API next"
+    );
+}
+
+/// The webhook's certificate: the Service's DNS names and any extra ones.
+fn cert_opts(opts: &ControllerOpts) -> CertOpts {
+    let mut sans = vec![
+        format!("{}.{}.svc", opts.webhook_service, opts.namespace),
+        format!(
+            "{}.{}.svc.cluster.local",
+            opts.webhook_service, opts.namespace
+        ),
+    ];
+    sans.extend(opts.webhook_sans.iter().cloned());
+    CertOpts {
+        namespace: opts.namespace.clone(),
+        secret: opts.webhook_secret.clone(),
+        webhook_config: opts.webhook_config.clone(),
+        sans,
+        validity: Duration::from_secs(opts.cert_validity_secs),
+    }
 }
 
 fn is_locked(e: &anyhow::Error) -> bool {
@@ -393,11 +305,7 @@ fn guardian_owner(opts: &ControllerOpts) -> String {
 /// What the state file held at start, and the mirror that now follows it.
 struct Restored {
     mirror: Mirror,
-    secrets: Vec<SecretRecord>,
-    tracked: Vec<TrackedRecord>,
-    dns: Vec<kloak_storage::DnsRecord>,
-    conns: Vec<(kloak_storage::ConnKey, kloak_storage::ConnRecord)>,
-    ssl: Vec<kloak_storage::SslRecord>,
+    snap: kloak_storage::Snapshot,
 }
 
 fn open_state(opts: &ControllerOpts, tasks: &Tasks) -> anyhow::Result<Restored> {
@@ -429,14 +337,7 @@ fn open_state(opts: &ControllerOpts, tasks: &Tasks) -> anyhow::Result<Restored> 
             Ok::<(), String>(())
         })
         .context("starting the state file's mirror thread")?;
-    Ok(Restored {
-        mirror,
-        secrets: snap.secrets,
-        tracked: snap.tracked,
-        dns: snap.dns,
-        conns: snap.conns,
-        ssl: snap.ssl,
-    })
+    Ok(Restored { mirror, snap })
 }
 
 /// The data path of the node agent: per-pod bindings, the pause backend,
