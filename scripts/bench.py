@@ -21,6 +21,10 @@ WARMUP = 50
 # BENCH_ONLY=audit,scan runs those sections only and merges them into the
 # existing datapath.json.
 ONLY = [x for x in os.environ.get("BENCH_ONLY", "").split(",") if x]
+# BENCH_BASELINE_KLOAK=PATH: a kloak binary built from an earlier commit; the
+# clients section then also runs it ("baseline_*" rows), interleaved round by
+# round with the current build, so a change is compared within one run.
+BASELINE = os.environ.get("BENCH_BASELINE_KLOAK")
 
 
 def want(section):
@@ -71,12 +75,14 @@ def main():
 
     def measure(client, config):
         out = f"{work}/{client}-{config}.json"
-        plain = not config.startswith("agent_placeholder")
+        agent = config.removeprefix("baseline_")
+        plain = not agent.startswith("agent_placeholder")
         cmd = client_cmd(client, plain, out)
         stats = f"{work}/stats-{client}-{config}.json"
         if config != "no_agent":
             scrub = "false" if config.endswith("no_scrub") else "true"
-            cmd = [KLOAK, "run", "--secrets", f"{work}/secrets.yaml", "--stats-json", stats,
+            kloak = BASELINE if config.startswith("baseline_") else KLOAK
+            cmd = [kloak, "run", "--secrets", f"{work}/secrets.yaml", "--stats-json", stats,
                    "--scrub", scrub, "--"] + cmd
         sh(*cmd, env=env, stdout=subprocess.DEVNULL)
         with open(out) as f:
@@ -92,18 +98,22 @@ def main():
         for client in ["go", "python"]:
             lat = {"no_agent": [], "agent_no_placeholder": [], "agent_placeholder": [],
                    "agent_placeholder_no_scrub": []}
+            if BASELINE:
+                lat.update({"baseline_agent_no_placeholder": [], "baseline_agent_placeholder": []})
             pause = {"batches": 0, "wake_ns": 0, "wait_ns": 0, "patch_ns": 0}
+            base_pause = dict(pause)
             for _ in range(ROUNDS):
                 # Interleaved, so drift on the VM hits every configuration alike.
                 for config in lat:
                     l, st = measure(client, config)
                     lat[config] += l
-                    if st and config == "agent_placeholder":
+                    if st and config in ("agent_placeholder", "baseline_agent_placeholder"):
                         a = st["agent"]
-                        pause["batches"] += a["pause_batches"]
-                        pause["wake_ns"] += a["wake_ns_total"]
-                        pause["wait_ns"] += a["stop_wait_ns_total"]
-                        pause["patch_ns"] += a["patch_ns_total"]
+                        p = pause if config == "agent_placeholder" else base_pause
+                        p["batches"] += a["pause_batches"]
+                        p["wake_ns"] += a["wake_ns_total"]
+                        p["wait_ns"] += a["stop_wait_ns_total"]
+                        p["patch_ns"] += a["patch_ns_total"]
             base_med = statistics.median(lat["no_agent"])
             base_p99 = pct(lat["no_agent"], 0.99)
             r = {}
@@ -111,10 +121,15 @@ def main():
                 r[config] = {"median_us": round(statistics.median(xs), 1), "p99_us": round(pct(xs, 0.99), 1),
                              "added_median_us": round(statistics.median(xs) - base_med, 1),
                              "added_p99_us": round(pct(xs, 0.99) - base_p99, 1)}
-            b = max(pause["batches"], 1)
-            r["pause_breakdown_us"] = {"wake": round(pause["wake_ns"] / b / 1000, 1),
-                                       "group_stop_wait": round(pause["wait_ns"] / b / 1000, 1),
-                                       "patch_and_continue": round(pause["patch_ns"] / b / 1000, 1)}
+            def breakdown(p):
+                b = max(p["batches"], 1)
+                return {"wake": round(p["wake_ns"] / b / 1000, 1),
+                        "group_stop_wait": round(p["wait_ns"] / b / 1000, 1),
+                        "patch_and_continue": round(p["patch_ns"] / b / 1000, 1)}
+            r["pause_breakdown_us"] = breakdown(pause)
+            if BASELINE:
+                r["baseline_pause_breakdown_us"] = breakdown(base_pause)
+                r["baseline_binary"] = BASELINE
             results["clients"][client] = r
 
     if want("http2"):
@@ -268,11 +283,16 @@ def main():
     print(f"| client | configuration | median µs | p99 µs | added median µs | added p99 µs |")
     print("|---|---|---|---|---|---|")
     for client, r in results.get("clients", {}).items():
-        for config in ["no_agent", "agent_no_placeholder", "agent_placeholder", "agent_placeholder_no_scrub"]:
+        for config in ["no_agent", "agent_no_placeholder", "agent_placeholder", "agent_placeholder_no_scrub",
+                       "baseline_agent_no_placeholder", "baseline_agent_placeholder"]:
+            if config not in r:
+                continue
             x = r[config]
             print(f"| {client} | {config} | {x['median_us']} | {x['p99_us']} | {x['added_median_us']} | {x['added_p99_us']} |")
     for client, r in results.get("clients", {}).items():
         print(client, "pause breakdown (mean µs):", r["pause_breakdown_us"])
+        if "baseline_pause_breakdown_us" in r:
+            print(client, "baseline pause breakdown (mean µs):", r["baseline_pause_breakdown_us"])
     print("BPF scan:", json.dumps(results.get("bpf_scan")))
     for c, x in results.get("http2_go", {}).items():
         print(f"h2 go {c}: median {x['median_us']} p99 {x['p99_us']} added median {x['added_median_us']} added p99 {x['added_p99_us']}")

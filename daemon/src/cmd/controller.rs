@@ -154,7 +154,6 @@ pub async fn run(
         log_mirror(m);
     }
     tracing::info!("kloak controller stopping");
-    tasks.begin_shutdown();
     drop(ctl);
     if let Some(dp) = dp {
         dp.stop();
@@ -164,7 +163,8 @@ pub async fn run(
         a.finish(Duration::from_secs(5));
     }
     // Every mirror handle is gone too: its thread commits the last batch
-    // and ends; the admin server and the certificate upkeep stop.
+    // and ends; the admin server (up until now, for the last scrape) and the
+    // certificate upkeep stop.
     tokio::task::spawn_blocking(move || tasks.drain(Duration::from_secs(10))).await?;
     Ok(())
 }
@@ -332,7 +332,7 @@ fn open_state(opts: &ControllerOpts, tasks: &Tasks) -> anyhow::Result<Restored> 
     }
     let (mirror, commit) = Mirror::new(store);
     tasks
-        .spawn_thread("state-mirror", move |_| {
+        .spawn_worker("mirror", move |_| {
             commit();
             Ok::<(), String>(())
         })

@@ -268,7 +268,8 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
             .put_secret(&SecretEntry {
                 id: s.id,
                 placeholder: s.placeholder.as_bytes(),
-                value: Some(s.value.expose()),
+                // Only the in-place backend's kernel program needs it.
+                value: (cfg.backend == Backend::InPlace).then(|| s.value.expose()),
             })
             .map_err(|e| format!("secret {:?}: {e}", s.name))?;
     }

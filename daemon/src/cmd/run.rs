@@ -133,7 +133,13 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
     let fin = dp.stop();
     guardian::sweep(&cg);
     let status = status?;
-    let stats = fin.map(|f| f.stats).unwrap_or_default();
+    let Some(fin) = fin else {
+        cg.remove_if_empty();
+        anyhow::bail!(
+            "the data path thread did not finish cleanly; its counters are lost (the command exited with {status})"
+        );
+    };
+    let stats = fin.stats;
     if stats.lost_events > 0 {
         let lost = stats.lost_events;
         tracing::warn!(

@@ -205,7 +205,11 @@ pub enum Patched {
 /// Writes `to` at `addr` only if the bytes there are still `from`: never
 /// over anything else.
 pub fn patch(mem: &dyn Memory, pid: u32, addr: u64, from: &[u8], to: &[u8]) -> Patched {
-    debug_assert_eq!(from.len(), to.len());
+    // A placeholder is exactly as long as its value; anything else (a
+    // damaged record) must not shift the bytes around it.
+    if from.len() != to.len() {
+        return Patched::Mismatch;
+    }
     match mem.read(pid, addr, from.len()) {
         Ok(cur) if cur == from => {}
         Ok(_) => return Patched::Mismatch,
@@ -337,6 +341,11 @@ pub(crate) mod tests {
             patch(&mem, 1, 0x9000, b"kloak:ABCDEFGH", b"sk-real-value1"),
             Patched::ReadFailed(_)
         ));
+        assert!(matches!(
+            patch(&mem, 1, 0x1007, b"kloak:ABCDEFGH", b"sk-short"),
+            Patched::Mismatch
+        ));
+        assert_eq!(&mem.bytes.borrow()[..], b"Bearer kloak:ABCDEFGH\r\n");
     }
 
     #[test]

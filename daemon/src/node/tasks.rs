@@ -179,11 +179,31 @@ impl Tasks {
         });
     }
 
-    /// Runs `f` on a thread of its own (named `kloak-<name>`). It must
-    /// return once the shutdown signal is set or its inputs close.
+    /// Runs `f` on a thread of its own (named `kloak-<name>`) for the
+    /// agent's life. It must return once the shutdown signal is set.
     pub fn spawn_thread<E: std::fmt::Display>(
         &self,
         name: &'static str,
+        f: impl FnOnce(Shutdown) -> Result<(), E> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.thread(name, false, f)
+    }
+
+    /// Runs `f` on a thread of its own until its inputs close (a channel
+    /// whose senders are all gone): returning is its normal end, at any
+    /// time; only an error or a panic is a failure. The drain waits for it.
+    pub fn spawn_worker<E: std::fmt::Display>(
+        &self,
+        name: &'static str,
+        f: impl FnOnce(Shutdown) -> Result<(), E> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.thread(name, true, f)
+    }
+
+    fn thread<E: std::fmt::Display>(
+        &self,
+        name: &'static str,
+        may_end: bool,
         f: impl FnOnce(Shutdown) -> Result<(), E> + Send + 'static,
     ) -> std::io::Result<()> {
         let done = self.register(name);
@@ -194,6 +214,11 @@ impl Tasks {
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(shutdown)));
                 let end = match r {
+                    Ok(Ok(())) if may_end => {
+                        tracing::debug!(task = name, "worker finished: its inputs closed");
+                        drop(done);
+                        return;
+                    }
                     Ok(Ok(())) => End::Ok,
                     Ok(Err(e)) => End::Error(e.to_string()),
                     Err(_) => End::Panic,
@@ -220,16 +245,10 @@ impl Tasks {
         });
     }
 
-    /// Sets the shutdown signal: from now on a task that ends is draining,
-    /// not failing.
-    pub fn begin_shutdown(&self) {
-        self.inner.shutdown_tx.send_replace(true);
-    }
-
     /// Sets the shutdown signal and waits, at most `deadline` in all, for
     /// every task to end. Returns the names of those still running.
     pub fn drain(&self, deadline: Duration) -> Vec<&'static str> {
-        self.begin_shutdown();
+        self.inner.shutdown_tx.send_replace(true);
         let until = std::time::Instant::now() + deadline;
         let running = std::mem::take(&mut *self.inner.running.lock().expect("not poisoned"));
         let mut late = Vec::new();
@@ -356,10 +375,12 @@ mod tests {
             r#"kloak_task_failures_total{task="returns",how="ended"} 1"#,
             r#"kloak_task_failures_total{task="thread-panics",how="panic"} 1"#,
             r#"kloak_task_failures_total{task="watched",how="error"} 1"#,
+            r#"kloak_task_failures_total{task="worker-fails",how="error"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(!text.contains("drains"), "{text}");
+        assert!(!text.contains(r#"task="worker""#), "{text}");
         let late = tokio::task::spawn_blocking(move || t.drain(Duration::from_secs(2)))
             .await
             .unwrap();
