@@ -16,7 +16,6 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-pub use crate::poll::eventually;
 use crate::poll::{POLL, eventually_sync};
 use crate::{free_port, kloak_bin, workspace_root};
 
