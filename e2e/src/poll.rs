@@ -100,3 +100,42 @@ pub fn eventually_sync<O: Observation>(
         std::thread::sleep(every);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_names_what_and_the_last_observation() {
+        let n = std::cell::Cell::new(0);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually_sync("the answer", Duration::from_millis(30), POLL, || {
+                n.set(n.get() + 1);
+                Err::<(), _>(format!("still {}", n.get()))
+            })
+        }))
+        .unwrap_err();
+        let msg = panic.downcast_ref::<String>().unwrap();
+        assert_eq!(
+            *msg,
+            format!(
+                "timed out after 30ms waiting for the answer; last seen:\nstill {}",
+                n.get()
+            )
+        );
+    }
+
+    #[test]
+    fn the_value_comes_back_once_there() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut n = 0;
+        let v = rt.block_on(eventually("three polls", Duration::from_secs(5), || {
+            n += 1;
+            std::future::ready((n == 3).then_some(n))
+        }));
+        assert_eq!(v, 3);
+    }
+}
