@@ -113,21 +113,10 @@ impl Cluster {
         ok(&format!("helm {}", args.join(" ")), self.helm_output(args))
     }
 
-    /// Polls `f` until it returns Some, or panics naming `what`.
-    pub fn eventually<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut() -> Option<T>,
-    ) -> T {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(Instant::now() < end, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    /// Polls `f` every half second (each poll is a kubectl or helm run)
+    /// until it returns Some, or panics naming `what`.
+    pub fn eventually<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        crate::poll::eventually_sync(what, timeout, Duration::from_millis(500), f)
     }
 }
 

@@ -9,13 +9,14 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::poll::{POLL, eventually_sync};
 use crate::{free_port, kloak_bin, workspace_root};
 
 pub struct ControlPlane {
@@ -256,19 +257,19 @@ impl Kloak {
 
     /// The admin port it bound (it logs the address once listening).
     pub fn admin_addr(&mut self) -> std::net::SocketAddr {
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(addr) = self.logged_admin_addr() {
-                return addr;
-            }
-            let log = self.log_text();
-            self.assert_running();
-            assert!(
-                std::time::Instant::now() < end,
-                "no admin address logged:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually_sync(
+            "an admin address in the log",
+            Duration::from_secs(30),
+            POLL,
+            || {
+                if let Some(addr) = self.logged_admin_addr() {
+                    return Ok(addr);
+                }
+                let log = self.log_text();
+                self.assert_running();
+                Err(log)
+            },
+        )
     }
 
     /// Panics with the log if the process has exited.
@@ -296,24 +297,6 @@ impl Drop for Kloak {
         }
         self.stop();
         crate::ledger::keep_log("kloak-controller", &self.log);
-    }
-}
-
-/// Polls `f` until it returns Some, or panics naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > end {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod k8s;
 pub mod ledger;
 pub mod otel;
+pub mod poll;
 
 /// Root-only tests skip outside CI and fail inside it: a skipped data-path
 /// test in CI would be a test that cannot fail.
@@ -401,22 +402,23 @@ impl DnsServer {
         let child = c
             .spawn()
             .expect("dnsmasq runs (scripts/install-deps.sh installs dnsmasq-base)");
-        // Ready once it answers.
-        let end = Instant::now() + Duration::from_secs(5);
+        // Ready once it answers. The read timeout paces the polls.
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let query = [
             0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'x', 0, 0, 1, 0, 1,
         ];
-        loop {
-            let _ = sock.send_to(&query, (addr, 53));
-            let mut buf = [0u8; 512];
-            if sock.recv_from(&mut buf).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < end, "dnsmasq on {addr} did not come up");
-        }
+        poll::eventually_sync(
+            &format!("dnsmasq on {addr} to come up"),
+            Duration::from_secs(5),
+            Duration::ZERO,
+            || {
+                let _ = sock.send_to(&query, (addr, 53));
+                let mut buf = [0u8; 512];
+                sock.recv_from(&mut buf).ok()
+            },
+        );
         DnsServer {
             addr: addr.to_string(),
             child,

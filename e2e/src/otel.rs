@@ -3,8 +3,9 @@
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::poll::eventually_sync;
 use crate::{free_port, http_get, workspace_root};
 
 pub struct Jaeger {
@@ -74,17 +75,16 @@ pub fn jaeger() -> &'static Jaeger {
             query: format!("127.0.0.1:{query}").parse().unwrap(),
             log,
         };
-        let end = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(j.query).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err()
-        {
-            assert!(
-                Instant::now() < end,
-                "Jaeger did not start: {}",
-                j.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually_sync(
+            "Jaeger to start",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                let up = std::net::TcpStream::connect(j.query).is_ok()
+                    && std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok();
+                if up { Ok(()) } else { Err(j.log_text()) }
+            },
+        );
         j
     })
 }
@@ -134,18 +134,19 @@ impl Jaeger {
         timeout: Duration,
         enough: impl Fn(&[serde_json::Value]) -> bool,
     ) -> (Vec<serde_json::Value>, String) {
-        let end = Instant::now() + timeout;
-        loop {
-            let (spans, body) = self.spans(service);
-            if enough(&spans) {
-                return (spans, body);
-            }
-            assert!(
-                Instant::now() < end,
-                "Jaeger never had the spans for {service}: {body}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        eventually_sync(
+            &format!("Jaeger to have the spans for {service}"),
+            timeout,
+            Duration::from_millis(250),
+            || {
+                let (spans, body) = self.spans(service);
+                if enough(&spans) {
+                    Ok((spans, body))
+                } else {
+                    Err(body)
+                }
+            },
+        )
     }
 }
 
