@@ -363,6 +363,10 @@ mod tests {
             panic!("boom")
         })
         .unwrap();
+        // A worker whose inputs closed ended as it should; one that failed did not.
+        t.spawn_worker("worker", |_| Ok::<(), String>(())).unwrap();
+        t.spawn_worker("worker-fails", |_| Err::<(), _>("disk gone"))
+            .unwrap();
         let dead = Arc::new(AtomicBool::new(false));
         let d = dead.clone();
         t.watch("watched", move || !d.load(Ordering::Relaxed));
