@@ -102,9 +102,12 @@ def main():
                 lat.update({"baseline_agent_no_placeholder": [], "baseline_agent_placeholder": []})
             pause = {"batches": 0, "wake_ns": 0, "wait_ns": 0, "patch_ns": 0}
             base_pause = dict(pause)
-            for _ in range(ROUNDS):
-                # Interleaved, so drift on the VM hits every configuration alike.
-                for config in lat:
+            for rnd in range(ROUNDS):
+                # Interleaved, so drift on the VM hits every configuration
+                # alike; every other round backwards, so no configuration
+                # always follows the same one.
+                order = list(lat) if rnd % 2 == 0 else list(lat)[::-1]
+                for config in order:
                     l, st = measure(client, config)
                     lat[config] += l
                     if st and config in ("agent_placeholder", "baseline_agent_placeholder"):
