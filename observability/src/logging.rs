@@ -33,7 +33,7 @@ pub struct LogHandle {
 
 impl LogHandle {
     /// Replaces the filter with `directives` (`RUST_LOG` syntax), e.g.
-    /// `debug` or `info,kloak::agent=trace`.
+    /// `debug` or `info,kloak::datapath=trace`.
     pub fn set(&self, directives: &str) -> Result<(), Error> {
         let f = EnvFilter::try_new(directives).map_err(|e| Error::Filter {
             directives: directives.into(),

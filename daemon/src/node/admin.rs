@@ -390,7 +390,7 @@ struct App {
 }
 
 /// `GET /logging`: the log filter in force. `PUT /logging` with a filter
-/// (`RUST_LOG` syntax, e.g. `debug` or `info,kloak::agent=trace`) as the
+/// (`RUST_LOG` syntax, e.g. `debug` or `info,kloak::datapath=trace`) as the
 /// body: swaps it at once, no restart.
 async fn get_logging(State(app): State<App>) -> impl IntoResponse {
     match &app.log {
