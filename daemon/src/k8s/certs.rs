@@ -8,6 +8,7 @@
 //! caBundle trusts both the new and the previous CA, because webhook pods
 //! pick the new certificate up a little later.
 
+use crate::k8s::reconciler::is_status;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -106,10 +107,6 @@ pub fn generate(sans: &[String], validity: Duration) -> Result<Generated, rcgen:
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> CertError {
     let what = what.into();
     move |source| CertError::Kube { what, source }
-}
-
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// The first PEM block of a bundle.
