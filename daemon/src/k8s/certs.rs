@@ -8,7 +8,6 @@
 //! caBundle trusts both the new and the previous CA, because webhook pods
 //! pick the new certificate up a little later.
 
-use crate::k8s::reconciler::is_status;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -20,6 +19,8 @@ use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::k8s::reconciler::is_status;
 
 /// When the certificate stops being valid, in Unix seconds.
 pub const ANN_NOT_AFTER: &str = "getkloak.io/not-after";
