@@ -84,6 +84,8 @@ pub struct SocketHooks {
     /// `SSL_connect`/`SSL_do_handshake`: the thread's first socket write during
     /// them names the fd (curl's own BIO).
     pub handshakes: Vec<usize>,
+    /// libcrypto's `EVP_KDF_derive`: derives every TLS key (wire backend).
+    pub kdf: Option<usize>,
 }
 
 /// Which argument register of an fd setter holds the (sending) fd.
@@ -145,8 +147,9 @@ impl Probes {
                 })?,
         );
         if self.scrub && abi.supports_return_probe() {
+            // The wire backend's fallback is the pause backend, scrub included.
             let prog = match self.backend {
-                Backend::Pause => &self.skel.progs.tls_write_return_pause,
+                Backend::Pause | Backend::Wire => &self.skel.progs.tls_write_return_pause,
                 Backend::InPlace => &self.skel.progs.tls_write_return_inplace,
             };
             let opts = UprobeOpts {
@@ -215,6 +218,12 @@ impl Probes {
                 "BIO_new_socket return",
             )?);
         }
+        if let Some(off) = hooks.kdf
+            && self.backend == Backend::Wire
+        {
+            links.push(attach(&p.kdf_enter, off, false, "EVP_KDF_derive")?);
+            links.push(attach(&p.kdf_exit, off, true, "EVP_KDF_derive return")?);
+        }
         for &off in &hooks.handshakes {
             links.push(attach(&p.ssl_handshake_enter, off, false, "handshake")?);
             links.push(attach(
@@ -225,5 +234,52 @@ impl Probes {
             )?);
         }
         Ok(links)
+    }
+}
+
+/// Which way a device's packets go past a tc program, and what it does there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireHook {
+    /// Patches and learns suites (tcx egress: a host device's way out).
+    EgressPatch,
+    /// Patches and learns suites (tcx ingress: a pod veth's host side).
+    IngressPatch,
+    /// Learns suites from ServerHellos only.
+    EgressLearn,
+    IngressLearn,
+}
+
+impl Probes {
+    /// Attaches a wire backend tc program to device `ifindex` with TCX.
+    /// The link detaches when dropped.
+    pub fn attach_wire(&self, ifindex: u32, hook: WireHook) -> Result<Link> {
+        use libbpf_rs::AsRawLibbpf;
+        let p = &self.skel.progs;
+        let prog = match hook {
+            WireHook::EgressPatch => &p.wire_out_patch,
+            WireHook::IngressPatch => &p.wire_in_patch,
+            WireHook::EgressLearn => &p.wire_out_learn,
+            WireHook::IngressLearn => &p.wire_in_learn,
+        };
+        let what = || format!("tcx {hook:?} on ifindex {ifindex}");
+        let opts = libbpf_sys::bpf_tcx_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+            ..Default::default()
+        };
+        // SAFETY: the program outlives this call (the skeleton owns it), and
+        // libbpf returns either a new link we then own or NULL with errno set.
+        let ptr = unsafe {
+            libbpf_sys::bpf_program__attach_tcx(
+                prog.as_libbpf_object().as_ptr(),
+                ifindex as i32,
+                &opts,
+            )
+        };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| Error::Attach {
+            what: what(),
+            source: libbpf_rs::Error::from(std::io::Error::last_os_error()),
+        })?;
+        // SAFETY: ptr is a valid link libbpf handed over to us.
+        Ok(unsafe { Link::from_ptr(ptr) })
     }
 }

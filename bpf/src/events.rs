@@ -20,6 +20,15 @@ pub enum EventKind {
     Exit,
     /// The write ends inside what looks like a placeholder (see [`SplitTail`]).
     Split,
+    /// Wire backend: the hits are armed; tc patches their records on the wire.
+    Armed,
+    /// Wire backend: the hits' destination is not allowed; they go out unchanged.
+    Held,
+    /// Wire backend: the records did not carry the hits as expected; they go out unchanged.
+    WireMiss,
+    /// Wire backend: no decision yet for the write's destination. The writer
+    /// is stopped until the agent has decided; nothing is patched in it.
+    Decide,
 }
 
 impl EventKind {
@@ -35,6 +44,10 @@ impl EventKind {
             event_kind::EV_UNKNOWN => EventKind::Unknown,
             event_kind::EV_EXIT => EventKind::Exit,
             event_kind::EV_SPLIT => EventKind::Split,
+            event_kind::EV_ARMED => EventKind::Armed,
+            event_kind::EV_HELD => EventKind::Held,
+            event_kind::EV_WIRE_MISS => EventKind::WireMiss,
+            event_kind::EV_DECIDE => EventKind::Decide,
             _ => return None,
         })
     }
@@ -48,6 +61,7 @@ impl EventKind {
                 | EventKind::Scrub
                 | EventKind::Exec
                 | EventKind::Mmap
+                | EventKind::Decide
         )
     }
 }

@@ -8,15 +8,15 @@ use crate::events::ip_from;
 use crate::pod::{pod_bytes, read_pod};
 use crate::types::{self, addr_family, stat_idx};
 use crate::{
-    Backend, Conn, Error, Hit, KEY_LEN, MAX_HITS, MAX_SECRET_LEN, MIN_SECRET_LEN, PREFIX,
-    PREFIX_LEN, Probes, Result,
+    Conn, Error, Hit, KEY_LEN, MAX_HITS, MAX_SECRET_LEN, MIN_SECRET_LEN, PREFIX, PREFIX_LEN,
+    Probes, Result,
 };
 
 /// What a map entry holds for one secret.
 pub struct SecretEntry<'a> {
     pub id: u32,
     pub placeholder: &'a [u8],
-    /// Only given to the kernel for the in-place backend.
+    /// Only given to the kernel for the in-place and wire backends.
     pub value: Option<&'a [u8]>,
 }
 
@@ -49,6 +49,14 @@ pub struct Stats {
     pub huffman_candidates: u64,
     /// Writes that ended inside a placeholder-like token.
     pub splits: u64,
+    /// Wire backend: placeholders armed, packets patched, placeholders it
+    /// could not place in a record, placeholders not armed for want of a
+    /// patch slot, packets dropped because a patch failed.
+    pub wire_armed: u64,
+    pub wire_packets: u64,
+    pub wire_misses: u64,
+    pub wire_full: u64,
+    pub wire_drops: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -88,6 +96,11 @@ impl Stats {
             write_failures: at(stat_idx::ST_WRITE_FAIL),
             huffman_candidates: at(stat_idx::ST_HUFFMAN),
             splits: at(stat_idx::ST_SPLIT),
+            wire_armed: at(stat_idx::ST_WIRE_ARMED),
+            wire_packets: at(stat_idx::ST_WIRE_PACKETS),
+            wire_misses: at(stat_idx::ST_WIRE_MISS),
+            wire_full: at(stat_idx::ST_WIRE_FULL),
+            wire_drops: at(stat_idx::ST_WIRE_DROPS),
         }
     }
 }
@@ -107,10 +120,10 @@ impl Probes {
             value: [0; MAX_SECRET_LEN],
         };
         v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
-        if self.backend == Backend::InPlace {
-            let value = e
-                .value
-                .ok_or(Error::Entry("the in-place backend needs the value"))?;
+        if self.backend.value_in_kernel() {
+            let value = e.value.ok_or(Error::Entry(
+                "the in-place and wire backends need the value",
+            ))?;
             if value.len() != e.placeholder.len() {
                 return Err(Error::Entry("value and placeholder differ in length"));
             }
@@ -375,5 +388,67 @@ mod tests {
         assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
         assert_eq!(placeholder_key(b"kloak:A"), None);
         assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
+    }
+}
+
+impl Probes {
+    /// Tells the wire backend whether secret `id` may go from process
+    /// `tgid` to `dest` (the address the kernel's socket holds).
+    pub fn set_wire_allow(
+        &self,
+        tgid: u32,
+        id: u32,
+        dest: std::net::SocketAddr,
+        allow: bool,
+    ) -> Result<()> {
+        let mut key = types::allow_key {
+            tgid,
+            id,
+            family: 0,
+            port: dest.port().to_be(),
+            _pad: 0,
+            addr: [0; 16],
+        };
+        match dest.ip() {
+            std::net::IpAddr::V4(v4) => {
+                key.family = addr_family::AF_INET.0 as u16;
+                key.addr[..4].copy_from_slice(&v4.octets());
+            }
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => {
+                    key.family = addr_family::AF_INET.0 as u16;
+                    key.addr[..4].copy_from_slice(&v4.octets());
+                }
+                None => {
+                    key.family = addr_family::AF_INET6.0 as u16;
+                    key.addr = v6.octets();
+                }
+            },
+        }
+        let val = if allow {
+            types::allow_val::ALLOW_YES.0
+        } else {
+            types::allow_val::ALLOW_NO.0
+        } as u8;
+        self.skel
+            .maps
+            .wire_allow
+            .update(pod_bytes(&key), &[val], MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "wire_allow",
+                source,
+            })
+    }
+
+    /// Forgets every wire decision of process `tgid` (it exited).
+    pub fn forget_wire_allow(&self, tgid: u32) {
+        let map = &self.skel.maps.wire_allow;
+        let keys: Vec<Vec<u8>> = map
+            .keys()
+            .filter(|k| k.len() >= 4 && u32::from_ne_bytes([k[0], k[1], k[2], k[3]]) == tgid)
+            .collect();
+        for k in keys {
+            let _ = map.delete(&k);
+        }
     }
 }

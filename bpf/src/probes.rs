@@ -17,6 +17,9 @@ pub enum Backend {
     Pause,
     /// The BPF program writes the bytes itself with `bpf_probe_write_user`.
     InPlace,
+    /// tc programs patch the encrypted record on the wire; writes the wire
+    /// cannot serve are paused.
+    Wire,
 }
 
 impl Backend {
@@ -24,7 +27,13 @@ impl Backend {
         match self {
             Backend::Pause => "pause",
             Backend::InPlace => "inplace",
+            Backend::Wire => "wire",
         }
+    }
+
+    /// Whether secret_map entries carry the real value.
+    pub fn value_in_kernel(self) -> bool {
+        matches!(self, Backend::InPlace | Backend::Wire)
     }
 }
 
@@ -107,6 +116,8 @@ impl Probes {
         rodata.cfg_scrub = u32::from(cfg.scrub);
         rodata.cfg_agent_tgid = cfg.agent_tgid;
         rodata.cfg_huff_sig = cfg.huffman_signatures;
+        let wire = cfg.backend == Backend::Wire;
+        rodata.cfg_wire = u32::from(wire);
         open.maps
             .tls_events
             .set_max_entries(cfg.ring_bytes)
@@ -122,12 +133,24 @@ impl Probes {
         open.progs.tls_write_return_inplace.set_autoload(inplace);
         open.progs.tls_write_scan_pause.set_autoload(!inplace);
         open.progs.tls_write_return_pause.set_autoload(!inplace);
+        for p in [
+            &mut open.progs.tls_write_scan_wire,
+            &mut open.progs.kdf_enter,
+            &mut open.progs.kdf_exit,
+            &mut open.progs.wire_out_patch,
+            &mut open.progs.wire_in_patch,
+            &mut open.progs.wire_out_learn,
+            &mut open.progs.wire_in_learn,
+            &mut open.progs.wire_sock_state,
+        ] {
+            p.set_autoload(wire);
+        }
         let skel = open.load().map_err(Error::Load)?;
 
-        let phase2 = if inplace {
-            skel.progs.tls_write_scan_inplace.as_fd()
-        } else {
-            skel.progs.tls_write_scan_pause.as_fd()
+        let phase2 = match cfg.backend {
+            Backend::InPlace => skel.progs.tls_write_scan_inplace.as_fd(),
+            Backend::Pause => skel.progs.tls_write_scan_pause.as_fd(),
+            Backend::Wire => skel.progs.tls_write_scan_wire.as_fd(),
         };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&phase2) as u32;
         skel.maps
@@ -181,6 +204,11 @@ impl Probes {
                 "sys_enter_sendmsg",
             ),
             (
+                &skel.progs.on_writev_enter,
+                TracepointCategory::Syscalls,
+                "sys_enter_writev",
+            ),
+            (
                 &skel.progs.on_connect_enter,
                 TracepointCategory::Syscalls,
                 "sys_enter_connect",
@@ -201,6 +229,18 @@ impl Probes {
                 .attach_tracepoint(cat, name)
                 .map_err(|source| Error::Attach {
                     what: format!("tracepoint {cat_name}/{name}"),
+                    source,
+                })?;
+            tracepoints.push(link);
+        }
+
+        if wire {
+            let link = skel
+                .progs
+                .wire_sock_state
+                .attach_tracepoint(TracepointCategory::Sock, "inet_sock_set_state")
+                .map_err(|source| Error::Attach {
+                    what: "tracepoint sock/inet_sock_set_state".into(),
                     source,
                 })?;
             tracepoints.push(link);

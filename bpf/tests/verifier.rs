@@ -25,11 +25,31 @@ fn pause_backend_loads_and_attaches_tracepoints() {
     // programs pass the verifier either way: they load with the rest.
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Kprobe);
-        assert_eq!(p.tracepoint_count(), 15);
+        assert_eq!(p.tracepoint_count(), 16);
     } else {
         assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Tracepoints);
-        assert_eq!(p.tracepoint_count(), 21);
+        assert_eq!(p.tracepoint_count(), 22);
     }
+}
+
+#[test]
+fn wire_backend_loads_and_attaches_to_loopback() {
+    if !is_root() {
+        return;
+    }
+    let p = Probes::load(&Config {
+        backend: Backend::Wire,
+        ..Config::default()
+    })
+    .expect("wire backend loads");
+    assert_eq!(p.backend(), Backend::Wire);
+    let lo = nix::net::if_::if_nametoindex("lo").expect("lo exists");
+    let _out = p
+        .attach_wire(lo, kloak_bpf::WireHook::EgressPatch)
+        .expect("tcx egress on lo");
+    let _in = p
+        .attach_wire(lo, kloak_bpf::WireHook::IngressLearn)
+        .expect("tcx ingress on lo");
 }
 
 #[test]

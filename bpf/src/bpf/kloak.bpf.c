@@ -10,6 +10,10 @@
  * stops the thread for the agent to patch (pause backend, lockdown-safe) or
  * writes the real bytes itself (in-place backend, needs bpf_probe_write_user).
  *
+ * The wire backend (wire.h) stops nobody: phase 2 leaves the hits for the
+ * thread's socket writes, which arm XOR patches by TCP sequence number,
+ * and tc programs apply them to the encrypted records on the wire.
+ *
  * Anything uncertain leaves the buffer alone: a full ring buffer, a token
  * that matches nothing, a scratch slot clobbered by another task.
  *
@@ -43,3 +47,7 @@ enum event_flag _event_flag_type = 0;
 enum conn_kind _conn_kind_type = 0;
 enum addr_family _addr_family_type = 0;
 enum stat_idx _stat_idx_type = 0;
+struct allow_key _allow_key_type = {};
+struct flow_key _flow_key_type = {};
+enum allow_val _allow_val_type = 0;
+enum wire_suite _wire_suite_type = 0;

@@ -47,9 +47,20 @@ enum event_kind {
 	EV_UNKNOWN = 8,      /* a kloak: token matched no secret; it went out unchanged */
 	EV_EXIT = 9,         /* a tracked process exited: its libraries may have lost their last user */
 	EV_SPLIT = 10,       /* the write ends inside what looks like a placeholder: hits[0] holds where, its length and the random characters seen; it went out unchanged */
+	EV_ARMED = 11,       /* wire backend: the listed hits are armed for patching in the record on the wire */
+	EV_HELD = 12,        /* wire backend: the listed hits' destination is not allowed; they go out unchanged */
+	EV_WIRE_MISS = 13,   /* wire backend: the records did not match the write; the listed hits go out unchanged */
+	EV_DECIDE = 14,      /* STOP: wire backend, no decision yet for this destination: decide, then continue (no patch) */
 };
 
 #define DNS_MAX_PAYLOAD 512
+
+/* TLS cipher suites the wire backend patches, as the ServerHello names them. */
+enum wire_suite {
+	SUITE_TLS13_AES_128_GCM = 0x1301,
+	SUITE_TLS13_AES_256_GCM = 0x1302,
+	SUITE_TLS13_CHACHA20 = 0x1303,
+};
 
 /* Address families as the kernel numbers them, in conn_val and dns_event. */
 enum addr_family {
@@ -122,7 +133,12 @@ enum stat_idx {
 	ST_WRITE_FAIL = 9,   /* in-place writes the kernel refused */
 	ST_HUFFMAN = 10,     /* writes with a Huffman-coded prefix candidate */
 	ST_SPLIT = 11,       /* writes ending inside a placeholder-like token */
-	ST_MAX = 12,
+	ST_WIRE_ARMED = 12,  /* placeholders armed for a patch on the wire */
+	ST_WIRE_PACKETS = 13,/* packets the tc program patched */
+	ST_WIRE_MISS = 14,   /* placeholders the wire backend could not place in a record */
+	ST_WIRE_FULL = 15,   /* placeholders not armed: the connection's patch slots were all in use */
+	ST_WIRE_DROPS = 16,  /* packets dropped because a patch could not be applied (TCP resends them) */
+	ST_MAX = 17,
 };
 
 struct secret_key {

@@ -18,6 +18,7 @@ struct scan_ctx {
 	__u64 buf;
 	__u64 len;
 	__u64 cookie;
+	__u64 obj;                   /* the TLS object (SSL*) of the write, 0 if none */
 	__u64 cur_off;
 	__u64 cur_n;
 	__u32 tid;

@@ -38,6 +38,8 @@ int ssl_handshake_enter(struct pt_regs *ctx)
 	if (!tracked())
 		return 0;
 	__u64 ssl = ctx->di;
+	if (cfg_wire)
+		set_cur_ssl(ssl);
 	struct obj_key k = obj_key_of(ssl);
 	if (bpf_map_lookup_elem(&ssl_fd, &k))
 		return 0;
@@ -133,6 +135,7 @@ SEC("tp/syscalls/sys_enter_write")
 int on_write_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	handshake_write((long)ctx->args[0]);
+	wire_send((long)ctx->args[0], ctx->args[1], ctx->args[2]);
 	return 0;
 }
 
@@ -140,13 +143,39 @@ SEC("tp/syscalls/sys_enter_sendto")
 int on_sendto_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	handshake_write((long)ctx->args[0]);
+	wire_send((long)ctx->args[0], ctx->args[1], ctx->args[2]);
 	return 0;
+}
+
+/* The first iovec: where a TLS library's record writes put the record. */
+static __always_inline void wire_send_iov(long fd, __u64 iov)
+{
+	if (!cfg_wire || !iov)
+		return;
+	__u64 v[2];
+	if (bpf_probe_read_user(v, sizeof(v), (void *)iov) < 0)
+		return;
+	wire_send(fd, v[0], v[1]);
 }
 
 SEC("tp/syscalls/sys_enter_sendmsg")
 int on_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	handshake_write((long)ctx->args[0]);
+	if (cfg_wire && ctx->args[1]) {
+		/* struct msghdr: msg_iov at 16 */
+		__u64 iov = 0;
+		bpf_probe_read_user(&iov, sizeof(iov), (void *)(ctx->args[1] + 16));
+		wire_send_iov((long)ctx->args[0], iov);
+	}
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_writev")
+int on_writev_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	handshake_write((long)ctx->args[0]);
+	wire_send_iov((long)ctx->args[0], ctx->args[1]);
 	return 0;
 }
 

@@ -9,7 +9,7 @@
 #ifndef KLOAK_TLS_WRITE_H
 #define KLOAK_TLS_WRITE_H
 
-#include "events.h"
+#include "wire.h"
 
 /* Slot 0: the phase 2 program of the chosen backend. */
 struct {
@@ -82,7 +82,14 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->nunknown = 0;
 	c->nsplit = 0;
 	c->flags = 0;
-	c->fd = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE ? go_conn_fd(ax) : ssl_to_fd(di);
+	bool go = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE;
+	c->fd = go ? go_conn_fd(ax) : ssl_to_fd(di);
+	c->obj = go ? 0 : di;
+	if (cfg_wire) {
+		wire_write_begins(c->tid);
+		if (!go)
+			set_cur_ssl(di);
+	}
 
 	bpf_tail_call(ctx, &phase2_progs, 0);
 	stat_add(ST_TAILCALL_FAIL, 1);
@@ -106,22 +113,13 @@ static __always_inline void remember_for_scrub(struct scan_ctx *c)
 	bpf_map_update_elem(&pending_scrub, &c->tid, &p, BPF_ANY);
 }
 
-SEC("uprobe")
-int tls_write_scan_pause(struct pt_regs *ctx)
+/* Stops the writer with its hits for the agent: `kind` EV_REWRITE or
+ * EV_SCAN patch its memory (pause), EV_DECIDE only decides (wire). */
+static __always_inline void stop_for_agent(struct scan_ctx *c, __u32 kind)
 {
-	struct scan_ctx *c = scan();
-	if (!c)
-		return 0;
-	bool full_scan = c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
-	/* A full scan in user space reports its own unknown and split tokens. */
-	if (!full_scan)
-		emit_noted(c);
-	if (!c->nmatch && !full_scan)
-		return 0;
-
-	struct tls_event *e = new_event(full_scan ? EV_SCAN : EV_REWRITE);
+	struct tls_event *e = new_event(kind);
 	if (!e)
-		return 0; /* no agent will hear of it: let the placeholder go out */
+		return; /* no agent will hear of it: let the placeholder go out */
 	e->buf = c->buf;
 	e->len = c->len;
 	e->cookie = c->cookie;
@@ -130,8 +128,55 @@ int tls_write_scan_pause(struct pt_regs *ctx)
 	e->nhits = c->nmatch;
 	copy_hits(e->hits, c->match, c->nmatch);
 	bpf_ringbuf_submit(e, 0);
-	remember_for_scrub(c);
+	if (kind != EV_DECIDE)
+		remember_for_scrub(c);
 	stop_self();
+}
+
+static __always_inline bool needs_full_scan(struct scan_ctx *c)
+{
+	return c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
+}
+
+SEC("uprobe")
+int tls_write_scan_pause(struct pt_regs *ctx)
+{
+	struct scan_ctx *c = scan();
+	if (!c)
+		return 0;
+	bool full_scan = needs_full_scan(c);
+	/* A full scan in user space reports its own unknown and split tokens. */
+	if (!full_scan)
+		emit_noted(c);
+	if (!c->nmatch && !full_scan)
+		return 0;
+	stop_for_agent(c, full_scan ? EV_SCAN : EV_REWRITE);
+	return 0;
+}
+
+/* The wire backend's phase 2: no stop when the record can be patched on
+ * the wire; the pause backend serves what it cannot. */
+SEC("uprobe")
+int tls_write_scan_wire(struct pt_regs *ctx)
+{
+	struct scan_ctx *c = scan();
+	if (!c)
+		return 0;
+	bool full_scan = needs_full_scan(c);
+	if (!full_scan)
+		emit_noted(c);
+	if (!c->nmatch && !full_scan)
+		return 0;
+	if (!full_scan) {
+		__u32 v = wire_arm(c);
+		if (v == WIRE_SERVED)
+			return 0;
+		if (v == WIRE_DECIDE) {
+			stop_for_agent(c, EV_DECIDE);
+			return 0;
+		}
+	}
+	stop_for_agent(c, full_scan ? EV_SCAN : EV_REWRITE);
 	return 0;
 }
 

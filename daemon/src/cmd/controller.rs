@@ -361,6 +361,7 @@ fn start_datapath(
             secrets: Vec::new(),
             track: None,
             per_pod: true,
+            wire_host: false,
             guardian,
             mirror,
             audit,

@@ -34,13 +34,17 @@ pub enum Mode {
     Auto,
     Inplace,
     Pause,
+    /// Patch the encrypted records on the wire; pause what it cannot serve.
+    Wire,
 }
 
 /// The data-path flags both commands take (the chart passes them by name).
 #[derive(clap::Args, Clone, Debug)]
 pub struct DatapathOpts {
     /// Rewrite backend: in-place needs bpf_probe_write_user, pause works
-    /// under kernel lockdown. Per-pod bindings and destination rules need pause.
+    /// under kernel lockdown, wire patches the encrypted records on their
+    /// way out (no stop, the value never enters the application) and pauses
+    /// what it cannot serve. In-place cannot enforce bindings or rules.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
     /// Size of the tls_events ring buffer in bytes (a power of two).
@@ -96,6 +100,7 @@ pub fn check_node() -> anyhow::Result<()> {
 pub fn choose_backend(mode: Mode, decides: Decides) -> anyhow::Result<Backend> {
     Ok(match (mode, decides) {
         (Mode::Pause, _) => Backend::Pause,
+        (Mode::Wire, _) => Backend::Wire,
         (Mode::Auto, Decides::Nothing) => doctor::auto_backend(),
         (Mode::Auto, _) => Backend::Pause,
         (Mode::Inplace, Decides::Bindings) => bail!(
@@ -131,6 +136,8 @@ pub struct Spec {
     pub track: Option<(u64, PathBuf)>,
     /// Per-pod bindings (the node agent).
     pub per_pod: bool,
+    /// The wire backend patches on every device of the host (`kloak run`).
+    pub wire_host: bool,
     pub guardian: Guardian,
     pub mirror: Option<Mirror>,
     pub audit: Option<kloak_observability::Audit>,
@@ -205,6 +212,20 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
                     return None;
                 }
             };
+            // The wire backend's tc programs, before any write can arm a patch.
+            let wire_links = if backend == Backend::Wire && spec.wire_host {
+                match crate::datapath::wire::attach_host_devices(&probes) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!(
+                            "attaching the wire backend's tc programs: {e}"
+                        )));
+                        return None;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
             let mut agent = Agent::new(
                 &probes,
                 Setup {
@@ -231,6 +252,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
                     // continues anything that stopped before.
                     let guardian = agent.take_guardian();
                     drop(agent);
+                    drop(wire_links);
                     let stats = probes.stats();
                     drop(probes);
                     drop(guardian);
@@ -268,8 +290,8 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
             .put_secret(&SecretEntry {
                 id: s.id,
                 placeholder: s.placeholder.as_bytes(),
-                // Only the in-place backend's kernel program needs it.
-                value: (cfg.backend == Backend::InPlace).then(|| s.value.expose()),
+                // Only the in-place and wire backends' programs need it.
+                value: cfg.backend.value_in_kernel().then(|| s.value.expose()),
             })
             .map_err(|e| format!("secret {:?}: {e}", s.name))?;
     }

@@ -97,6 +97,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             secrets,
             track: Some((cg.id, cg.path.clone())),
             per_pod: false,
+            wire_host: true,
             guardian,
             mirror: None,
             audit: audit.clone(),

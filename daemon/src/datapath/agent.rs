@@ -38,6 +38,7 @@ use crate::datapath::restore::{Records, restore};
 use crate::datapath::rewrite::{ProcMem, SecretTable};
 use crate::datapath::secrets::Secret;
 use crate::datapath::stops::{GroupState, Groups};
+use crate::datapath::wire;
 use crate::state::mirror::{self, Mirror};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,32 @@ pub struct Agent<'p> {
     mirror: Option<Mirror>,
     /// Start times of processes seen, for naming them in the state file.
     start_times: HashMap<u32, u64>,
+    /// Where sockets really point, for the wire backend's decisions.
+    peers: RefCell<crate::datapath::sockets::Peers>,
+}
+
+/// The kernel as the wire backend's decisions see it.
+struct WireView<'a> {
+    probes: &'a Probes,
+    peers: &'a RefCell<crate::datapath::sockets::Peers>,
+}
+
+impl crate::datapath::authorise::Connections for WireView<'_> {
+    fn conn(&self, tgid: u32, fd: i32) -> Option<kloak_bpf::Conn> {
+        self.probes.conn(tgid, fd)
+    }
+}
+
+impl wire::WireKernel for WireView<'_> {
+    fn set_allow(&self, tgid: u32, id: u32, dest: std::net::SocketAddr, allow: bool) {
+        if let Err(e) = self.probes.set_wire_allow(tgid, id, dest, allow) {
+            tracing::warn!(pid = tgid, error = %e, "wire: recording a decision failed; the placeholder goes out unchanged");
+        }
+    }
+
+    fn socket_peer(&self, tgid: u32, fd: i32) -> Option<std::net::SocketAddr> {
+        self.peers.borrow_mut().peer(tgid, fd)
+    }
 }
 
 /// How often the agent refreshes the gauges the admin server reports.
@@ -159,7 +186,20 @@ impl<'p> Agent<'p> {
             wake: s.wake,
             mirror: s.mirror,
             start_times: HashMap::new(),
+            peers: Default::default(),
         }
+    }
+
+    fn wire_parts(&self) -> (WireView<'_>, &SecretTable, &Authoriser, &Recorder) {
+        (
+            WireView {
+                probes: self.probes,
+                peers: &self.peers,
+            },
+            &self.secrets,
+            &self.auth,
+            &self.rec,
+        )
     }
 
     pub fn counters(&self) -> Arc<Counters> {
@@ -221,6 +261,9 @@ impl<'p> Agent<'p> {
             for e in batch.iter().filter(|e| e.kind == EventKind::Exit) {
                 self.attacher.process_exited();
                 self.start_times.remove(&e.tgid);
+                if self.configured() == kloak_bpf::Backend::Wire {
+                    self.probes.forget_wire_allow(e.tgid);
+                }
             }
             let stops = batch.iter().any(|e| e.kind.leaves_stopped());
             if !batch.is_empty() {
@@ -339,6 +382,16 @@ impl<'p> Agent<'p> {
             }
             // In-place events never stop a thread.
             Some(BackendKind::InPlace) => {}
+            Some(BackendKind::Wire) => {
+                let (kernel, secrets, auth, rec) = self.wire_parts();
+                let parts = wire::Parts {
+                    secrets,
+                    auth,
+                    rec,
+                    kernel: &kernel,
+                };
+                wire::decide(&parts, e);
+            }
             None => {
                 if matches!(e.kind, EventKind::Exec | EventKind::Mmap) {
                     let mapped = (e.kind == EventKind::Mmap).then_some((e.dev, e.ino));
@@ -355,6 +408,20 @@ impl<'p> Agent<'p> {
         let Some(backend) = backend::serving(self.configured(), e.kind) else {
             return;
         };
+        if matches!(
+            e.kind,
+            EventKind::Armed | EventKind::Held | EventKind::WireMiss
+        ) {
+            let (kernel, secrets, auth, rec) = self.wire_parts();
+            let parts = wire::Parts {
+                secrets,
+                auth,
+                rec,
+                kernel: &kernel,
+            };
+            wire::record(&parts, e);
+            return;
+        }
         let cut = e
             .split
             .as_ref()

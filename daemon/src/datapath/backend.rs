@@ -3,6 +3,11 @@
 //!
 //! - `inplace`: the kernel program wrote the value itself
 //!   (`bpf_probe_write_user`) and only reports it (`Rewritten`, `Scrubbed`).
+//! - `wire`: the write was left alone; tc programs patch its encrypted
+//!   records on the wire (`Armed`), or the destination was refused
+//!   (`Held`), or the records did not carry the hits as expected
+//!   (`WireMiss`). `Decide` stops the writer only until the agent has
+//!   decided its destination; nothing is patched in its memory.
 //! - `pause`: the kernel program stopped the writing thread; the agent
 //!   waits for the whole group, patches, and continues it (`Rewrite`,
 //!   `Scrub`, and `Scan`, the full user-space scan the kernel asks for when
@@ -21,6 +26,7 @@ use kloak_bpf::EventKind;
 pub enum BackendKind {
     InPlace,
     Pause,
+    Wire,
 }
 
 impl BackendKind {
@@ -29,6 +35,7 @@ impl BackendKind {
         match self {
             BackendKind::InPlace => "inplace",
             BackendKind::Pause => "pause",
+            BackendKind::Wire => "wire",
         }
     }
 }
@@ -38,6 +45,7 @@ impl From<kloak_bpf::Backend> for BackendKind {
         match b {
             kloak_bpf::Backend::InPlace => BackendKind::InPlace,
             kloak_bpf::Backend::Pause => BackendKind::Pause,
+            kloak_bpf::Backend::Wire => BackendKind::Wire,
         }
     }
 }
@@ -50,6 +58,9 @@ pub fn serving(configured: kloak_bpf::Backend, kind: EventKind) -> Option<Backen
     match kind {
         EventKind::Rewritten | EventKind::Scrubbed => Some(BackendKind::InPlace),
         EventKind::Rewrite | EventKind::Scrub | EventKind::Scan => Some(BackendKind::Pause),
+        EventKind::Armed | EventKind::Held | EventKind::WireMiss | EventKind::Decide => {
+            Some(BackendKind::Wire)
+        }
         EventKind::Unknown | EventKind::Split => Some(configured.into()),
         EventKind::Exec | EventKind::Mmap | EventKind::Exit => None,
     }
@@ -77,6 +88,17 @@ mod tests {
         );
         assert_eq!(serving(Pause, EventKind::Split), Some(BackendKind::Pause));
         assert_eq!(serving(Pause, EventKind::Exec), None);
+        use kloak_bpf::Backend::Wire;
+        for k in [
+            EventKind::Armed,
+            EventKind::Held,
+            EventKind::WireMiss,
+            EventKind::Decide,
+        ] {
+            assert_eq!(serving(Wire, k), Some(BackendKind::Wire), "{k:?}");
+        }
+        // What the wire cannot serve is paused, and says so.
+        assert_eq!(serving(Wire, EventKind::Rewrite), Some(BackendKind::Pause));
         // Every kind that leaves a thread stopped for a write is served by a
         // backend that continues it.
         for k in [EventKind::Rewrite, EventKind::Scan, EventKind::Scrub] {

@@ -155,6 +155,8 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
             }
             "SSL_set_bio" if h.set_bio.is_none() => h.set_bio = off(),
             "BIO_new_socket" if h.bio_new_socket.is_none() => h.bio_new_socket = off(),
+            // libcrypto: where OpenSSL 3 derives every TLS key (wire backend).
+            "EVP_KDF_derive" if h.kdf.is_none() => h.kdf = off(),
             "SSL_do_handshake" | "SSL_connect" => {
                 if let Some(o) = off()
                     && !h.handshakes.contains(&o)

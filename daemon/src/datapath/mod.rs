@@ -3,7 +3,8 @@
 //! [`agent::Command`].
 //!
 //! - `agent`: the loop, and the stop → drain again → patch → SIGCONT order;
-//! - `backend`: which backend serves each write; `pause`: the lockdown-safe one;
+//! - `backend`: which backend serves each write; `pause`: the lockdown-safe
+//!   one; `wire`: decisions and records for the kernel's patches on the wire;
 //! - `rewrite`: the secret table, finding placeholders, patching bytes;
 //! - `authorise`: bindings, DNS-verified destinations and rules → a decision;
 //! - `attach`: tracking containers, attaching to TLS libraries, GC;
@@ -32,3 +33,4 @@ pub mod rules;
 pub mod secrets;
 pub mod sockets;
 pub mod stops;
+pub mod wire;

@@ -49,6 +49,12 @@ pub struct Counters {
     pub wake_ns_total: AtomicU64,
     pub stop_wait_ns_total: AtomicU64,
     pub patch_ns_total: AtomicU64,
+    /// Wire backend: placeholders armed for a patch on the wire, and those
+    /// its records did not carry as expected (sent unchanged).
+    pub wire_armed: AtomicU64,
+    pub wire_misses: AtomicU64,
+    /// Wire backend: writes stopped until a destination was decided.
+    pub wire_decisions: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {

@@ -219,6 +219,7 @@ pub fn run_checks() -> Report {
                 Backend::InPlace => "bpf_probe_write_user allowed",
                 Backend::Pause =>
                     "bpf_probe_write_user refused, writers are paused and patched from user space",
+                Backend::Wire => "records are patched on the wire by tc programs",
             }
         ),
     ));

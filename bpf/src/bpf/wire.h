@@ -1,0 +1,1074 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * The wire backend: the real value never enters the application. The
+ * application encrypts the placeholder; on its way out, a tc program XORs
+ * (placeholder ^ value) into the record's ciphertext and corrects the tag.
+ *
+ * 1. Keys: EVP_KDF_derive (libcrypto's exported KDF entry point) derives
+ *    every TLS 1.3 traffic key and the TLS 1.2 key block; its parameters
+ *    are public OSSL_PARAM arrays naming the label, so no library struct
+ *    offset is read. Keys go to wire_keys per (process, SSL*).
+ * 2. Suite: the tc programs read the cipher suite from the ServerHello,
+ *    which travels in clear, into wire_suites per client-side 4-tuple.
+ * 3. The TLS write probe scans the plaintext (scan.h) and, when this
+ *    connection's keys, suite and destination decision are known, leaves
+ *    the hits in wire_pending for the thread instead of stopping it.
+ * 4. The thread's next socket writes carry the records: the record headers
+ *    are in clear in the buffer the kernel receives, and the socket's
+ *    write_seq gives each byte's TCP sequence number. For each record, the
+ *    plaintext range it carries gives the hits' ciphertext bytes; their
+ *    XOR masks and the tag's correction go to wire_flows by sequence number.
+ *    The destination is checked here, on the kernel's socket.
+ * 5. tc patches every packet of the flow that carries those sequence
+ *    numbers, retransmissions included (the kernel resends from its own,
+ *    unpatched queue), until they are acknowledged or the flow closes.
+ *
+ * Anything uncertain leaves the record alone: the placeholder arrives and
+ * the TLS stream stays valid. A packet that must be patched and cannot be
+ * is dropped, so TCP sends it again.
+ */
+#ifndef KLOAK_WIRE_H
+#define KLOAK_WIRE_H
+
+#include <bpf/bpf_endian.h>
+#include "gcm.h"
+#include "events.h"
+
+#define IPPROTO_TCP 6
+#define ETH_HLEN 14
+#define ETH_P_IP_BE 0x0008   /* htons(0x0800) */
+#define ETH_P_IPV6_BE 0xdd86 /* htons(0x86dd) */
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define TCP_CLOSE 7
+#define BPF_F_RECOMPUTE_CSUM 1
+#define TLS_HDR 5
+#define TLS_TAG 16
+#define TLS_MAX_REC (16384 + 256)
+#define WIRE_SLOTS 16
+#define WIRE_MASK MAX_SECRET_LEN
+#define WIRE_RECORDS 16      /* records parsed per socket write */
+
+/* Set by the loader: the wire backend is on. */
+const volatile __u32 cfg_wire = 0;
+
+/* A TCP connection as the client's socket sees it: source is the client. */
+struct flow_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u16 family;
+	__u16 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u32);
+} wire_suites SEC(".maps");
+
+/* XOR mask bytes for TCP sequence numbers [seq, seq + len). */
+struct wire_patch {
+	__u32 seq;
+	__u32 len;
+	__u8 mask[WIRE_MASK];
+};
+
+struct wire_flow {
+	__u64 ssl;
+	__u32 tgid;
+	__u32 _pad;
+	struct wire_patch p[WIRE_SLOTS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 2048);
+	__type(key, struct flow_key);
+	__type(value, struct wire_flow);
+} wire_flows SEC(".maps");
+
+/* Key material of one TLS object's sending side. */
+struct wire_keys {
+	__u8 c_fp[16];       /* first bytes of the client's current traffic secret */
+	__u8 s_fp[16];
+	__u8 key[32];        /* TLS 1.3 client write key */
+	__u32 key_len;
+	__u32 tls12;         /* key holds nothing; block holds the TLS 1.2 key block */
+	__u8 block[128];
+	__u32 block_len;
+	__u32 h_suite;       /* suite pow was computed for; 0 = none */
+	struct gf_pow pow;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, struct wire_keys);
+} wire_keys SEC(".maps");
+
+/* tid -> the SSL* whose call the thread is in (handshake, write). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} cur_ssl SEC(".maps");
+
+enum kdf_kind {
+	KDF_C_TRAFFIC = 1,
+	KDF_S_TRAFFIC = 2,
+	KDF_UPDATE = 3,
+	KDF_KEY = 4,
+	KDF_KEYBLOCK = 5,
+};
+
+struct kdf_arg {
+	__u64 out;
+	__u64 outlen;
+	__u64 ssl;
+	__u32 kind;
+	__u32 _pad;
+	__u8 in_fp[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct kdf_arg);
+} kdf_args SEC(".maps");
+
+/* (process, secret, destination) -> ALLOW_YES / ALLOW_NO, written by the
+ * agent from its rules, bindings and trusted DNS answers; keyed by the
+ * address the kernel's socket holds. */
+struct allow_key {
+	__u32 tgid;
+	__u32 id;
+	__u16 family;
+	__be16 port;
+	__u32 _pad;
+	__u8 addr[16];
+};
+
+enum allow_val {
+	ALLOW_YES = 1,
+	ALLOW_NO = 2,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct allow_key);
+	__type(value, __u8);
+} wire_allow SEC(".maps");
+
+/* Hits of a thread's TLS write, waiting for the records that carry them. */
+struct wire_pending {
+	__u64 ssl;
+	__u64 buf;
+	__u64 num;
+	__u64 cursor;        /* plaintext bytes of the write already seen in records */
+	__u64 cookie;
+	__s32 fd;
+	__u32 nmatch;
+	__u32 placed;        /* bit per hit: every byte of it is in a record */
+	__u32 _pad;
+	struct hit match[MAX_HITS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct wire_pending);
+} wire_pending SEC(".maps");
+
+struct wire_scratch {
+	struct aes_ctx aes;
+	__u8 params[320];
+	__u8 kdf_out[128];
+	__u8 pkt[256];       /* a hit's mask; 256 so any slice of it is in bounds */
+	__u8 old[256];
+	__u8 new[256];
+	__u8 blk[16];
+	struct gf acc;
+	struct gf d;
+	struct gf tag;
+	/* Never written: the zero value new map entries start from (they are
+	 * too big for the stack). */
+	__u8 zero[2304];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct wire_scratch);
+} wire_scratch SEC(".maps");
+
+static __always_inline struct wire_scratch *scratch(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&wire_scratch, &zero);
+}
+
+/* ---- 1. keys ---------------------------------------------------------- */
+
+static __always_inline void set_cur_ssl(__u64 ssl)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&cur_ssl, &tid, &ssl, BPF_ANY);
+}
+
+/* The little-endian word of the first n (<= 8) bytes of s. */
+#define WORD(s, n) ((n) >= 8 ? *(const __u64 *)(s) : (*(const __u64 *)(s) & ((1ULL << (8 * (n))) - 1)))
+
+static __always_inline __u32 label_kind(const __u8 *l, __u64 n)
+{
+	/* "c hs traffic", "c ap traffic", "s hs traffic", "s ap traffic" */
+	if (n == 12 && l[1] == ' ' && l[4] == ' ' && l[5] == 't' && l[6] == 'r' && l[7] == 'a' &&
+	    l[8] == 'f' && l[9] == 'f' && l[10] == 'i' && l[11] == 'c' &&
+	    ((l[2] == 'h' && l[3] == 's') || (l[2] == 'a' && l[3] == 'p'))) {
+		if (l[0] == 'c')
+			return KDF_C_TRAFFIC;
+		if (l[0] == 's')
+			return KDF_S_TRAFFIC;
+	}
+	if (n == 11 && l[0] == 't' && l[1] == 'r' && l[7] == ' ' && l[8] == 'u' && l[9] == 'p' &&
+	    l[10] == 'd')
+		return KDF_UPDATE;
+	if (n == 3 && l[0] == 'k' && l[1] == 'e' && l[2] == 'y')
+		return KDF_KEY;
+	if (n == 13 && l[0] == 'k' && l[1] == 'e' && l[2] == 'y' && l[3] == ' ' && l[4] == 'e' &&
+	    l[5] == 'x' && l[12] == 'n')
+		return KDF_KEYBLOCK;
+	return 0;
+}
+
+/* int EVP_KDF_derive(EVP_KDF_CTX *ctx, unsigned char *key, size_t keylen,
+ *                    const OSSL_PARAM params[]) */
+SEC("uprobe")
+int kdf_enter(struct pt_regs *ctx)
+{
+	if (!cfg_wire || !tracked())
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *ssl = bpf_map_lookup_elem(&cur_ssl, &tid);
+	if (!ssl)
+		return 0;
+	__u64 out = ctx->si, outlen = ctx->dx, params = ctx->cx;
+	struct wire_scratch *w = scratch();
+	if (!w || !params || outlen == 0 || outlen > 128)
+		return 0;
+	struct kdf_arg a = { .out = out, .outlen = outlen, .ssl = *ssl };
+	/* OSSL_PARAM { const char *key; unsigned int data_type; void *data;
+	 * size_t data_size; size_t return_size; }: public and 40 bytes. */
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		__u64 p[5];
+		if (bpf_probe_read_user(p, sizeof(p), (void *)(params + 40 * i)) < 0 || !p[0])
+			break;
+		char name[8] = {};
+		bpf_probe_read_user(name, sizeof(name), (void *)p[0]);
+		__u64 size = p[3];
+		__u8 d[16] = {};
+		bool is_label = name[0] == 'l' && name[1] == 'a' && name[2] == 'b' && name[3] == 'e' &&
+				name[4] == 'l' && name[5] == 0;
+		bool is_seed = name[0] == 's' && name[1] == 'e' && name[2] == 'e' && name[3] == 'd' &&
+			       name[4] == 0;
+		bool is_key = name[0] == 'k' && name[1] == 'e' && name[2] == 'y' && name[3] == 0;
+		if (!(is_label || is_seed || is_key) || !p[2])
+			continue;
+		if (bpf_probe_read_user(d, sizeof(d), (void *)p[2]) < 0)
+			continue;
+		if (is_key) {
+			__builtin_memcpy(a.in_fp, d, 16);
+		} else if (!a.kind) {
+			__u32 k = label_kind(d, size);
+			if (is_seed && k != KDF_KEYBLOCK)
+				k = 0;
+			if (is_label && k == KDF_KEYBLOCK)
+				k = 0;
+			a.kind = k;
+		}
+	}
+	if (!a.kind)
+		return 0;
+	bpf_map_update_elem(&kdf_args, &tid, &a, BPF_ANY);
+	return 0;
+}
+
+static __always_inline bool same16(const __u8 *a, const __u8 *b)
+{
+	return *(const __u64 *)a == *(const __u64 *)b && *(const __u64 *)(a + 8) == *(const __u64 *)(b + 8) &&
+	       (*(const __u64 *)a | *(const __u64 *)(a + 8));
+}
+
+SEC("uretprobe")
+int kdf_exit(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct kdf_arg *ap = bpf_map_lookup_elem(&kdf_args, &tid);
+	if (!ap)
+		return 0;
+	struct kdf_arg a = *ap;
+	bpf_map_delete_elem(&kdf_args, &tid);
+	if ((int)ctx->ax != 1)
+		return 0;
+	struct wire_scratch *w = scratch();
+	if (!w)
+		return 0;
+	__u64 n = a.outlen;
+	if (n == 0 || n > 128)
+		return 0;
+	if (bpf_probe_read_user(w->kdf_out, n, (void *)a.out) < 0)
+		return 0;
+	struct obj_key k = obj_key_of(a.ssl);
+	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
+	if (!ks) {
+		_Static_assert(sizeof(struct wire_keys) <= sizeof(w->zero), "zero holds a wire_keys");
+		bpf_map_update_elem(&wire_keys, &k, w->zero, BPF_NOEXIST);
+		ks = bpf_map_lookup_elem(&wire_keys, &k);
+		if (!ks)
+			return 0;
+	}
+	switch (a.kind) {
+	case KDF_C_TRAFFIC:
+		__builtin_memcpy(ks->c_fp, w->kdf_out, 16);
+		break;
+	case KDF_S_TRAFFIC:
+		__builtin_memcpy(ks->s_fp, w->kdf_out, 16);
+		break;
+	case KDF_UPDATE:
+		if (same16(a.in_fp, ks->c_fp))
+			__builtin_memcpy(ks->c_fp, w->kdf_out, 16);
+		else if (same16(a.in_fp, ks->s_fp))
+			__builtin_memcpy(ks->s_fp, w->kdf_out, 16);
+		break;
+	case KDF_KEY:
+		if (!same16(a.in_fp, ks->c_fp) || (n != 16 && n != 32))
+			break;
+		__builtin_memcpy(ks->key, w->kdf_out, 32);
+		ks->key_len = n;
+		ks->tls12 = 0;
+		ks->h_suite = 0;
+		break;
+	case KDF_KEYBLOCK:
+		__builtin_memcpy(ks->block, w->kdf_out, 128);
+		ks->block_len = n;
+		ks->tls12 = 1;
+		ks->h_suite = 0;
+		break;
+	}
+	return 0;
+}
+
+/* ---- suites ----------------------------------------------------------- */
+
+struct suite_info {
+	__u32 nk;        /* AES key words: 4 or 8 */
+	__u32 explicit;  /* explicit nonce bytes before the ciphertext */
+	__u32 inner;     /* content type byte after the content (TLS 1.3) */
+};
+
+/* AES-GCM suites only: the tag correction is GHASH's. */
+static __always_inline bool suite_info(__u32 s, struct suite_info *i)
+{
+	switch (s) {
+	case SUITE_TLS13_AES_128_GCM:
+		*i = (struct suite_info){ 4, 0, 1 };
+		return true;
+	case SUITE_TLS13_AES_256_GCM:
+		*i = (struct suite_info){ 8, 0, 1 };
+		return true;
+	case 0x009c: case 0x009e: case 0xc02b: case 0xc02f: /* *_AES_128_GCM_SHA256 */
+		*i = (struct suite_info){ 4, 8, 0 };
+		return true;
+	case 0x009d: case 0x009f: case 0xc02c: case 0xc030: /* *_AES_256_GCM_SHA384 */
+		*i = (struct suite_info){ 8, 8, 0 };
+		return true;
+	}
+	return false;
+}
+
+/* The client's write key for the suite, and H's powers for it. */
+static __always_inline bool ensure_h(struct wire_keys *ks, __u32 suite, struct suite_info *si,
+				     struct wire_scratch *w)
+{
+	if (ks->h_suite == suite)
+		return true;
+	__u32 klen = si->nk * 4;
+	if (si->inner) {
+		if (ks->tls12 || ks->key_len != klen)
+			return false;
+		aes_zero_block(&w->aes, (const struct aes_key *)ks->key, si->nk);
+	} else {
+		/* TLS 1.2 AEAD key block: client key, server key, client IV, server IV. */
+		if (!ks->tls12 || ks->block_len != 2 * klen + 8)
+			return false;
+		aes_zero_block(&w->aes, (const struct aes_key *)ks->block, si->nk);
+	}
+	gcm_powers(&ks->pow, &w->aes);
+	ks->h_suite = suite;
+	return true;
+}
+
+/* ---- sockets ----------------------------------------------------------- */
+
+static __always_inline struct sock *tcp_sock_of(long fd)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = 0;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) < 0 || !f)
+		return 0;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & 00170000) != 0140000)
+		return 0;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+	if (!so || BPF_CORE_READ(so, file) != f)
+		return 0;
+	struct sock *sk = BPF_CORE_READ(so, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	return sk;
+}
+
+static __always_inline bool flow_of(struct sock *sk, struct flow_key *f)
+{
+	__builtin_memset(f, 0, sizeof(*f));
+	__u16 fam = BPF_CORE_READ(sk, __sk_common.skc_family);
+	f->family = fam;
+	f->sport = bpf_htons(BPF_CORE_READ(sk, __sk_common.skc_num));
+	f->dport = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	if (fam == AF_INET) {
+		__be32 s = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(f->saddr, &s, 4);
+		__builtin_memcpy(f->daddr, &d, 4);
+		return true;
+	}
+	if (fam == AF_INET6) {
+		BPF_CORE_READ_INTO(&f->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&f->daddr, sk, __sk_common.skc_v6_daddr);
+		/* A v4-mapped v6 socket sends IPv4 packets: key it as tc sees it. */
+		if (*(__u64 *)f->daddr == 0 && *(__u32 *)(f->daddr + 8) == 0xffff0000) {
+			f->family = AF_INET;
+			__builtin_memcpy(f->saddr, f->saddr + 12, 4);
+			__builtin_memcpy(f->daddr, f->daddr + 12, 4);
+			__builtin_memset(f->saddr + 4, 0, 12);
+			__builtin_memset(f->daddr + 4, 0, 12);
+		}
+		return true;
+	}
+	return false;
+}
+
+static __always_inline __u8 allowed(__u32 tgid, __u32 id, struct flow_key *f)
+{
+	struct allow_key k = { .tgid = tgid, .id = id, .family = f->family, .port = f->dport };
+	__builtin_memcpy(k.addr, f->daddr, 16);
+	__u8 *v = bpf_map_lookup_elem(&wire_allow, &k);
+	return v ? *v : 0;
+}
+
+static __always_inline bool seq_before(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) < 0;
+}
+
+/* ---- 3. the write: serve it on the wire, or say why not ---------------- */
+
+enum wire_verdict {
+	WIRE_SERVED = 0,   /* pending for the socket writes; no stop */
+	WIRE_DECIDE = 1,   /* pending, but the agent must decide a destination first */
+	WIRE_PAUSE = 2,    /* the wire cannot serve it: the pause backend does */
+};
+
+static __always_inline __u32 wire_arm(struct scan_ctx *c)
+{
+	__u32 abi = c->cookie & ABI_MASK;
+	if (abi != ABI_SSL_WRITE && abi != ABI_SSL_WRITE_EX)
+		return WIRE_PAUSE;
+	struct obj_key k = obj_key_of(c->obj);
+	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
+	if (!ks || (!ks->key_len && !ks->tls12))
+		return WIRE_PAUSE;
+	struct sock *sk = tcp_sock_of(c->fd);
+	struct flow_key f;
+	if (!sk || !flow_of(sk, &f))
+		return WIRE_PAUSE;
+	__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
+	struct suite_info si;
+	if (!suite || !suite_info(*suite, &si))
+		return WIRE_PAUSE;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 verdict = WIRE_SERVED;
+#pragma unroll
+	for (int i = 0; i < MAX_HITS; i++) {
+		if (i >= c->nmatch)
+			break;
+		if (!allowed(tgid, c->match[i].id, &f))
+			verdict = WIRE_DECIDE;
+	}
+	struct wire_pending *p = (void *)c->chunk; /* scratch big enough, see the assert below */
+	_Static_assert(sizeof(struct wire_pending) <= CHUNK_BUF, "wire_pending fits the chunk scratch");
+	__builtin_memset(p, 0, sizeof(*p));
+	p->ssl = c->obj;
+	p->buf = c->buf;
+	p->num = c->len;
+	p->cookie = c->cookie;
+	p->fd = c->fd;
+	p->nmatch = c->nmatch;
+	copy_hits(p->match, c->match, c->nmatch);
+	__u32 tid = c->tid;
+	bpf_map_update_elem(&wire_pending, &tid, p, BPF_ANY);
+	return verdict;
+}
+
+/* ---- 4. the socket write: place the hits in records -------------------- */
+
+struct rec_ctx {
+	struct wire_pending *p;
+	struct wire_keys *ks;
+	struct wire_flow *fl;
+	struct wire_scratch *w;
+	struct flow_key *f;
+	__u64 buf;
+	__u64 len;
+	__u64 off;           /* of the next record header in the buffer */
+	__u32 seq0;          /* sequence number of the buffer's first byte */
+	__u32 tgid;
+	struct suite_info si;
+	__u32 armed;         /* bit per hit: armed in this write */
+	__u32 held;          /* bit per hit: destination not allowed */
+	__u32 miss;          /* bit per hit: could not be placed */
+	/* per record */
+	__u64 rstart;        /* plaintext offset (in the write) of the record's first byte */
+	__u64 plen;
+	__u32 cseq;          /* sequence number of the record's first ciphertext byte */
+	__u32 v;             /* ciphertext blocks GHASH covers */
+	__u32 parts;
+	__s32 slot;          /* free_slot's answer */
+	__u32 hi;            /* hit being placed */
+	__u32 a, b;          /* its part: plaintext offsets in the record */
+	__u32 j;             /* block of the part being folded */
+};
+
+static long find_free(__u64 i, void *data)
+{
+	struct rec_ctx *r = data;
+	if (i >= WIRE_SLOTS)
+		return 1;
+	if (r->fl->p[i & (WIRE_SLOTS - 1)].len)
+		return 0;
+	r->slot = (__s32)i;
+	return 1;
+}
+
+/* A free patch slot, found in a loop the verifier sees once: a slot
+ * pointer per branch would multiply every path after it. */
+static __always_inline struct wire_patch *free_slot(struct rec_ctx *r)
+{
+	r->slot = -1;
+	bpf_loop(WIRE_SLOTS, find_free, r, 0);
+	if (r->slot < 0)
+		return 0;
+	return &r->fl->p[r->slot & (WIRE_SLOTS - 1)];
+}
+
+static __always_inline __u32 free_slots(struct wire_flow *fl)
+{
+	__u32 n = 0;
+#pragma unroll
+	for (int i = 0; i < WIRE_SLOTS; i++)
+		if (!fl->p[i].len)
+			n++;
+	return n;
+}
+
+/* One block of the part: acc = (acc ^ d_j) * H. */
+static long fold_block(__u64 i, void *data)
+{
+	struct rec_ctx *r = data;
+	struct wire_scratch *w = r->w;
+	__u32 j = r->j + (__u32)i;          /* 0-based block in the record */
+	__u32 lo = j * 16, hi = lo + 16;
+	if (lo >= r->b)
+		return 1;
+	__builtin_memset(w->blk, 0, 16);
+	struct hit *h = &r->p->match[r->hi & (MAX_HITS - 1)];
+	/* The block's bytes [from, to) are the part's; mask byte m of the hit
+	 * sits at record offset (h->off - rstart) + m. */
+	__u32 from = lo > r->a ? lo : r->a, to = hi < r->b ? hi : r->b;
+	if (from < to) {
+		__u32 m = (__u32)(r->rstart + from - h->off) & (WIRE_MASK - 1);
+		__u32 n = ((to - from - 1) & 15) + 1;
+		bpf_probe_read_kernel(w->blk + ((from - lo) & 15), n, w->pkt + m);
+	}
+	w->d.hi = be64_load(w->blk) ^ w->acc.hi;
+	w->d.lo = be64_load(w->blk + 8) ^ w->acc.lo;
+	gf_mul(&w->acc, &w->d, &r->ks->pow.p[0]);
+	return 0;
+}
+
+/* Arms hit r->hi's part [a, b) of the current record. */
+static __always_inline bool arm_part(struct rec_ctx *r)
+{
+	struct hit *h = &r->p->match[r->hi & (MAX_HITS - 1)];
+	struct secret_val *v = bpf_map_lookup_elem(&secret_map, &h->key);
+	if (!v || v->len != h->len || h->len > WIRE_MASK)
+		return false;
+	struct wire_scratch *w = r->w;
+	/* The hit's whole mask; the part is a slice of it. */
+#pragma unroll
+	for (int m = 0; m < WIRE_MASK; m += 8)
+		*(__u64 *)(w->pkt + m) = *(__u64 *)(v->placeholder + m) ^ *(__u64 *)(v->value + m);
+	struct wire_patch *slot = free_slot(r);
+	if (!slot)
+		return false;
+	__u32 from = (__u32)(r->rstart + r->a - h->off);
+	__u32 n = r->b - r->a;
+	if (from >= WIRE_MASK || n == 0 || n > WIRE_MASK)
+		return false;
+	from &= WIRE_MASK - 1;
+	n = ((n - 1) & (WIRE_MASK - 1)) + 1;
+	bpf_probe_read_kernel(slot->mask, n, w->pkt + from);
+	slot->seq = r->cseq + r->a;
+	slot->len = n;
+
+	/* The tag: sum of d_j * H^(v - j + 2), j 1-based; Horner from the
+	 * part's first block to its last (jb), then * H^(v - jb + 1). */
+	__u32 ja = r->a / 16, jb = (r->b - 1) / 16; /* 0-based */
+	w->acc.hi = 0;
+	w->acc.lo = 0;
+	r->j = ja;
+	bpf_loop(jb - ja + 1, fold_block, r, 0);
+	__u32 e = r->v - (jb + 1) + 1;
+	gf_mul_pow(&w->acc, &r->ks->pow, e);
+	w->tag.hi ^= w->acc.hi;
+	w->tag.lo ^= w->acc.lo;
+	r->parts++;
+	return true;
+}
+
+static long place_hit(__u64 i, void *data)
+{
+	struct rec_ctx *r = data;
+	if (i >= MAX_HITS || i >= r->p->nmatch)
+		return 1;
+	__u32 bit = 1u << i;
+	if ((r->p->placed | r->held | r->miss) & bit)
+		return 0;
+	struct hit *h = &r->p->match[i & (MAX_HITS - 1)];
+	__u64 hs = h->off, he = h->off + h->len;
+	__u64 rs = r->rstart, re = r->rstart + r->plen;
+	if (he <= rs || hs >= re)
+		return 0;
+	if (allowed(r->tgid, h->id, r->f) != ALLOW_YES) {
+		r->held |= bit;
+		return 0;
+	}
+	r->hi = i;
+	r->a = (hs > rs ? hs : rs) - rs;
+	r->b = (he < re ? he : re) - rs;
+	if (!arm_part(r)) {
+		r->miss |= bit;
+		stat_add(ST_WIRE_FULL, 1);
+		return 0;
+	}
+	if (he <= re) {
+		r->p->placed |= bit;
+		r->armed |= bit;
+	}
+	return 0;
+}
+
+static long place_record(__u64 i, void *data)
+{
+	struct rec_ctx *r = data;
+	if (r->off + TLS_HDR > r->len)
+		return 1;
+	__u8 hdr[TLS_HDR];
+	if (bpf_probe_read_user(hdr, sizeof(hdr), (void *)(r->buf + r->off)) < 0)
+		return 1;
+	__u32 rlen = ((__u32)hdr[3] << 8) | hdr[4];
+	if (hdr[0] != 0x17 || hdr[1] != 3 || hdr[2] != 3 || rlen > TLS_MAX_REC)
+		return 1; /* not at a record boundary (a resumed partial write): nothing to place */
+	__u32 over = TLS_TAG + r->si.explicit + r->si.inner;
+	if (rlen <= over)
+		return 1;
+	__u64 plen = rlen - over;
+	struct wire_pending *p = r->p;
+	if (p->cursor + plen > p->num) {
+		/* Padding or records of another write: the ranges cannot be trusted. */
+		r->miss = ((1u << p->nmatch) - 1) & ~p->placed & ~r->held;
+		p->cursor = p->num;
+		return 1;
+	}
+	r->rstart = p->cursor;
+	r->plen = plen;
+	r->cseq = r->seq0 + (__u32)r->off + TLS_HDR + r->si.explicit;
+	r->v = (__u32)((plen + r->si.inner + 15) / 16);
+	r->parts = 0;
+	r->w->tag.hi = 0;
+	r->w->tag.lo = 0;
+	/* Room for every part of this record and its tag, or none is armed:
+	 * a patched ciphertext without its tag would kill the connection. */
+	if (free_slots(r->fl) < p->nmatch + 1) {
+		r->miss |= ((1u << p->nmatch) - 1) & ~p->placed & ~r->held;
+		stat_add(ST_WIRE_FULL, 1);
+	} else {
+		bpf_loop(MAX_HITS, place_hit, r, 0);
+	}
+	if (r->parts) {
+		struct wire_patch *slot = free_slot(r);
+		if (!slot)
+			return 1; /* cannot happen: room was checked */
+		__builtin_memset(slot->mask, 0, sizeof(slot->mask));
+		be64_store(slot->mask, r->w->tag.hi);
+		be64_store(slot->mask + 8, r->w->tag.lo);
+		slot->seq = r->cseq + (__u32)plen + r->si.inner;
+		slot->len = TLS_TAG;
+	}
+	p->cursor += plen;
+	r->off += TLS_HDR + rlen;
+	return p->cursor >= p->num;
+}
+
+static __always_inline void report(struct wire_pending *p, __u32 kind, __u32 bits, long fd)
+{
+	if (!bits)
+		return;
+	struct tls_event *e = new_event(kind);
+	if (!e)
+		return;
+	e->buf = p->buf;
+	e->len = p->num;
+	e->cookie = p->cookie;
+	e->fd = (__s32)fd;
+	__u32 n = 0;
+#pragma unroll
+	for (int i = 0; i < MAX_HITS; i++) {
+		if (!(bits & (1u << i)))
+			continue;
+		e->hits[n & (MAX_HITS - 1)] = p->match[i];
+		n++;
+	}
+	e->nhits = n;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void prune(struct wire_flow *fl, __u32 una)
+{
+#pragma unroll
+	for (int i = 0; i < WIRE_SLOTS; i++) {
+		struct wire_patch *s = &fl->p[i];
+		if (s->len && !seq_before(una, s->seq + s->len))
+			s->len = 0;
+	}
+}
+
+static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
+{
+	if (!cfg_wire || !buf || !len)
+		return;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
+	if (!p)
+		return;
+	if (p->fd >= 0 && p->fd != fd)
+		return;
+	struct sock *sk = tcp_sock_of(fd);
+	struct flow_key f;
+	if (!sk || !flow_of(sk, &f))
+		return;
+	struct wire_scratch *w = scratch();
+	if (!w)
+		return;
+	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
+	struct obj_key k = obj_key_of(p->ssl);
+	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
+	__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
+	struct rec_ctx r = { .p = p, .ks = ks, .w = w, .f = &f, .buf = buf, .len = len,
+			     .tgid = bpf_get_current_pid_tgid() >> 32 };
+	if (!ks || !suite || !suite_info(*suite, &r.si) || !ensure_h(ks, *suite, &r.si, w)) {
+		report(p, EV_WIRE_MISS, all & ~p->placed, fd);
+		stat_add(ST_WIRE_MISS, p->nmatch);
+		bpf_map_delete_elem(&wire_pending, &tid);
+		return;
+	}
+	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &f);
+	if (!fl) {
+		_Static_assert(sizeof(struct wire_flow) <= sizeof(w->zero), "zero holds a wire_flow");
+		bpf_map_update_elem(&wire_flows, &f, w->zero, BPF_NOEXIST);
+		fl = bpf_map_lookup_elem(&wire_flows, &f);
+		if (!fl)
+			return;
+	}
+	fl->ssl = p->ssl;
+	fl->tgid = r.tgid;
+	r.fl = fl;
+	struct tcp_sock *tp = (void *)sk;
+	r.seq0 = BPF_CORE_READ(tp, write_seq);
+	prune(fl, BPF_CORE_READ(tp, snd_una));
+
+	bpf_loop(WIRE_RECORDS, place_record, &r, 0);
+
+	report(p, EV_ARMED, r.armed, fd);
+	report(p, EV_HELD, r.held, fd);
+	report(p, EV_WIRE_MISS, r.miss, fd);
+	__u32 narmed = __builtin_popcount(r.armed);
+	if (narmed)
+		stat_add(ST_WIRE_ARMED, narmed);
+	if (r.miss)
+		stat_add(ST_WIRE_MISS, __builtin_popcount(r.miss));
+	p->placed |= r.held | r.miss;
+	if (p->cursor >= p->num || (p->placed & all) == all)
+		bpf_map_delete_elem(&wire_pending, &tid);
+}
+
+/* A new write replaces one whose hits never all reached a record. */
+static __always_inline void wire_write_begins(__u32 tid)
+{
+	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
+	if (!p)
+		return;
+	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
+	if (p->placed != all) {
+		report(p, EV_WIRE_MISS, all & ~p->placed, p->fd);
+		stat_add(ST_WIRE_MISS, __builtin_popcount(all & ~p->placed));
+	}
+	bpf_map_delete_elem(&wire_pending, &tid);
+}
+
+/* ---- 5. tc: learn suites, patch packets ---------------------------------- */
+
+struct pkt {
+	struct flow_key f;   /* as sent: source is the sender */
+	__u32 seq;
+	__u32 off;           /* of the TCP payload */
+	__u32 l4;            /* of the TCP header */
+	__u32 len;           /* payload bytes */
+};
+
+static __always_inline bool parse(struct __sk_buff *skb, struct pkt *k)
+{
+	__builtin_memset(&k->f, 0, sizeof(k->f));
+	__u32 l3 = ETH_HLEN, l4;
+	if (skb->protocol == ETH_P_IP_BE) {
+		__u8 ip[20];
+		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) < 0)
+			return false;
+		if ((ip[0] >> 4) != 4 || ip[9] != IPPROTO_TCP)
+			return false;
+		/* Fragments carry no TCP header to go by. */
+		if (((ip[6] & 0x3f) | ip[7]) != 0)
+			return false;
+		k->f.family = AF_INET;
+		__builtin_memcpy(k->f.saddr, ip + 12, 4);
+		__builtin_memcpy(k->f.daddr, ip + 16, 4);
+		l4 = l3 + (ip[0] & 0xf) * 4;
+	} else if (skb->protocol == ETH_P_IPV6_BE) {
+		__u8 ip[40];
+		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) < 0)
+			return false;
+		if (ip[6] != IPPROTO_TCP) /* extension headers: not ours to patch */
+			return false;
+		k->f.family = AF_INET6;
+		__builtin_memcpy(k->f.saddr, ip + 8, 16);
+		__builtin_memcpy(k->f.daddr, ip + 24, 16);
+		l4 = l3 + 40;
+	} else {
+		return false;
+	}
+	__u8 th[16];
+	if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+		return false;
+	__builtin_memcpy(&k->f.sport, th, 2);
+	__builtin_memcpy(&k->f.dport, th + 2, 2);
+	k->seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
+	k->l4 = l4;
+	k->off = l4 + (th[12] >> 4) * 4;
+	k->len = skb->len > k->off ? skb->len - k->off : 0;
+	return true;
+}
+
+/* A ServerHello: its cipher suite, keyed by the client's side of the flow. */
+static __always_inline void learn_suite(struct __sk_buff *skb, struct pkt *k)
+{
+	if (k->len < 48)
+		return;
+	__u8 h[44];
+	if (bpf_skb_load_bytes(skb, k->off, h, sizeof(h)) < 0)
+		return;
+	/* record: handshake, 3.x; message: ServerHello (2), legacy version 3.3 */
+	if (h[0] != 0x16 || h[1] != 3 || h[5] != 2 || h[9] != 3 || h[10] != 3)
+		return;
+	__u32 sid = h[43];
+	if (sid > 32)
+		return;
+	__u8 cs[2];
+	if (bpf_skb_load_bytes(skb, k->off + 44 + sid, cs, 2) < 0)
+		return;
+	__u32 suite = ((__u32)cs[0] << 8) | cs[1];
+	struct flow_key c = { .family = k->f.family, .sport = k->f.dport, .dport = k->f.sport };
+	__builtin_memcpy(c.saddr, k->f.daddr, 16);
+	__builtin_memcpy(c.daddr, k->f.saddr, 16);
+	bpf_map_update_elem(&wire_suites, &c, &suite, BPF_ANY);
+}
+
+struct tc_ctx {
+	struct __sk_buff *skb;
+	struct wire_flow *fl;
+	struct pkt *k;
+	struct wire_scratch *w;
+	int verdict;
+};
+
+/* XORs slot i's overlap with the packet into it; the checksum follows. */
+static long patch_slot(__u64 i, void *data)
+{
+	struct tc_ctx *t = data;
+	if (i >= WIRE_SLOTS)
+		return 1;
+	struct wire_patch *s = &t->fl->p[i & (WIRE_SLOTS - 1)];
+	__u32 slen = s->len;
+	if (!slen || slen > WIRE_MASK)
+		return 0;
+	__u32 pseq = t->k->seq, pend = pseq + t->k->len, send = s->seq + slen;
+	__u32 from = seq_before(s->seq, pseq) ? pseq : s->seq;
+	__u32 to = seq_before(send, pend) ? send : pend;
+	if (!seq_before(from, to))
+		return 0;
+	__u32 moff = from - s->seq, n = to - from;
+	__u32 poff = t->k->off + (from - pseq);
+	/* The checksum sums 16-bit words from the TCP header on: patch whole
+	 * aligned words so bpf_csum_diff sees the same alignment. */
+	__u32 lead = (poff - t->k->l4) & 3;
+	__u32 wstart = poff - lead;
+	__u32 wlen = (lead + n + 3) & ~3u;
+	__u32 avail = t->skb->len - wstart;
+	__u32 load = wlen < avail ? wlen : avail;
+	if (load == 0 || load > WIRE_MASK + 8 || wlen > WIRE_MASK + 8 || moff >= WIRE_MASK) {
+		t->verdict = TC_ACT_SHOT;
+		return 1;
+	}
+	struct wire_scratch *w = t->w;
+	__u8 *old = w->old, *new = w->new;
+	/* Sizes the verifier can bound: [1, 256] and [4, 256]. */
+	load = ((load - 1) & 0xff) + 1;
+	wlen = ((wlen - 1) & 0xff) + 1;
+	__builtin_memset(old, 0, WIRE_MASK + 8);
+	if (bpf_skb_load_bytes(t->skb, wstart, old, load) < 0) {
+		t->verdict = TC_ACT_SHOT;
+		return 1;
+	}
+#pragma unroll
+	for (int b = 0; b < WIRE_MASK + 8; b++) {
+		__u32 m = b - lead + moff;
+		__u8 x = (b >= lead && b < lead + n && m < WIRE_MASK) ? s->mask[m & (WIRE_MASK - 1)] : 0;
+		new[b] = old[b] ^ x;
+	}
+	__s64 diff = bpf_csum_diff((void *)old, wlen, (void *)new, wlen, 0);
+	if (bpf_skb_store_bytes(t->skb, wstart, new, load, BPF_F_RECOMPUTE_CSUM) < 0) {
+		t->verdict = TC_ACT_SHOT;
+		return 1;
+	}
+	__u32 csum_off = t->k->l4 + 16;
+	if (bpf_l4_csum_replace(t->skb, csum_off, 0, (__u32)diff, 0) < 0) {
+		t->verdict = TC_ACT_SHOT;
+		return 1;
+	}
+	t->verdict = 1; /* patched */
+	return 0;
+}
+
+static __always_inline int wire_tc(struct __sk_buff *skb, bool patch)
+{
+	struct pkt k;
+	if (!parse(skb, &k) || !k.len)
+		return TC_ACT_OK;
+	learn_suite(skb, &k);
+	if (!patch)
+		return TC_ACT_OK;
+	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &k.f);
+	if (!fl)
+		return TC_ACT_OK;
+	struct wire_scratch *w = scratch();
+	if (!w)
+		return TC_ACT_OK;
+	struct tc_ctx t = { .skb = skb, .fl = fl, .k = &k, .w = w, .verdict = 0 };
+	bpf_loop(WIRE_SLOTS, patch_slot, &t, 0);
+	if (t.verdict == TC_ACT_SHOT) {
+		stat_add(ST_WIRE_DROPS, 1);
+		return TC_ACT_SHOT;
+	}
+	if (t.verdict == 1)
+		stat_add(ST_WIRE_PACKETS, 1);
+	return TC_ACT_OK;
+}
+
+/* Attached where a tracked socket's packets pass once on their way out
+ * (a host device's egress; a pod veth's host-side ingress): patch, and
+ * learn suites there too (loopback carries the server's answers as well).
+ * Every other direction only learns. Never patch a packet twice: XOR twice
+ * is no patch. */
+SEC("tcx/egress")
+int wire_out_patch(struct __sk_buff *skb)
+{
+	return wire_tc(skb, true);
+}
+
+SEC("tcx/ingress")
+int wire_in_patch(struct __sk_buff *skb)
+{
+	return wire_tc(skb, true);
+}
+
+SEC("tcx/egress")
+int wire_out_learn(struct __sk_buff *skb)
+{
+	return wire_tc(skb, false);
+}
+
+SEC("tcx/ingress")
+int wire_in_learn(struct __sk_buff *skb)
+{
+	return wire_tc(skb, false);
+}
+
+/* A closed connection's patches and its keys go. */
+SEC("tp/sock/inet_sock_set_state")
+int wire_sock_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (!cfg_wire || ctx->newstate != TCP_CLOSE || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	struct flow_key f = {};
+	f.family = ctx->family;
+	f.sport = bpf_htons(ctx->sport);
+	f.dport = bpf_htons(ctx->dport);
+	if (f.family == AF_INET) {
+		__builtin_memcpy(f.saddr, ctx->saddr, 4);
+		__builtin_memcpy(f.daddr, ctx->daddr, 4);
+	} else {
+		__builtin_memcpy(f.saddr, ctx->saddr_v6, 16);
+		__builtin_memcpy(f.daddr, ctx->daddr_v6, 16);
+	}
+	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &f);
+	if (fl) {
+		struct obj_key k = { .tgid = fl->tgid, .ptr = fl->ssl };
+		bpf_map_delete_elem(&wire_keys, &k);
+		bpf_map_delete_elem(&wire_flows, &f);
+	}
+	bpf_map_delete_elem(&wire_suites, &f);
+	return 0;
+}
+
+#endif
