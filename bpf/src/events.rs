@@ -172,6 +172,8 @@ pub struct ConnEvent {
     pub tgid: u32,
     pub fd: i32,
     pub change: ConnChange,
+    /// The process's group (cgroup id, or the container id of a pid-tracked one).
+    pub group: u64,
 }
 
 impl ConnEvent {
@@ -193,6 +195,7 @@ impl ConnEvent {
             tgid: e.tgid,
             fd: e.fd,
             change,
+            group: e.group,
         })
     }
 }

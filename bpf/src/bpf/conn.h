@@ -49,6 +49,7 @@ static __always_inline void emit_conn(__u32 kind, struct conn_key *k, struct con
 	e->_pad = 0;
 	e->obj = 0;
 	e->v = *v;
+	e->group = current_group();
 	bpf_ringbuf_submit(e, 0);
 }
 

@@ -109,6 +109,7 @@ struct conn_event {
 	__u32 _pad;
 	__u64 obj;
 	struct conn_val v;  /* zero unless CONN_OPEN */
+	__u64 group;        /* the process's group, as tls_event.cgroup */
 };
 
 /* A TLS object or BIO of one process: pointers are only unique within an

@@ -530,6 +530,20 @@ impl<'p> Agent<'p> {
     }
 
     fn mirror_conns(&mut self, events: Vec<ConnEvent>) {
+        if self.configured() == kloak_bpf::Backend::Wire {
+            let (kernel, secrets, auth, rec) = self.wire_parts();
+            let parts = wire::Parts {
+                secrets,
+                auth,
+                rec,
+                kernel: &kernel,
+            };
+            for c in &events {
+                if matches!(c.change, kloak_bpf::ConnChange::Open(_)) {
+                    wire::connected(&parts, c.tgid, c.fd, c.group);
+                }
+            }
+        }
         let Some(m) = &self.mirror else { return };
         for c in &events {
             if let Some(op) = mirror::conn_op(&mut self.start_times, c) {

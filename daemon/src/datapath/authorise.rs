@@ -102,6 +102,15 @@ impl Authoriser {
         }
     }
 
+    /// The secrets `group` may receive; None when every secret is (`kloak run`).
+    pub fn bound(&self, group: u64) -> Option<Vec<u32>> {
+        self.bindings.as_ref().map(|b| {
+            b.get(&group)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
+        })
+    }
+
     pub fn dns(&self) -> &DnsCache {
         &self.dns
     }

@@ -34,6 +34,10 @@ impl SecretTable {
         self.by_id.get(&id)
     }
 
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_id.keys().copied()
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }

@@ -38,6 +38,51 @@ pub struct Parts<'a> {
 /// at the socket write with the decisions written here.
 pub fn decide(p: &Parts<'_>, e: &Event) {
     inc(&p.rec.counters.wire_decisions);
+    decide_hits(p, e);
+}
+
+/// A tracked process connected a socket: decide now, for every secret its
+/// group may receive, so its first write finds the decision and is not
+/// stopped. (A write that still finds none stops for [`decide`].)
+pub fn connected(p: &Parts<'_>, tgid: u32, fd: i32, group: u64) {
+    let ids: Vec<u32> = p
+        .auth
+        .bound(group)
+        .unwrap_or_else(|| p.secrets.ids().collect());
+    if ids.is_empty() {
+        return;
+    }
+    let e = Event {
+        kind: EventKind::Decide,
+        ts_ns: 0,
+        cgroup: group,
+        tgid,
+        tid: tgid,
+        buf: 0,
+        len: 0,
+        abi: None,
+        dev: 0,
+        ino: 0,
+        unreadable: false,
+        overflow: false,
+        huffman: false,
+        comm: String::new(),
+        hits: ids
+            .into_iter()
+            .map(|id| kloak_bpf::Hit {
+                offset: 0,
+                secret_id: id,
+                len: 0,
+            })
+            .collect(),
+        unknown: 0,
+        fd: Some(fd),
+        split: None,
+    };
+    decide_hits(p, &e);
+}
+
+fn decide_hits(p: &Parts<'_>, e: &Event) {
     let real = e.fd.and_then(|fd| p.kernel.socket_peer(e.tgid, fd));
     let Some(real) = real else {
         tracing::debug!(
