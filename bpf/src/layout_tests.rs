@@ -118,7 +118,7 @@ fn records_have_the_kernels_layout() {
     check_layout!(b, obj_key, [tgid, _pad, ptr]);
     check_layout!(b, conn_key, [tgid, fd]);
     check_layout!(b, conn_val, [ts_ns, family, port, _pad, addr]);
-    check_layout!(b, conn_event, [kind, tgid, fd, _pad, obj, v]);
+    check_layout!(b, conn_event, [kind, tgid, fd, _pad, obj, v, group]);
     check_layout!(
         b,
         dns_event,
@@ -234,6 +234,10 @@ fn event_kinds_parse_as_the_kernel_means_them() {
             "EV_UNKNOWN" => EventKind::Unknown,
             "EV_EXIT" => EventKind::Exit,
             "EV_SPLIT" => EventKind::Split,
+            "EV_ARMED" => EventKind::Armed,
+            "EV_HELD" => EventKind::Held,
+            "EV_WIRE_MISS" => EventKind::WireMiss,
+            "EV_DECIDE" => EventKind::Decide,
             _ => return false,
         };
         assert_eq!(EventKind::from_raw(v as u32), Some(want), "{n} = {v}");
@@ -246,7 +250,7 @@ fn event_kinds_parse_as_the_kernel_means_them() {
         seen += 1;
         true
     });
-    assert_eq!(seen, 10, "every EventKind has its enumerator");
+    assert_eq!(seen, 14, "every EventKind has its enumerator");
     assert_eq!(EventKind::from_raw(0), None);
 }
 
@@ -299,6 +303,7 @@ fn conn_kinds_parse_as_the_kernel_means_them() {
             tgid: 7,
             fd: 3,
             obj: 0x1000,
+            group: 42,
             ..Default::default()
         };
         e.v.family = inet;
@@ -313,6 +318,7 @@ fn conn_kinds_parse_as_the_kernel_means_them() {
             "CONN_SSL" => c.change == ConnChange::Ssl(0x1000),
             _ => return false,
         };
+        assert_eq!(c.group, 42, "{n}: the group");
         assert!(ok, "{n} = {v} parsed as {:?}", c.change);
         true
     });
@@ -405,6 +411,12 @@ fn stat_slots_are_the_kernels() {
             "ST_WRITE_FAIL" => stats.write_failures,
             "ST_HUFFMAN" => stats.huffman_candidates,
             "ST_SPLIT" => stats.splits,
+            "ST_WIRE_ARMED" => stats.wire_armed,
+            "ST_WIRE_PACKETS" => stats.wire_packets,
+            "ST_WIRE_MISS" => stats.wire_misses,
+            "ST_WIRE_FULL" => stats.wire_full,
+            "ST_WIRE_DROPS" => stats.wire_drops,
+            "ST_WIRE_FALLBACK" => stats.wire_fallbacks,
             "ST_MAX" => {
                 max = Some(v);
                 return true;

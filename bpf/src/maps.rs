@@ -57,6 +57,9 @@ pub struct Stats {
     pub wire_misses: u64,
     pub wire_full: u64,
     pub wire_drops: u64,
+    /// Wire backend: writes it could not serve (suite, keys, library),
+    /// served by the pause backend instead.
+    pub wire_fallbacks: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -101,6 +104,7 @@ impl Stats {
             wire_misses: at(stat_idx::ST_WIRE_MISS),
             wire_full: at(stat_idx::ST_WIRE_FULL),
             wire_drops: at(stat_idx::ST_WIRE_DROPS),
+            wire_fallbacks: at(stat_idx::ST_WIRE_FALLBACK),
         }
     }
 }
@@ -378,19 +382,6 @@ impl Probes {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_pads_short_placeholders() {
-        assert_eq!(placeholder_key(b"kloak:AB"), Some(*b"AB\0\0\0\0\0\0"));
-        assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
-        assert_eq!(placeholder_key(b"kloak:A"), None);
-        assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
-    }
-}
-
 impl Probes {
     /// Tells the wire backend whether secret `id` may go from process
     /// `tgid` to `dest` (the address the kernel's socket holds).
@@ -450,5 +441,18 @@ impl Probes {
         for k in keys {
             let _ = map.delete(&k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_pads_short_placeholders() {
+        assert_eq!(placeholder_key(b"kloak:AB"), Some(*b"AB\0\0\0\0\0\0"));
+        assert_eq!(placeholder_key(b"kloak:ABCDEFGHJK"), Some(*b"ABCDEFGH"));
+        assert_eq!(placeholder_key(b"kloak:A"), None);
+        assert_eq!(placeholder_key(b"cloak:ABCDEFGH"), None);
     }
 }

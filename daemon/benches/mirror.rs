@@ -31,6 +31,7 @@ fn events(n: usize) -> Vec<ConnEvent> {
         .map(|i| ConnEvent {
             tgid: me,
             fd: 3 + (i as i32 % 4000),
+            group: 0,
             change: if i % 2 == 0 {
                 ConnChange::Open(Conn {
                     dest: format!("10.{}.{}.{}:443", i % 200, (i / 200) % 250, i % 250)

@@ -195,30 +195,6 @@ fn unknown_tokens_pass_unchanged_and_plain_writes_are_byte_identical() {
 }
 
 /// Reads `len` bytes at `addr` in `pid`, and every readable mapping.
-fn memory_of(pid: u32) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut all = Vec::new();
-    for l in maps.lines() {
-        let mut f = l.split_whitespace();
-        let (range, perms) = (f.next().unwrap(), f.next().unwrap());
-        if !perms.starts_with('r') || l.contains("[vvar") || l.contains("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; (b - a) as usize];
-        if mem.read_exact_at(&mut buf, a).is_ok() {
-            all.extend_from_slice(&buf);
-        }
-    }
-    all
-}
-
 #[test]
 fn scrub_puts_the_placeholder_back_into_the_application_buffer() {
     let Some(_g) = root_test() else { return };

@@ -139,7 +139,8 @@ enum stat_idx {
 	ST_WIRE_MISS = 14,   /* placeholders the wire backend could not place in a record */
 	ST_WIRE_FULL = 15,   /* placeholders not armed: the connection's patch slots were all in use */
 	ST_WIRE_DROPS = 16,  /* packets dropped because a patch could not be applied (TCP resends them) */
-	ST_MAX = 17,
+	ST_WIRE_FALLBACK = 17, /* writes the wire could not serve, paused instead */
+	ST_MAX = 18,
 };
 
 struct secret_key {

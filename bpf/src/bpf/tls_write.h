@@ -176,6 +176,7 @@ int tls_write_scan_wire(struct pt_regs *ctx)
 			return 0;
 		}
 	}
+	stat_add(ST_WIRE_FALLBACK, 1);
 	stop_for_agent(c, full_scan ? EV_SCAN : EV_REWRITE);
 	return 0;
 }

@@ -162,6 +162,9 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "lost_events": s.lost_events, "unreadable": s.unreadable, "overflow": s.overflow,
                 "tailcall_failures": s.tailcall_failures, "stops": s.stops, "write_failures": s.write_failures,
                 "huffman_candidates": s.huffman_candidates, "splits": s.splits,
+                "wire_armed": s.wire_armed, "wire_packets": s.wire_packets,
+                "wire_misses": s.wire_misses, "wire_full": s.wire_full,
+                "wire_drops": s.wire_drops, "wire_fallbacks": s.wire_fallbacks,
             },
             "agent": &*counters,
             "audit": audit_stats.map(|a| serde_json::json!({

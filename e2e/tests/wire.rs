@@ -1,0 +1,225 @@
+//! The wire backend end to end: real TLS clients under `kloak run --mode
+//! wire`, a real TLS server that records what it decrypted. What arrives
+//! proves the kernel's patch of the ciphertext and of the tag: a wrong tag
+//! and the server would have dropped the connection instead. Root only.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use kloak_e2e::*;
+
+const T: Duration = Duration::from_secs(90);
+
+fn one_secret(value: &str) -> Secrets {
+    Secrets::write(&[("api-token", value, "API_TOKEN")])
+}
+
+fn assert_all_real(records: &[Vec<u8>], value: &str, per_request: usize) {
+    assert!(!records.is_empty(), "the server received nothing");
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(
+            count(r, value.as_bytes()),
+            per_request,
+            "request {i} did not carry the real value {per_request} times: {}",
+            String::from_utf8_lossy(r)
+        );
+        assert_eq!(
+            count(r, b"kloak:"),
+            0,
+            "request {i} still holds a placeholder"
+        );
+    }
+}
+
+fn agent_stat(run: &Run, name: &str) -> u64 {
+    run.stats["agent"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no agent.{name} in the stats: {}", run.stats))
+}
+
+/// TLS 1.3 and 1.2 with AES-128-GCM and AES-256-GCM, chosen through curl's
+/// flags: every request's header and body arrive real, and every
+/// substitution was the wire backend's (none paused).
+#[test]
+fn curl_gets_the_real_value_over_the_wire_for_every_gcm_suite() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("sk-wire-", 40);
+    let s = one_secret(&value);
+    let suites = [
+        (
+            "tls13-aes128",
+            "--tlsv1.3 --tls13-ciphers TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            "tls13-aes256",
+            "--tlsv1.3 --tls13-ciphers TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "tls12-aes128",
+            "--tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+        ),
+        (
+            "tls12-aes256",
+            "--tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+        ),
+    ];
+    for (name, flags) in suites {
+        srv.clear();
+        let cmd = format!(
+            "curl -sS --http1.1 {flags} --cacert {} -H \"Authorization: Bearer $API_TOKEN\" -d \"token=$API_TOKEN\" {}",
+            srv.cacert().display(),
+            srv.url(&format!("/{name}"))
+        );
+        let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+        assert!(run.output.status.success(), "{name}: {}", run.stderr());
+        assert_all_real(&srv.records(), &value, 2);
+        assert_eq!(agent_stat(&run, "wire_armed"), 2, "{name}: {}", run.stats);
+        assert_eq!(agent_stat(&run, "rewrites"), 2, "{name}: {}", run.stats);
+        assert_eq!(agent_stat(&run, "wire_misses"), 0, "{name}");
+        // tc patched at least one packet of each record, dropped none.
+        assert!(
+            run.stats["bpf"]["wire_packets"].as_u64() >= Some(1),
+            "{name}: {}",
+            run.stats
+        );
+        assert_eq!(run.stats["bpf"]["wire_drops"], 0, "{name}: {}", run.stats);
+        run.assert_no_leak(&value);
+    }
+}
+
+/// Python, keep-alive, TLS 1.3 (default suite) and TLS 1.2 AES-128-GCM:
+/// every request arrives real, while the application never holds the value:
+/// a thread comparing the written buffer never sees it change, its SIGCONT
+/// handler never runs (nothing was stopped), and afterwards its whole memory
+/// holds no copy.
+#[test]
+fn python_never_holds_the_value_and_is_never_stopped() {
+    let Some(_g) = root_test() else { return };
+    for (name, extra) in [
+        ("tls13", vec![]),
+        (
+            "tls12",
+            vec![
+                "--tls12",
+                "--ciphers",
+                "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+            ],
+        ),
+    ] {
+        let srv = TlsServer::start();
+        let value = random_secret("py-wire-", 32);
+        let s = one_secret(&value);
+        let mut args = py_cmd("watched", &srv, &["--requests", "50"]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (mut c, _) = kloak_cmd(&s, &["--mode", "wire"], &strs(&args));
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{name}: no {k} in {line:?}"))
+                .to_string()
+        };
+        let pid: u32 = field("pid=").parse().unwrap();
+        assert_eq!(
+            field("changed="),
+            "0",
+            "{name}: the buffer changed under the app"
+        );
+        assert_eq!(
+            field("sigcont="),
+            "0",
+            "{name}: the app was stopped and continued"
+        );
+        let expect = if name == "tls13" {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
+        assert_eq!(field("version="), expect, "{name}");
+        assert!(field("cipher=").contains("GCM"), "{name}: {line}");
+        let mem = memory_of(pid);
+        assert!(
+            mem.len() > 1 << 20,
+            "{name}: read too little of the client's memory"
+        );
+        assert_eq!(
+            count(&mem, value.as_bytes()),
+            0,
+            "{name}: the real value is in the client's memory"
+        );
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(count(&out.stderr, value.as_bytes()), 0);
+        let rec = srv.wait_for(50, Duration::from_secs(10));
+        assert_eq!(rec.len(), 50, "{name}");
+        assert_all_real(&rec, &value, 2);
+    }
+}
+
+/// A CBC suite is not the wire's to patch: the pause backend serves it,
+/// and the value still arrives.
+#[test]
+fn a_cbc_suite_falls_back_to_pause() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("sk-cbc-", 30);
+    let s = one_secret(&value);
+    let cmd = format!(
+        "curl -sS --http1.1 --tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256 --cacert {} -H \"Authorization: Bearer $API_TOKEN\" {}",
+        srv.cacert().display(),
+        srv.url("/cbc")
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_all_real(&srv.records(), &value, 1);
+    assert_eq!(agent_stat(&run, "wire_armed"), 0, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "rewrites"), 1, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 1, "{}", run.stats);
+    run.assert_no_leak(&value);
+}
+
+/// A destination the secret's rules do not allow gets the placeholder: the
+/// kernel arms nothing for it, and the agent counts the block.
+#[test]
+fn a_destination_not_allowed_gets_only_the_placeholder() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("sk-deny-", 30);
+    let s = Secrets::raw(&format!(
+        "secrets:\n  - name: api-token\n    value: \"{value}\"\n    env: API_TOKEN\n    hosts: [\"10.9.9.9\"]\n"
+    ));
+    let cmd = format!(
+        "curl -sS --http1.1 --cacert {} -H \"Authorization: Bearer $API_TOKEN\" {}",
+        srv.cacert().display(),
+        srv.url("/deny")
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.records();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(
+        count(&rec[0], value.as_bytes()),
+        0,
+        "the value reached a refused destination"
+    );
+    assert_eq!(placeholders_in(&rec[0], value.len()).len(), 1);
+    assert_eq!(agent_stat(&run, "wire_armed"), 0);
+    assert_eq!(agent_stat(&run, "blocked"), 1, "{}", run.stats);
+    run.assert_no_leak(&value);
+}
