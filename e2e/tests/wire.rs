@@ -223,3 +223,39 @@ fn a_destination_not_allowed_gets_only_the_placeholder() {
     assert_eq!(agent_stat(&run, "blocked"), 1, "{}", run.stats);
     run.assert_no_leak(&value);
 }
+
+/// One write of 100 KiB (seven records) with placeholders at the scan's
+/// chunk edges and at the very end, and one of 40 KiB whose placeholders
+/// are cut by the records' 16 KiB boundaries: each part is patched in its
+/// own record, each record's tag corrected.
+#[test]
+fn large_writes_and_placeholders_cut_by_record_boundaries_arrive_real() {
+    let Some(_g) = root_test() else { return };
+    for (mode, expected) in [("edges", 5), ("records", 6)] {
+        let srv = TlsServer::start();
+        let value = random_secret(&format!("{mode}-"), 30);
+        let s = one_secret(&value);
+        let run = run_kloak(&s, &["--mode", "wire"], &strs(&py_cmd(mode, &srv, &[])), T);
+        assert!(run.output.status.success(), "{mode}: {}", run.stderr());
+        assert!(
+            run.stdout().contains(&format!("placeholders={expected}")),
+            "{}",
+            run.stdout()
+        );
+        let rec = srv.records();
+        assert_eq!(rec.len(), 1, "{mode}");
+        assert_eq!(
+            count(&rec[0], value.as_bytes()),
+            expected,
+            "{mode}: every placeholder real"
+        );
+        assert_eq!(count(&rec[0], b"kloak:"), 0, "{mode}");
+        assert_eq!(
+            agent_stat(&run, "wire_armed"),
+            expected as u64,
+            "{mode}: {}",
+            run.stats
+        );
+        run.assert_no_leak(&value);
+    }
+}
