@@ -118,6 +118,12 @@ fn client(runtime: &str, srv: &TlsServer, path: &str, unknown: bool) -> String {
 }
 
 fn runtime_sends_real_values(runtime: &str) {
+    runtime_sends_real_values_in(runtime, &[]);
+}
+
+/// The same, with the agent's `extra` arguments; returns the run for the
+/// caller's checks of how the values were served.
+fn runtime_sends_real_values_in(runtime: &str, extra: &[&str]) -> Run {
     let srv = TlsServer::start();
     let value = random_secret(&format!("{runtime}-"), 31);
     let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
@@ -126,7 +132,7 @@ fn runtime_sends_real_values(runtime: &str) {
         client(runtime, &srv, "/real", false),
         client(runtime, &srv, "/unknown", true)
     );
-    let run = run_kloak(&s, &[], &["sh", "-c", &script], T);
+    let run = run_kloak(&s, extra, &["sh", "-c", &script], T);
     assert!(run.output.status.success(), "{runtime}: {}", run.stderr());
     let rec = srv.wait_for(2, Duration::from_secs(5));
     let real = rec
@@ -150,6 +156,37 @@ fn runtime_sends_real_values(runtime: &str) {
         "{runtime}: an unknown token goes out unchanged"
     );
     run.assert_no_leak(&value);
+    run
+}
+
+/// Under `--mode wire`, both values of the request were patched on the wire
+/// (no stop), and tc dropped nothing.
+fn runtime_is_served_by_the_wire(runtime: &str) {
+    let run = runtime_sends_real_values_in(runtime, &["--mode", "wire"]);
+    let armed = run.stats["agent"]["wire_armed"].as_u64();
+    assert_eq!(armed, Some(2), "{runtime}: {}", run.stats);
+    assert_eq!(
+        run.stats["agent"]["rewrites"].as_u64(),
+        Some(2),
+        "{runtime}: {}",
+        run.stats
+    );
+    assert_eq!(
+        run.stats["bpf"]["wire_drops"], 0,
+        "{runtime}: {}",
+        run.stats
+    );
+    assert_eq!(
+        run.stats["bpf"]["wire_fallbacks"], 0,
+        "{runtime}: {}",
+        run.stats
+    );
+}
+
+#[test]
+fn statically_linked_openssl_is_served_by_the_wire() {
+    let Some(_g) = root_test() else { return };
+    runtime_is_served_by_the_wire("static-openssl");
 }
 
 #[test]
