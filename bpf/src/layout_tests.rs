@@ -417,6 +417,7 @@ fn stat_slots_are_the_kernels() {
             "ST_WIRE_FULL" => stats.wire_full,
             "ST_WIRE_DROPS" => stats.wire_drops,
             "ST_WIRE_FALLBACK" => stats.wire_fallbacks,
+            "ST_WIRE_UNPROVEN" => stats.wire_unproven,
             "ST_MAX" => {
                 max = Some(v);
                 return true;

@@ -60,6 +60,9 @@ pub struct Stats {
     /// Wire backend: writes it could not serve (suite, keys, library),
     /// served by the pause backend instead.
     pub wire_fallbacks: u64,
+    /// Wire backend: ChaCha20-Poly1305 records whose sequence number no
+    /// candidate near the estimate proved; they went out unpatched.
+    pub wire_unproven: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -105,6 +108,7 @@ impl Stats {
             wire_full: at(stat_idx::ST_WIRE_FULL),
             wire_drops: at(stat_idx::ST_WIRE_DROPS),
             wire_fallbacks: at(stat_idx::ST_WIRE_FALLBACK),
+            wire_unproven: at(stat_idx::ST_WIRE_UNPROVEN),
         }
     }
 }

@@ -38,11 +38,11 @@ fn agent_stat(run: &Run, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no agent.{name} in the stats: {}", run.stats))
 }
 
-/// TLS 1.3 and 1.2 with AES-128-GCM and AES-256-GCM, chosen through curl's
+/// TLS 1.3 and 1.2 with AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305, chosen through curl's
 /// flags: every request's header and body arrive real, and every
 /// substitution was the wire backend's (none paused).
 #[test]
-fn curl_gets_the_real_value_over_the_wire_for_every_gcm_suite() {
+fn curl_gets_the_real_value_over_the_wire_for_every_aead_suite() {
     let Some(_g) = root_test() else { return };
     let srv = TlsServer::start();
     let value = random_secret("sk-wire-", 40);
@@ -63,6 +63,14 @@ fn curl_gets_the_real_value_over_the_wire_for_every_gcm_suite() {
         (
             "tls12-aes256",
             "--tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+        ),
+        (
+            "tls13-chacha20",
+            "--tlsv1.3 --tls13-ciphers TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "tls12-chacha20",
+            "--tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
         ),
     ];
     for (name, flags) in suites {
@@ -89,7 +97,21 @@ fn curl_gets_the_real_value_over_the_wire_for_every_gcm_suite() {
     }
 }
 
-/// Python, keep-alive, TLS 1.3 (default suite) and TLS 1.2 AES-128-GCM:
+/// An OpenSSL configuration file that limits TLS 1.3 to ChaCha20-Poly1305,
+/// for clients that cannot choose TLS 1.3 suites themselves (Python).
+fn chacha_only_conf(dir: &std::path::Path) -> String {
+    let p = dir.join("chacha.cnf");
+    std::fs::write(
+        &p,
+        "openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\nsystem_default = sys\n\
+         [sys]\nCiphersuites = TLS_CHACHA20_POLY1305_SHA256\n",
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+/// Python, keep-alive, TLS 1.3 (default suite and ChaCha20-Poly1305) and
+/// TLS 1.2 (AES-128-GCM and ChaCha20-Poly1305):
 /// every request arrives real, while the application never holds the value:
 /// a thread comparing the written buffer never sees it change, its SIGCONT
 /// handler never runs (nothing was stopped), and afterwards its whole memory
@@ -99,6 +121,7 @@ fn python_never_holds_the_value_and_is_never_stopped() {
     let Some(_g) = root_test() else { return };
     for (name, extra) in [
         ("tls13", vec![]),
+        ("tls13-chacha20", vec![]),
         (
             "tls12",
             vec![
@@ -107,11 +130,24 @@ fn python_never_holds_the_value_and_is_never_stopped() {
                 "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
             ],
         ),
+        (
+            "tls12-chacha20",
+            vec![
+                "--tls12",
+                "--ciphers",
+                "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+            ],
+        ),
     ] {
         let srv = TlsServer::start();
         let value = random_secret("py-wire-", 32);
         let s = one_secret(&value);
-        let mut args = py_cmd("watched", &srv, &["--requests", "50"]);
+        let mut args = Vec::new();
+        if name == "tls13-chacha20" {
+            args.push("env".to_string());
+            args.push(format!("OPENSSL_CONF={}", chacha_only_conf(s.dir.path())));
+        }
+        args.extend(py_cmd("watched", &srv, &["--requests", "50"]));
         args.extend(extra.iter().map(|s| s.to_string()));
         let (mut c, _) = kloak_cmd(&s, &["--mode", "wire"], &strs(&args));
         let mut child = c
@@ -141,13 +177,18 @@ fn python_never_holds_the_value_and_is_never_stopped() {
             "0",
             "{name}: the app was stopped and continued"
         );
-        let expect = if name == "tls13" {
+        let expect = if name.starts_with("tls13") {
             "TLSv1.3"
         } else {
             "TLSv1.2"
         };
         assert_eq!(field("version="), expect, "{name}");
-        assert!(field("cipher=").contains("GCM"), "{name}: {line}");
+        let suite = if name.ends_with("chacha20") {
+            "CHACHA20"
+        } else {
+            "GCM"
+        };
+        assert!(field("cipher=").contains(suite), "{name}: {line}");
         let mem = memory_of(pid);
         assert!(
             mem.len() > 1 << 20,
@@ -227,15 +268,32 @@ fn a_destination_not_allowed_gets_only_the_placeholder() {
 /// One write of 100 KiB (seven records) with placeholders at the scan's
 /// chunk edges and at the very end, and one of 40 KiB whose placeholders
 /// are cut by the records' 16 KiB boundaries: each part is patched in its
-/// own record, each record's tag corrected.
+/// own record, each record's tag corrected; with AES-GCM, and with
+/// ChaCha20-Poly1305, whose tags are recomputed record by record.
 #[test]
 fn large_writes_and_placeholders_cut_by_record_boundaries_arrive_real() {
     let Some(_g) = root_test() else { return };
-    for (mode, expected) in [("edges", 5), ("records", 6)] {
+    for (mode, expected, chacha) in [
+        ("edges", 5, false),
+        ("records", 6, false),
+        ("edges", 5, true),
+        ("records", 6, true),
+    ] {
         let srv = TlsServer::start();
         let value = random_secret(&format!("{mode}-"), 30);
         let s = one_secret(&value);
-        let run = run_kloak(&s, &["--mode", "wire"], &strs(&py_cmd(mode, &srv, &[])), T);
+        let mut args = Vec::new();
+        if chacha {
+            args.push("env".to_string());
+            args.push(format!("OPENSSL_CONF={}", chacha_only_conf(s.dir.path())));
+        }
+        args.extend(py_cmd(mode, &srv, &[]));
+        let run = run_kloak(&s, &["--mode", "wire"], &strs(&args), T);
+        assert_eq!(
+            run.stats["bpf"]["wire_unproven"], 0,
+            "{mode}: {}",
+            run.stats
+        );
         assert!(run.output.status.success(), "{mode}: {}", run.stderr());
         assert!(
             run.stdout().contains(&format!("placeholders={expected}")),

@@ -140,7 +140,8 @@ enum stat_idx {
 	ST_WIRE_FULL = 15,   /* placeholders not armed: the connection's patch slots were all in use */
 	ST_WIRE_DROPS = 16,  /* packets dropped because a patch could not be applied (TCP resends them) */
 	ST_WIRE_FALLBACK = 17, /* writes the wire could not serve, paused instead */
-	ST_MAX = 18,
+	ST_WIRE_UNPROVEN = 18, /* ChaCha20 records no sequence number near the estimate re-tagged: left unpatched */
+	ST_MAX = 19,
 };
 
 struct secret_key {

@@ -66,6 +66,8 @@ int tls_write_enter(struct pt_regs *ctx)
 	default:
 		return 0;
 	}
+	if (cfg_wire && ((cookie & ABI_MASK) == ABI_SSL_WRITE || (cookie & ABI_MASK) == ABI_SSL_WRITE_EX))
+		wire_count(di, len);
 	if (len < MIN_SECRET_LEN || !buf)
 		return 0;
 

@@ -32,6 +32,7 @@
 
 #include <bpf/bpf_endian.h>
 #include "gcm.h"
+#include "chacha.h"
 #include "events.h"
 
 #define IPPROTO_TCP 6
@@ -101,6 +102,14 @@ struct wire_keys {
 	__u32 block_len;
 	__u32 h_suite;       /* suite pow was computed for; 0 = none */
 	struct gf_pow pow;
+	__u8 iv[12];         /* TLS 1.3 client write IV (ChaCha20's nonce base) */
+	__u32 iv_set;
+	/* Records the client has written under the current key, as counted at
+	 * SSL_write: the estimate of the next record's sequence number, which
+	 * a ChaCha20-Poly1305 record's own tag then proves or corrects. */
+	__u64 next;
+	__u32 epoch;         /* bumped when the write key changes */
+	__u32 _pad2;
 };
 
 struct {
@@ -124,6 +133,7 @@ enum kdf_kind {
 	KDF_UPDATE = 3,
 	KDF_KEY = 4,
 	KDF_KEYBLOCK = 5,
+	KDF_IV = 6,
 };
 
 struct kdf_arg {
@@ -176,7 +186,9 @@ struct wire_pending {
 	__s32 fd;
 	__u32 nmatch;
 	__u32 placed;        /* bit per hit: every byte of it is in a record */
-	__u32 _pad;
+	__u32 epoch;         /* the key's epoch at SSL_write */
+	__u64 rseq;          /* estimated sequence number of the write's first record */
+	__u64 recs;          /* records of the write seen so far */
 	struct hit match[MAX_HITS];
 };
 
@@ -187,6 +199,21 @@ struct {
 	__type(value, struct wire_pending);
 } wire_pending SEC(".maps");
 
+/* What the ChaCha20 re-tag reads and answers, kept in the scratch map: the
+ * re-tag is a global function the verifier checks once, on its own, and
+ * such a function takes only pointers to plain memory. */
+struct retag {
+	__u64 ct;            /* user address of the record's ciphertext */
+	__u64 s0;            /* the record's estimated sequence number */
+	__u64 found;         /* the sequence number its tag proved, or ~0 */
+	__u32 clen;          /* ciphertext bytes the tag covers */
+	__u32 rlen;
+	__u32 cseq;          /* TCP sequence number of the ciphertext's first byte */
+	__u32 rslots;        /* bit per patch slot armed in this record */
+	__u32 tls12;
+	__u32 bseq;          /* sequence number of the block being masked */
+};
+
 struct wire_scratch {
 	struct aes_ctx aes;
 	__u8 params[320];
@@ -195,6 +222,10 @@ struct wire_scratch {
 	__u8 old[256];
 	__u8 new[256];
 	__u8 blk[16];
+	__u8 rtag[16];
+	struct chacha_in cin;
+	struct poly poly;
+	struct retag rt;
 	struct gf acc;
 	struct gf d;
 	struct gf tag;
@@ -243,6 +274,8 @@ static __always_inline __u32 label_kind(const __u8 *l, __u64 n)
 		return KDF_UPDATE;
 	if (n == 3 && l[0] == 'k' && l[1] == 'e' && l[2] == 'y')
 		return KDF_KEY;
+	if (n == 2 && l[0] == 'i' && l[1] == 'v')
+		return KDF_IV;
 	if (n == 13 && l[0] == 'k' && l[1] == 'e' && l[2] == 'y' && l[3] == ' ' && l[4] == 'e' &&
 	    l[5] == 'x' && l[12] == 'n')
 		return KDF_KEYBLOCK;
@@ -356,12 +389,25 @@ int kdf_exit(struct pt_regs *ctx)
 		ks->key_len = n;
 		ks->tls12 = 0;
 		ks->h_suite = 0;
+		ks->iv_set = 0;
+		/* TLS 1.3: a new key's records count from 0. */
+		ks->next = 0;
+		ks->epoch++;
+		break;
+	case KDF_IV:
+		if (!same16(a.in_fp, ks->c_fp) || n != 12)
+			break;
+		__builtin_memcpy(ks->iv, w->kdf_out, 12);
+		ks->iv_set = 1;
 		break;
 	case KDF_KEYBLOCK:
 		__builtin_memcpy(ks->block, w->kdf_out, 128);
 		ks->block_len = n;
 		ks->tls12 = 1;
 		ks->h_suite = 0;
+		/* TLS 1.2: the client's Finished is record 0 of the new keys. */
+		ks->next = 1;
+		ks->epoch++;
 		break;
 	}
 	return 0;
@@ -373,23 +419,31 @@ struct suite_info {
 	__u32 nk;        /* AES key words: 4 or 8 */
 	__u32 explicit;  /* explicit nonce bytes before the ciphertext */
 	__u32 inner;     /* content type byte after the content (TLS 1.3) */
+	__u32 chacha;    /* ChaCha20-Poly1305: the tag is recomputed, not corrected */
 };
 
-/* AES-GCM suites only: the tag correction is GHASH's. */
+/* AEAD suites only: AES-GCM (tag corrected by GHASH's linearity) and
+ * ChaCha20-Poly1305 (tag recomputed). CBC suites are the pause backend's. */
 static __always_inline bool suite_info(__u32 s, struct suite_info *i)
 {
 	switch (s) {
 	case SUITE_TLS13_AES_128_GCM:
-		*i = (struct suite_info){ 4, 0, 1 };
+		*i = (struct suite_info){ 4, 0, 1, 0 };
 		return true;
 	case SUITE_TLS13_AES_256_GCM:
-		*i = (struct suite_info){ 8, 0, 1 };
+		*i = (struct suite_info){ 8, 0, 1, 0 };
+		return true;
+	case SUITE_TLS13_CHACHA20:
+		*i = (struct suite_info){ 8, 0, 1, 1 };
 		return true;
 	case 0x009c: case 0x009e: case 0xc02b: case 0xc02f: /* *_AES_128_GCM_SHA256 */
-		*i = (struct suite_info){ 4, 8, 0 };
+		*i = (struct suite_info){ 4, 8, 0, 0 };
 		return true;
 	case 0x009d: case 0x009f: case 0xc02c: case 0xc030: /* *_AES_256_GCM_SHA384 */
-		*i = (struct suite_info){ 8, 8, 0 };
+		*i = (struct suite_info){ 8, 8, 0, 0 };
+		return true;
+	case 0xcca8: case 0xcca9: case 0xccaa: /* *_CHACHA20_POLY1305_SHA256 */
+		*i = (struct suite_info){ 8, 0, 0, 1 };
 		return true;
 	}
 	return false;
@@ -402,6 +456,12 @@ static __always_inline bool ensure_h(struct wire_keys *ks, __u32 suite, struct s
 	if (ks->h_suite == suite)
 		return true;
 	__u32 klen = si->nk * 4;
+	if (si->chacha) {
+		/* TLS 1.2 key block: two 32-byte keys, two 12-byte IVs. */
+		if (si->inner)
+			return !ks->tls12 && ks->key_len == 32 && ks->iv_set;
+		return ks->tls12 && ks->block_len == 2 * 32 + 2 * 12;
+	}
 	if (si->inner) {
 		if (ks->tls12 || ks->key_len != klen)
 			return false;
@@ -485,6 +545,23 @@ static __always_inline bool seq_before(__u32 a, __u32 b)
 
 /* ---- 3. the write: serve it on the wire, or say why not ---------------- */
 
+/* Records OpenSSL makes of one write: 16 KiB of plaintext each, its default
+ * max_send_fragment. Anything else (a smaller fragment, a retried write)
+ * only moves the estimate, which ChaCha20's tag check then corrects. */
+static __always_inline __u64 records_of(__u64 len)
+{
+	return (len + 16383) >> 14;
+}
+
+/* Every SSL_write, placeholder or not, counts its records. */
+static __always_inline void wire_count(__u64 ssl, __u64 len)
+{
+	struct obj_key k = obj_key_of(ssl);
+	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
+	if (ks)
+		ks->next += records_of(len);
+}
+
 enum wire_verdict {
 	WIRE_SERVED = 0,   /* pending for the socket writes; no stop */
 	WIRE_DECIDE = 1,   /* pending, but the agent must decide a destination first */
@@ -526,6 +603,9 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 	p->cookie = c->cookie;
 	p->fd = c->fd;
 	p->nmatch = c->nmatch;
+	p->epoch = ks->epoch;
+	__u64 nrec = records_of(c->len);
+	p->rseq = ks->next > nrec ? ks->next - nrec : 0;
 	copy_hits(p->match, c->match, c->nmatch);
 	__u32 tid = c->tid;
 	bpf_map_update_elem(&wire_pending, &tid, p, BPF_ANY);
@@ -559,6 +639,10 @@ struct rec_ctx {
 	__u32 hi;            /* hit being placed */
 	__u32 a, b;          /* its part: plaintext offsets in the record */
 	__u32 j;             /* block of the part being folded */
+	/* ChaCha20-Poly1305 */
+	__u32 rslots;        /* bit per patch slot armed in this record */
+	__u32 rbits;         /* bit per hit with a part in this record */
+	__u32 rlen;
 };
 
 static long find_free(__u64 i, void *data)
@@ -642,6 +726,12 @@ static __always_inline bool arm_part(struct rec_ctx *r)
 	bpf_probe_read_kernel(slot->mask, n, w->pkt + from);
 	slot->seq = r->cseq + r->a;
 	slot->len = n;
+	r->rslots |= 1u << (r->slot & (WIRE_SLOTS - 1));
+	if (r->si.chacha) {
+		/* The tag is recomputed once the record's parts are all armed. */
+		r->parts++;
+		return true;
+	}
 
 	/* The tag: sum of d_j * H^(v - j + 2), j 1-based; Horner from the
 	 * part's first block to its last (jb), then * H^(v - jb + 1). */
@@ -683,11 +773,182 @@ static long place_hit(__u64 i, void *data)
 		stat_add(ST_WIRE_FULL, 1);
 		return 0;
 	}
+	r->rbits |= bit;
 	if (he <= re) {
 		r->p->placed |= bit;
 		r->armed |= bit;
 	}
 	return 0;
+}
+
+struct retag_ctx {
+	struct wire_scratch *w;
+	const struct wire_keys *ks;
+	const struct wire_flow *fl;
+};
+
+/* XORs into poly.b the mask bytes of armed slot i that fall in the
+ * ciphertext block at sequence number rt.bseq. */
+static long mask_slot(__u64 i, void *data)
+{
+	struct retag_ctx *x = data;
+	struct wire_scratch *w = x->w;
+	if (i >= WIRE_SLOTS)
+		return 1;
+	if (!(w->rt.rslots & (1u << i)))
+		return 0;
+	const struct wire_patch *sl = &x->fl->p[i & (WIRE_SLOTS - 1)];
+	__s32 rel = (__s32)(sl->seq - w->rt.bseq);
+	__s32 end = rel + (__s32)sl->len;
+	if (rel >= 16 || end <= 0)
+		return 0;
+	__u32 from = rel > 0 ? rel : 0, to = end < 16 ? end : 16;
+	__u32 m = from - rel, n = ((to - from - 1) & 15) + 1;
+	__builtin_memset(w->blk, 0, 16);
+	bpf_probe_read_kernel(w->blk + (from & 15), n, sl->mask + (m & (WIRE_MASK - 1)));
+	*(__u64 *)w->poly.b ^= *(__u64 *)w->blk;
+	*(__u64 *)(w->poly.b + 8) ^= *(__u64 *)(w->blk + 8);
+	return 0;
+}
+
+/* One ciphertext block into both accumulators: as written, and patched. */
+static long poly_ct_block(__u64 i, void *data)
+{
+	struct retag_ctx *x = data;
+	struct wire_scratch *w = x->w;
+	__u32 o = (__u32)i * 16;
+	if (o >= w->rt.clen)
+		return 1;
+	__u32 n = w->rt.clen - o;
+	n = n > 16 ? 16 : n;
+	__builtin_memset(w->poly.a, 0, 16);
+	if (bpf_probe_read_user(w->poly.a, ((n - 1) & 15) + 1, (void *)(w->rt.ct + o)) < 0)
+		return 1;
+	__builtin_memcpy(w->poly.b, w->poly.a, 16);
+	if (w->rt.rslots) {
+		w->rt.bseq = w->rt.cseq + o;
+		bpf_loop(WIRE_SLOTS, mask_slot, x, 0);
+	}
+	poly_blocks(&w->poly);
+	return 0;
+}
+
+/* Candidate i of the record's sequence number: the estimate, then 1, 2,
+ * 3 either side. Stops at the one whose tag over the unpatched ciphertext
+ * is the record's own; w->tag then holds that tag ^ the patched one. */
+static long try_seq(__u64 i, void *data)
+{
+	struct retag_ctx *x = data;
+	struct wire_scratch *w = x->w;
+	const struct wire_keys *ks = x->ks;
+	__s64 d = (i & 1) ? -(__s64)((i + 1) / 2) : (__s64)(i / 2);
+	if (d < 0 && w->rt.s0 < (__u64)-d)
+		return 0;
+	__u64 seq = w->rt.s0 + d;
+	bool tls12 = w->rt.tls12;
+	/* nonce = IV ^ (0^32 || seq, big-endian) */
+	__builtin_memcpy(w->cin.key, tls12 ? ks->block : ks->key, 32);
+	__builtin_memcpy(w->cin.nonce, tls12 ? ks->block + 64 : ks->iv, 12);
+	__u8 sb[8];
+	be64_store(sb, seq);
+	__u8 *nb = (__u8 *)w->cin.nonce;
+#pragma unroll
+	for (int k = 0; k < 8; k++)
+		nb[4 + k] ^= sb[k];
+	poly_init(&w->poly, &w->cin);
+	/* The additional data: TLS 1.3 the record header; TLS 1.2 the
+	 * sequence number, type, version and plaintext length. */
+	__builtin_memset(w->poly.a, 0, 16);
+	__u64 alen;
+	if (tls12) {
+		__builtin_memcpy(w->poly.a, sb, 8);
+		w->poly.a[8] = 0x17;
+		w->poly.a[9] = 3;
+		w->poly.a[10] = 3;
+		w->poly.a[11] = w->rt.clen >> 8;
+		w->poly.a[12] = w->rt.clen;
+		alen = 13;
+	} else {
+		w->poly.a[0] = 0x17;
+		w->poly.a[1] = 3;
+		w->poly.a[2] = 3;
+		w->poly.a[3] = w->rt.rlen >> 8;
+		w->poly.a[4] = w->rt.rlen;
+		alen = 5;
+	}
+	__builtin_memcpy(w->poly.b, w->poly.a, 16);
+	poly_blocks(&w->poly);
+	bpf_loop((TLS_MAX_REC + 15) / 16, poly_ct_block, x, 0);
+	*(__u64 *)w->poly.a = alen;
+	*(__u64 *)(w->poly.a + 8) = w->rt.clen;
+	__builtin_memcpy(w->poly.b, w->poly.a, 16);
+	poly_blocks(&w->poly);
+	poly_tags(&w->poly);
+	if (*(__u64 *)w->poly.th != *(__u64 *)w->rtag ||
+	    *(__u64 *)(w->poly.th + 8) != *(__u64 *)(w->rtag + 8))
+		return 0;
+	w->tag.hi = be64_load(w->poly.th) ^ be64_load(w->poly.tg);
+	w->tag.lo = be64_load(w->poly.th + 8) ^ be64_load(w->poly.tg + 8);
+	w->rt.found = seq;
+	return 1;
+}
+
+/* Finds the record's sequence number near w->rt.s0 and the tag's delta. */
+__noinline int chacha_retag_g(struct wire_scratch *w, const struct wire_keys *ks,
+			      const struct wire_flow *fl)
+{
+	if (!w || !ks || !fl)
+		return 0;
+	struct retag_ctx x = { .w = w, .ks = ks, .fl = fl };
+	w->rt.found = ~0ULL;
+	bpf_loop(7, try_seq, &x, 0);
+	return 0;
+}
+
+/* Re-tags a ChaCha20-Poly1305 record whose parts are armed, or says it
+ * cannot: an unproven key or sequence number must not touch the record. */
+static __always_inline bool chacha_retag(struct rec_ctx *r)
+{
+	struct wire_pending *p = r->p;
+	struct wire_keys *ks = r->ks;
+	struct wire_scratch *w = r->w;
+	/* The whole record, tag included, must be in this write. */
+	if (r->off + TLS_HDR + r->rlen > r->len)
+		return false;
+	w->rt.clen = r->rlen - TLS_TAG;
+	w->rt.rlen = r->rlen;
+	w->rt.ct = r->buf + r->off + TLS_HDR;
+	w->rt.cseq = r->cseq;
+	w->rt.rslots = r->rslots;
+	w->rt.tls12 = !r->si.inner;
+	if (bpf_probe_read_user(w->rtag, 16, (void *)(w->rt.ct + w->rt.clen)) < 0)
+		return false;
+	/* A key change inside the write restarts the count. */
+	w->rt.s0 = p->epoch == ks->epoch ? p->rseq + p->recs : 0;
+	chacha_retag_g(w, ks, r->fl);
+	if (w->rt.found == ~0ULL) {
+		stat_add(ST_WIRE_UNPROVEN, 1);
+		return false;
+	}
+	/* Correct the estimate for this write's later records and the next write. */
+	if (p->epoch == ks->epoch) {
+		__s64 d = (__s64)(w->rt.found - w->rt.s0);
+		p->rseq += d;
+		ks->next += d;
+	}
+	return true;
+}
+
+static __always_inline void disarm_record(struct rec_ctx *r)
+{
+#pragma unroll
+	for (int k = 0; k < WIRE_SLOTS; k++)
+		if (r->rslots & (1u << k))
+			r->fl->p[k].len = 0;
+	r->armed &= ~r->rbits;
+	r->p->placed &= ~r->rbits;
+	r->miss |= r->rbits;
+	r->parts = 0;
 }
 
 static long place_record(__u64 i, void *data)
@@ -717,6 +978,9 @@ static long place_record(__u64 i, void *data)
 	r->cseq = r->seq0 + (__u32)r->off + TLS_HDR + r->si.explicit;
 	r->v = (__u32)((plen + r->si.inner + 15) / 16);
 	r->parts = 0;
+	r->rslots = 0;
+	r->rbits = 0;
+	r->rlen = rlen;
 	r->w->tag.hi = 0;
 	r->w->tag.lo = 0;
 	/* Room for every part of this record and its tag, or none is armed:
@@ -727,6 +991,8 @@ static long place_record(__u64 i, void *data)
 	} else {
 		bpf_loop(MAX_HITS, place_hit, r, 0);
 	}
+	if (r->parts && r->si.chacha && !chacha_retag(r))
+		disarm_record(r);
 	if (r->parts) {
 		struct wire_patch *slot = free_slot(r);
 		if (!slot)
@@ -738,6 +1004,7 @@ static long place_record(__u64 i, void *data)
 		slot->len = TLS_TAG;
 	}
 	p->cursor += plen;
+	p->recs++;
 	r->off += TLS_HDR + rlen;
 	return p->cursor >= p->num;
 }

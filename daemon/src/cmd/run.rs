@@ -165,6 +165,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "wire_armed": s.wire_armed, "wire_packets": s.wire_packets,
                 "wire_misses": s.wire_misses, "wire_full": s.wire_full,
                 "wire_drops": s.wire_drops, "wire_fallbacks": s.wire_fallbacks,
+                "wire_unproven": s.wire_unproven,
             },
             "agent": &*counters,
             "audit": audit_stats.map(|a| serde_json::json!({
