@@ -58,6 +58,62 @@ pub fn probe_write_user() -> Result<bool, i32> {
     }
 }
 
+/// Whether a tc program can be attached through TCX (Linux 6.6+), which the
+/// wire backend's packet patching needs: loads a program that passes every
+/// packet on, links it to loopback's egress for the moment of the probe,
+/// and lets both go.
+pub fn tcx() -> Result<bool, i32> {
+    const fn insn(code: u8, dst: u8, off: i16, imm: i32) -> u64 {
+        (code as u64)
+            | ((dst as u64) << 8)
+            | ((off as u16 as u64) << 16)
+            | ((imm as u32 as u64) << 32)
+    }
+    // r0 = TCX_NEXT (-1): hand the packet to whatever comes next; exit.
+    let prog: [u64; 2] = [insn(0xb7, 0, 0, -1), insn(0x95, 0, 0, 0)];
+    let license = c"GPL";
+    // SAFETY: `prog` is 2 valid instructions laid out as struct bpf_insn;
+    // the license string is NUL-terminated; null opts are allowed.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            libbpf_sys::BPF_PROG_TYPE_SCHED_CLS,
+            std::ptr::null(),
+            license.as_ptr(),
+            prog.as_ptr().cast(),
+            prog.len() as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if fd < 0 {
+        return Err(fd);
+    }
+    // SAFETY: bpf_prog_load returned a fresh descriptor we own.
+    let prog_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let lo: i32 = std::fs::read_to_string("/sys/class/net/lo/ifindex")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or(-libc::ENODEV)?;
+    // SAFETY: a valid program descriptor, loopback's index as the target,
+    // and null opts, which libbpf accepts.
+    let link = unsafe {
+        libbpf_sys::bpf_link_create(
+            std::os::fd::AsRawFd::as_raw_fd(&prog_fd),
+            lo,
+            libbpf_sys::BPF_TCX_EGRESS,
+            std::ptr::null(),
+        )
+    };
+    if link >= 0 {
+        // SAFETY: bpf_link_create returned a fresh descriptor we own.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(link) });
+        return Ok(true);
+    }
+    match -link {
+        libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM => Ok(false),
+        e => Err(-e),
+    }
+}
+
 pub fn send_signal_thread() -> Result<bool, i32> {
     helper(
         libbpf_sys::BPF_PROG_TYPE_KPROBE,

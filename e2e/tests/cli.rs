@@ -84,11 +84,48 @@ fn doctor_json_reports_every_check_and_the_backend() {
     for c in v["checks"].as_array().unwrap() {
         assert!(c["ok"].is_boolean() && c["detail"].is_string(), "{c}");
     }
-    // The backend follows the kernel: lockdown refuses the in-place write.
-    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
-    if lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]") {
-        assert_eq!(v["backend"], "pause");
+    // The backend follows the kernel: TCX (Linux 6.6+) makes it the wire
+    // backend, lockdown or not; on 6.18 here it must.
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 6) {
+        assert_eq!(v["backend"], "wire", "{v}");
     }
+    let lock = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "lockdown")
+        .unwrap();
+    assert!(lock["detail"].as_str().unwrap().contains("wire"), "{lock}");
+}
+
+/// With no `--mode`, `kloak run` serves a placeholder over the wire on this
+/// kernel: no stop, the value arrives; and it warns that a command holding
+/// CAP_NET_RAW (root, here) is trusted with its patched packets.
+#[test]
+fn kloak_run_picks_the_wire_backend_by_itself() {
+    let Some(_g) = root_test() else { return };
+    let value = random_secret("auto-", 24);
+    let s = Secrets::write(&[("t", &value, "T")]);
+    let srv = TlsServer::start();
+    let cmd = format!(
+        "curl -sS --http1.1 --cacert {} -H \"Authorization: Bearer $T\" {}",
+        srv.cacert().display(),
+        srv.url("/auto")
+    );
+    let run = run_kloak(&s, &[], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_eq!(run.stats["backend"], "wire", "{}", run.stats);
+    assert_eq!(run.stats["agent"]["wire_armed"], 1, "{}", run.stats);
+    // The command ran as root: it could capture its own patched packets.
+    assert!(run.stderr().contains("CAP_NET_RAW"), "{}", run.stderr());
+    let rec = srv.records();
+    assert_eq!(count(&rec[0], value.as_bytes()), 1);
+    run.assert_no_leak(&value);
 }
 
 #[test]

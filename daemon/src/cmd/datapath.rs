@@ -101,8 +101,14 @@ pub fn choose_backend(mode: Mode, decides: Decides) -> anyhow::Result<Backend> {
     Ok(match (mode, decides) {
         (Mode::Pause, _) => Backend::Pause,
         (Mode::Wire, _) => Backend::Wire,
-        (Mode::Auto, Decides::Nothing) => doctor::auto_backend(),
-        (Mode::Auto, _) => Backend::Pause,
+        // The controller does not yet patch on the pods' host-side veths,
+        // and the in-place backend cannot ask the agent: bindings and
+        // rules stay with backends that decide per write.
+        (Mode::Auto, decides) => match doctor::auto_backend() {
+            Backend::Wire if decides != Decides::Bindings => Backend::Wire,
+            Backend::InPlace if decides == Decides::Nothing => Backend::InPlace,
+            _ => Backend::Pause,
+        },
         (Mode::Inplace, Decides::Bindings) => bail!(
             "--mode inplace: the in-place backend rewrites in the kernel without asking the agent, so it cannot enforce per-pod bindings or destination rules; the controller uses --mode pause"
         ),

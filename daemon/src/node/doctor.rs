@@ -70,9 +70,14 @@ pub fn lockdown() -> Option<String> {
     Some(s[start + 1..start + end].to_string())
 }
 
-/// The backend `--mode auto` picks: in-place only where the verifier lets a
-/// uprobe call bpf_probe_write_user.
+/// The backend `--mode auto` picks: wire wherever tc programs attach
+/// through TCX (the real value never enters the application, and nothing
+/// is stopped); else in-place where the verifier lets a uprobe call
+/// bpf_probe_write_user; else pause.
 pub fn auto_backend() -> Backend {
+    if features::tcx().unwrap_or(false) {
+        return Backend::Wire;
+    }
     match features::probe_write_user() {
         Ok(true) => Backend::InPlace,
         _ => Backend::Pause,
@@ -219,7 +224,8 @@ pub fn run_checks() -> Report {
                 Backend::InPlace => "bpf_probe_write_user allowed",
                 Backend::Pause =>
                     "bpf_probe_write_user refused, writers are paused and patched from user space",
-                Backend::Wire => "records are patched on the wire by tc programs",
+                Backend::Wire =>
+                    "TCX available: records are patched on the wire by tc programs, the pause backend serves what they cannot",
             }
         ),
     ));
