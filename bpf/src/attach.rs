@@ -86,6 +86,8 @@ pub struct SocketHooks {
     pub handshakes: Vec<usize>,
     /// libcrypto's `EVP_KDF_derive`: derives every TLS key (wire backend).
     pub kdf: Option<usize>,
+    /// `SSL_free`: the end of an object's key material (wire backend).
+    pub free: Option<usize>,
 }
 
 /// Which argument register of an fd setter holds the (sending) fd.
@@ -223,6 +225,11 @@ impl Probes {
         {
             links.push(attach(&p.kdf_enter, off, false, "EVP_KDF_derive")?);
             links.push(attach(&p.kdf_exit, off, true, "EVP_KDF_derive return")?);
+        }
+        if let Some(off) = hooks.free
+            && self.backend == Backend::Wire
+        {
+            links.push(attach(&p.ssl_free_enter, off, false, "SSL_free")?);
         }
         for &off in &hooks.handshakes {
             links.push(attach(&p.ssl_handshake_enter, off, false, "handshake")?);

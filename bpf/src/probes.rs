@@ -137,6 +137,7 @@ impl Probes {
             &mut open.progs.tls_write_scan_wire,
             &mut open.progs.kdf_enter,
             &mut open.progs.kdf_exit,
+            &mut open.progs.ssl_free_enter,
             &mut open.progs.wire_out_patch,
             &mut open.progs.wire_in_patch,
             &mut open.progs.wire_out_learn,

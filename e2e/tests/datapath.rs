@@ -403,6 +403,18 @@ fn sigkill_of_the_agent_leaves_nothing_stopped_and_placeholders_go_out_unchanged
 #[test]
 fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     let Some(_g) = root_test() else { return };
+    ring_full("pause");
+}
+
+/// The wire backend needs no agent to patch, but every substitution must be
+/// traceable: with no room to report it, nothing is armed.
+#[test]
+fn a_full_ring_buffer_arms_nothing_on_the_wire() {
+    let Some(_g) = root_test() else { return };
+    ring_full("wire");
+}
+
+fn ring_full(mode: &str) {
     let srv = TlsServer::start();
     let value = random_secret("ring-", 26);
     let s = one_secret(&value);
@@ -410,7 +422,7 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     let ca = srv.cacert().display().to_string();
     let (mut c, stats) = kloak_cmd(
         &s,
-        &["--ring-bytes", "4096"],
+        &["--ring-bytes", "4096", "--mode", mode],
         &[
             "python3",
             &py_client(),
@@ -449,11 +461,11 @@ fn a_full_ring_buffer_lets_placeholders_out_unchanged_and_counts_it() {
     assert!(st.success());
     let rec = srv.records();
     let last = rec.last().unwrap();
-    assert_eq!(count(last, value.as_bytes()), 0);
+    assert_eq!(count(last, value.as_bytes()), 0, "{mode}");
     assert_eq!(
         placeholders_in(last, value.len()).len(),
         2,
-        "placeholder went out unchanged"
+        "{mode}: placeholder went out unchanged"
     );
     let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
     assert!(

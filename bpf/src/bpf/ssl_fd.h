@@ -48,6 +48,19 @@ int ssl_handshake_enter(struct pt_regs *ctx)
 	return 0;
 }
 
+/* Wire backend: an SSL_free ends the object's key material, whether or not
+ * a patched record ever made a flow that TCP_CLOSE would clean up; and an
+ * address reused by a later SSL_new starts with no keys. */
+SEC("uprobe")
+int ssl_free_enter(struct pt_regs *ctx)
+{
+	if (!cfg_wire)
+		return 0;
+	struct obj_key k = obj_key_of(ctx->di);
+	bpf_map_delete_elem(&wire_keys, &k);
+	return 0;
+}
+
 SEC("uretprobe")
 int ssl_handshake_exit(struct pt_regs *ctx)
 {

@@ -1009,13 +1009,9 @@ static long place_record(__u64 i, void *data)
 	return p->cursor >= p->num;
 }
 
-static __always_inline void report(struct wire_pending *p, __u32 kind, __u32 bits, long fd)
+static __always_inline void fill_report(struct tls_event *e, struct wire_pending *p, __u32 bits,
+					long fd)
 {
-	if (!bits)
-		return;
-	struct tls_event *e = new_event(kind);
-	if (!e)
-		return;
 	e->buf = p->buf;
 	e->len = p->num;
 	e->cookie = p->cookie;
@@ -1029,6 +1025,16 @@ static __always_inline void report(struct wire_pending *p, __u32 kind, __u32 bit
 		n++;
 	}
 	e->nhits = n;
+}
+
+static __always_inline void report(struct wire_pending *p, __u32 kind, __u32 bits, long fd)
+{
+	if (!bits)
+		return;
+	struct tls_event *e = new_event(kind);
+	if (!e)
+		return;
+	fill_report(e, p, bits, fd);
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -1086,9 +1092,21 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	r.seq0 = BPF_CORE_READ(tp, write_seq);
 	prune(fl, BPF_CORE_READ(tp, snd_una));
 
+	/* Every substitution is traceable: with no room in the ring buffer to
+	 * say what was armed, nothing is, and the placeholders go out. */
+	struct tls_event *ev = new_event(EV_ARMED);
+	if (!ev) {
+		bpf_map_delete_elem(&wire_pending, &tid);
+		return;
+	}
 	bpf_loop(WIRE_RECORDS, place_record, &r, 0);
 
-	report(p, EV_ARMED, r.armed, fd);
+	if (r.armed) {
+		fill_report(ev, p, r.armed, fd);
+		bpf_ringbuf_submit(ev, 0);
+	} else {
+		bpf_ringbuf_discard(ev, 0);
+	}
 	report(p, EV_HELD, r.held, fd);
 	report(p, EV_WIRE_MISS, r.miss, fd);
 	__u32 narmed = __builtin_popcount(r.armed);

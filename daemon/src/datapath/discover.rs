@@ -157,6 +157,7 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
             "BIO_new_socket" if h.bio_new_socket.is_none() => h.bio_new_socket = off(),
             // libcrypto: where OpenSSL 3 derives every TLS key (wire backend).
             "EVP_KDF_derive" if h.kdf.is_none() => h.kdf = off(),
+            "SSL_free" if h.free.is_none() => h.free = off(),
             "SSL_do_handshake" | "SSL_connect" => {
                 if let Some(o) = off()
                     && !h.handshakes.contains(&o)
@@ -403,7 +404,10 @@ mod tests {
         let tls = tls_library(lib).unwrap();
         let s = &tls.sockets;
         assert!(
-            s.fd_setters.len() == 1 && s.set_bio.is_some() && s.handshakes.len() == 2,
+            s.fd_setters.len() == 1
+                && s.set_bio.is_some()
+                && s.handshakes.len() == 2
+                && s.free.is_some(),
             "{tls:?}"
         );
         let f = tls.writes;
