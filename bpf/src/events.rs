@@ -29,6 +29,9 @@ pub enum EventKind {
     /// Wire backend: no decision yet for the write's destination. The writer
     /// is stopped until the agent has decided; nothing is patched in it.
     Decide,
+    /// The hits are of require-wire secrets and the wire could not serve
+    /// the write: no other backend may, so they went out unchanged.
+    RequireWire,
 }
 
 impl EventKind {
@@ -48,6 +51,7 @@ impl EventKind {
             event_kind::EV_HELD => EventKind::Held,
             event_kind::EV_WIRE_MISS => EventKind::WireMiss,
             event_kind::EV_DECIDE => EventKind::Decide,
+            event_kind::EV_REQUIRE_WIRE => EventKind::RequireWire,
             _ => return None,
         })
     }

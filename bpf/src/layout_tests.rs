@@ -103,7 +103,7 @@ fn records_have_the_kernels_layout() {
     let btf = object_btf();
     let b = &btf;
     check_layout!(b, secret_key, [b]);
-    check_layout!(b, secret_val, [len, id, placeholder, value]);
+    check_layout!(b, secret_val, [len, id, flags, _pad, placeholder, value]);
     check_layout!(b, hit, [off, id, len, _pad, key]);
     check_layout!(
         b,
@@ -238,6 +238,7 @@ fn event_kinds_parse_as_the_kernel_means_them() {
             "EV_HELD" => EventKind::Held,
             "EV_WIRE_MISS" => EventKind::WireMiss,
             "EV_DECIDE" => EventKind::Decide,
+            "EV_REQUIRE_WIRE" => EventKind::RequireWire,
             _ => return false,
         };
         assert_eq!(EventKind::from_raw(v as u32), Some(want), "{n} = {v}");
@@ -250,7 +251,7 @@ fn event_kinds_parse_as_the_kernel_means_them() {
         seen += 1;
         true
     });
-    assert_eq!(seen, 14, "every EventKind has its enumerator");
+    assert_eq!(seen, 15, "every EventKind has its enumerator");
     assert_eq!(EventKind::from_raw(0), None);
 }
 
@@ -418,6 +419,7 @@ fn stat_slots_are_the_kernels() {
             "ST_WIRE_DROPS" => stats.wire_drops,
             "ST_WIRE_FALLBACK" => stats.wire_fallbacks,
             "ST_WIRE_UNPROVEN" => stats.wire_unproven,
+            "ST_REQUIRE_WIRE" => stats.require_wire,
             "ST_MAX" => {
                 max = Some(v);
                 return true;

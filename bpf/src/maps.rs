@@ -18,6 +18,9 @@ pub struct SecretEntry<'a> {
     pub placeholder: &'a [u8],
     /// Only given to the kernel for the in-place and wire backends.
     pub value: Option<&'a [u8]>,
+    /// Only the wire backend may serve it: the kernel never stops a writer
+    /// for it, nor writes it into the writer's memory.
+    pub require_wire: bool,
 }
 
 /// Map key of a placeholder: its random characters after `kloak:`, up to
@@ -63,6 +66,9 @@ pub struct Stats {
     /// Wire backend: ChaCha20-Poly1305 records whose sequence number no
     /// candidate near the estimate proved; they went out unpatched.
     pub wire_unproven: u64,
+    /// Placeholders of require-wire secrets sent unchanged: the wire could
+    /// not serve their write, and no other backend may.
+    pub require_wire: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -109,8 +115,47 @@ impl Stats {
             wire_drops: at(stat_idx::ST_WIRE_DROPS),
             wire_fallbacks: at(stat_idx::ST_WIRE_FALLBACK),
             wire_unproven: at(stat_idx::ST_WIRE_UNPROVEN),
+            require_wire: at(stat_idx::ST_REQUIRE_WIRE),
         }
     }
+}
+
+/// The map entry of `e` under `backend`. The value goes in only where a
+/// program of that backend reads it: the wire's patches, the in-place
+/// writes; never for a require-wire secret under the in-place backend,
+/// whose program must not write it anyway.
+fn secret_val(backend: crate::Backend, e: &SecretEntry<'_>) -> Result<types::secret_val> {
+    if e.placeholder.len() > MAX_SECRET_LEN {
+        return Err(Error::Entry("placeholder is longer than a map entry holds"));
+    }
+    let mut v = types::secret_val {
+        len: e.placeholder.len() as u32,
+        id: e.id,
+        flags: if e.require_wire {
+            types::secret_flag::SECRET_REQUIRE_WIRE.0
+        } else {
+            0
+        },
+        _pad: 0,
+        placeholder: [0; MAX_SECRET_LEN],
+        value: [0; MAX_SECRET_LEN],
+    };
+    v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
+    let wanted = match backend {
+        crate::Backend::Wire => true,
+        crate::Backend::InPlace => !e.require_wire,
+        crate::Backend::Pause => false,
+    };
+    if wanted {
+        let value = e.value.ok_or(Error::Entry(
+            "the in-place and wire backends need the value",
+        ))?;
+        if value.len() != e.placeholder.len() {
+            return Err(Error::Entry("value and placeholder differ in length"));
+        }
+        v.value[..value.len()].copy_from_slice(value);
+    }
+    Ok(v)
 }
 
 impl Probes {
@@ -118,25 +163,7 @@ impl Probes {
         let key = placeholder_key(e.placeholder).ok_or(Error::Entry(
             "placeholder lacks the kloak: prefix or is too short",
         ))?;
-        if e.placeholder.len() > MAX_SECRET_LEN {
-            return Err(Error::Entry("placeholder is longer than a map entry holds"));
-        }
-        let mut v = types::secret_val {
-            len: e.placeholder.len() as u32,
-            id: e.id,
-            placeholder: [0; MAX_SECRET_LEN],
-            value: [0; MAX_SECRET_LEN],
-        };
-        v.placeholder[..e.placeholder.len()].copy_from_slice(e.placeholder);
-        if self.backend.value_in_kernel() {
-            let value = e.value.ok_or(Error::Entry(
-                "the in-place and wire backends need the value",
-            ))?;
-            if value.len() != e.placeholder.len() {
-                return Err(Error::Entry("value and placeholder differ in length"));
-            }
-            v.value[..value.len()].copy_from_slice(value);
-        }
+        let mut v = secret_val(self.backend, e)?;
         let bytes = pod_bytes(&v);
         let r = self
             .skel
@@ -451,6 +478,45 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_carries_the_flag_and_the_value_only_where_a_program_reads_it() {
+        use crate::Backend;
+        let e = |require_wire| SecretEntry {
+            id: 7,
+            placeholder: b"kloak:ABCDEFGH",
+            value: Some(b"sk-real-value1"),
+            require_wire,
+        };
+        let flag = types::secret_flag::SECRET_REQUIRE_WIRE.0;
+        for (backend, require_wire, flags, value_in) in [
+            (Backend::Wire, true, flag, true),
+            (Backend::Wire, false, 0, true),
+            (Backend::InPlace, false, 0, true),
+            (Backend::InPlace, true, flag, false),
+            (Backend::Pause, true, flag, false),
+            (Backend::Pause, false, 0, false),
+        ] {
+            let v = secret_val(backend, &e(require_wire)).unwrap();
+            let what = format!("{backend:?}, require_wire {require_wire}");
+            assert_eq!((v.len, v.id, v.flags), (14, 7, flags), "{what}");
+            assert_eq!(&v.placeholder[..14], b"kloak:ABCDEFGH", "{what}");
+            assert_eq!(
+                v.value[..14] == *b"sk-real-value1",
+                value_in,
+                "{what}: the value in the entry"
+            );
+            if !value_in {
+                assert!(v.value.iter().all(|&b| b == 0), "{what}");
+            }
+        }
+        let short = SecretEntry {
+            value: Some(b"short"),
+            ..e(false)
+        };
+        assert!(secret_val(Backend::Wire, &short).is_err());
+        assert!(secret_val(Backend::Pause, &short).is_ok(), "no value read");
+    }
 
     #[test]
     fn key_pads_short_placeholders() {

@@ -62,6 +62,7 @@ fn write_state(dir: &Path, full: bool, conns: &[std::net::TcpStream], container:
             value: value.into_bytes(),
             hosts: vec!["api.example.com".into()],
             ports: vec![443],
+            require_wire: false,
         });
     }
     for i in 0..DNS {

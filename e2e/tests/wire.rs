@@ -317,3 +317,67 @@ fn large_writes_and_placeholders_cut_by_record_boundaries_arrive_real() {
         run.assert_no_leak(&value);
     }
 }
+
+/// A `requireWire` secret is never served by `pause`: on a CBC write (which
+/// only `pause` could serve) its placeholder goes out unchanged and counted,
+/// while an ordinary secret in the same request is still paused and arrives
+/// real. On an AEAD suite the same secret arrives real, from the wire.
+#[test]
+fn a_require_wire_secret_on_a_write_only_pause_could_serve_goes_out_as_the_placeholder() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let strict = random_secret("sk-strict-", 30);
+    let plain = random_secret("sk-plain-", 30);
+    let s = Secrets::raw(&format!(
+        "secrets:\n  - name: strict\n    value: \"{strict}\"\n    env: STRICT\n    requireWire: true\n  - name: plain\n    value: \"{plain}\"\n    env: PLAIN\n"
+    ));
+    let curl = |flags: &str, path: &str| {
+        format!(
+            "curl -sS --http1.1 {flags} --cacert {} -H \"Authorization: Bearer $STRICT\" -H \"X-Other: $PLAIN\" {}",
+            srv.cacert().display(),
+            srv.url(path)
+        )
+    };
+    let cbc = curl(
+        "--tlsv1.2 --tls-max 1.2 --ciphers ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256",
+        "/cbc",
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cbc], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.records();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(
+        count(&rec[0], strict.as_bytes()),
+        0,
+        "pause served a requireWire secret"
+    );
+    assert_eq!(
+        placeholders_in(&rec[0], strict.len()).len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&rec[0])
+    );
+    assert_eq!(
+        count(&rec[0], plain.as_bytes()),
+        1,
+        "the ordinary secret was not paused in"
+    );
+    assert_eq!(run.stats["bpf"]["require_wire"], 1, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "rewrites"), 1, "{}", run.stats);
+    run.assert_no_leak(&strict);
+    run.assert_no_leak(&plain);
+
+    let srv = TlsServer::start();
+    let aead = format!(
+        "curl -sS --http1.1 --cacert {} -H \"Authorization: Bearer $STRICT\" {}",
+        srv.cacert().display(),
+        srv.url("/gcm")
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &aead], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_all_real(&srv.records(), &strict, 1);
+    assert_eq!(run.stats["bpf"]["require_wire"], 0, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "wire_armed"), 1, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 0, "{}", run.stats);
+    run.assert_no_leak(&strict);
+}

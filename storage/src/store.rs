@@ -36,6 +36,10 @@ pub struct SecretRecord {
     pub value: Vec<u8>,
     pub hosts: Vec<String>,
     pub ports: Vec<u16>,
+    /// Served by the wire backend only (files from before it was kept read
+    /// as false).
+    #[serde(default)]
+    pub require_wire: bool,
 }
 
 impl Drop for SecretRecord {
@@ -788,7 +792,15 @@ mod tests {
             value: format!("real-value-{id:06}").into_bytes(),
             hosts: vec!["api.example.com".into()],
             ports: vec![443],
+            require_wire: id % 2 == 1,
         }
+    }
+
+    #[test]
+    fn a_secret_record_from_before_require_wire_reads_as_not_requiring_it() {
+        let old = r#"{"id":1,"name":"ns/s/k","placeholder":"kloak:ABCDEFGH","value":[49,50],"hosts":[],"ports":[]}"#;
+        let r: SecretRecord = serde_json::from_str(old).unwrap();
+        assert!(!r.require_wire);
     }
 
     #[test]

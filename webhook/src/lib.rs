@@ -15,6 +15,9 @@ pub const LABEL_MANAGED: &str = "getkloak.io/managed";
 pub const ANN_HOSTS: &str = "getkloak.io/hosts";
 /// Port (or comma-separated ports) a Secret's values may go to.
 pub const ANN_PORT: &str = "getkloak.io/port";
+/// "true": a Secret's values are served by the wire backend only; where it
+/// cannot serve a write, the placeholder goes out unchanged.
+pub const ANN_REQUIRE_WIRE: &str = "getkloak.io/require-wire";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

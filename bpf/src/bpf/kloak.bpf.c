@@ -51,3 +51,4 @@ struct allow_key _allow_key_type = {};
 struct flow_key _flow_key_type = {};
 enum allow_val _allow_val_type = 0;
 enum wire_suite _wire_suite_type = 0;
+enum secret_flag _secret_flag_type = 0;

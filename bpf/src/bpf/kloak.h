@@ -51,6 +51,7 @@ enum event_kind {
 	EV_HELD = 12,        /* wire backend: the listed hits' destination is not allowed; they go out unchanged */
 	EV_WIRE_MISS = 13,   /* wire backend: the records did not match the write; the listed hits go out unchanged */
 	EV_DECIDE = 14,      /* STOP: wire backend, no decision yet for this destination: decide, then continue (no patch) */
+	EV_REQUIRE_WIRE = 15, /* the listed hits are of require-wire secrets and the wire could not serve this write: they went out unchanged */
 };
 
 #define DNS_MAX_PAYLOAD 512
@@ -141,16 +142,26 @@ enum stat_idx {
 	ST_WIRE_DROPS = 16,  /* packets dropped because a patch could not be applied (TCP resends them) */
 	ST_WIRE_FALLBACK = 17, /* writes the wire could not serve, paused instead */
 	ST_WIRE_UNPROVEN = 18, /* ChaCha20 records no sequence number near the estimate re-tagged: left unpatched */
-	ST_MAX = 19,
+	ST_REQUIRE_WIRE = 19,  /* placeholders of require-wire secrets sent unchanged: only the wire may serve them, and it could not */
+	ST_MAX = 20,
 };
 
 struct secret_key {
 	__u8 b[KEY_LEN];
 };
 
+/* Bits of secret_val.flags. */
+enum secret_flag {
+	/* Only the wire backend may serve this secret: no other backend ever
+	 * writes its value into an application's memory. */
+	SECRET_REQUIRE_WIRE = 1,
+};
+
 struct secret_val {
 	__u32 len;
 	__u32 id;
+	__u32 flags;        /* enum secret_flag bits */
+	__u32 _pad;
 	__u8 placeholder[MAX_SECRET_LEN];
 	/* Only filled for the in-place backend; the pause backend keeps values out of the kernel. */
 	__u8 value[MAX_SECRET_LEN];

@@ -27,6 +27,7 @@ struct scan_ctx {
 	__u32 nunknown;
 	__u32 nsplit;                /* 0 or 1: only the tail can be cut */
 	__u32 flags;
+	__u32 wire_only;             /* bit per match: its secret requires the wire */
 	__s32 fd;
 	struct hit split;            /* off, len = bytes to the end, key = random characters seen */
 	struct hit hits[MAX_HITS];   /* prefix positions */
@@ -272,6 +273,8 @@ static long verify_hit(__u64 i, void *data)
 		c->match[m].id = v->id;
 		c->match[m].len = len;
 		c->match[m].key = k;
+		if (v->flags & SECRET_REQUIRE_WIRE)
+			c->wire_only |= 1u << m;
 		c->nmatch = m + 1;
 		return 0;
 	}

@@ -84,6 +84,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->nunknown = 0;
 	c->nsplit = 0;
 	c->flags = 0;
+	c->wire_only = 0;
 	bool go = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE;
 	c->fd = go ? go_conn_fd(ax) : ssl_to_fd(di);
 	c->obj = go ? 0 : di;
@@ -135,6 +136,38 @@ static __always_inline void stop_for_agent(struct scan_ctx *c, __u32 kind)
 	stop_self();
 }
 
+/* Takes the hits of require-wire secrets out of a write no wire patch
+ * serves: no other backend may write their values, so they go out
+ * unchanged, reported and counted. */
+static __always_inline void drop_wire_only(struct scan_ctx *c)
+{
+	if (!c->wire_only)
+		return;
+	struct tls_event *e = write_event(c, EV_REQUIRE_WIRE);
+	__u32 kept = 0, dropped = 0;
+#pragma unroll
+	for (int i = 0; i < MAX_HITS; i++) {
+		if (i >= c->nmatch)
+			break;
+		if (c->wire_only & (1u << i)) {
+			if (e)
+				e->hits[dropped & (MAX_HITS - 1)] = c->match[i];
+			dropped++;
+			continue;
+		}
+		if (kept != i)
+			c->match[kept & (MAX_HITS - 1)] = c->match[i];
+		kept++;
+	}
+	c->nmatch = kept;
+	c->wire_only = 0;
+	stat_add(ST_REQUIRE_WIRE, dropped);
+	if (e) {
+		e->nhits = dropped;
+		bpf_ringbuf_submit(e, 0);
+	}
+}
+
 static __always_inline bool needs_full_scan(struct scan_ctx *c)
 {
 	return c->flags & (EVF_UNREADABLE | EVF_OVERFLOW | EVF_HUFFMAN);
@@ -147,17 +180,21 @@ int tls_write_scan_pause(struct pt_regs *ctx)
 	if (!c)
 		return 0;
 	bool full_scan = needs_full_scan(c);
-	/* A full scan in user space reports its own unknown and split tokens. */
-	if (!full_scan)
+	/* A full scan in user space reports its own unknown and split tokens,
+	 * and refuses require-wire secrets itself. */
+	if (!full_scan) {
 		emit_noted(c);
-	if (!c->nmatch && !full_scan)
-		return 0;
+		drop_wire_only(c);
+		if (!c->nmatch)
+			return 0;
+	}
 	stop_for_agent(c, full_scan ? EV_SCAN : EV_REWRITE);
 	return 0;
 }
 
 /* The wire backend's phase 2: no stop when the record can be patched on
- * the wire; the pause backend serves what it cannot. */
+ * the wire; the pause backend serves what it cannot, except require-wire
+ * secrets, which then go out unchanged. */
 SEC("uprobe")
 int tls_write_scan_wire(struct pt_regs *ctx)
 {
@@ -177,6 +214,9 @@ int tls_write_scan_wire(struct pt_regs *ctx)
 			stop_for_agent(c, EV_DECIDE);
 			return 0;
 		}
+		drop_wire_only(c);
+		if (!c->nmatch)
+			return 0;
 	}
 	stat_add(ST_WIRE_FALLBACK, 1);
 	stop_for_agent(c, full_scan ? EV_SCAN : EV_REWRITE);
@@ -223,6 +263,7 @@ int tls_write_scan_inplace(struct pt_regs *ctx)
 	if (!c)
 		return 0;
 	emit_noted(c);
+	drop_wire_only(c);
 	if (!c->nmatch)
 		return 0;
 	struct lctx l = { .c = c };

@@ -298,6 +298,7 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
                 placeholder: s.placeholder.as_bytes(),
                 // Only the in-place and wire backends' programs need it.
                 value: cfg.backend.value_in_kernel().then(|| s.value.expose()),
+                require_wire: s.require_wire,
             })
             .map_err(|e| format!("secret {:?}: {e}", s.name))?;
     }

@@ -65,6 +65,15 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             "the command starts with CAP_NET_RAW in the network namespace where the wire backend patches: it could capture its own packets after the patch and decrypt the value with its own keys; run it as an unprivileged user (setpriv, su) or without that capability unless you trust it"
         );
     }
+    if backend != kloak_bpf::Backend::Wire {
+        for s in secrets.iter().filter(|s| s.require_wire) {
+            tracing::warn!(
+                secret = %s.name,
+                backend = backend.as_str(),
+                "secret has requireWire and this run does not use the wire backend: its placeholder always goes out unchanged"
+            );
+        }
+    }
     for s in secrets.iter().filter(|s| s.rules.unrestricted()) {
         tracing::warn!(secret = %s.name, "secret has no hosts or port: any destination receives it");
     }
@@ -177,6 +186,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "wire_misses": s.wire_misses, "wire_full": s.wire_full,
                 "wire_drops": s.wire_drops, "wire_fallbacks": s.wire_fallbacks,
                 "wire_unproven": s.wire_unproven,
+                "require_wire": s.require_wire,
             },
             "agent": &*counters,
             "audit": audit_stats.map(|a| serde_json::json!({

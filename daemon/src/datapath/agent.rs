@@ -422,6 +422,20 @@ impl<'p> Agent<'p> {
             wire::record(&parts, e);
             return;
         }
+        if e.kind == EventKind::RequireWire {
+            let b = crate::datapath::authorise::Blocked {
+                reason: crate::datapath::authorise::BlockReason::RequireWire,
+                dest: None,
+                names: Vec::new(),
+            };
+            for h in &e.hits {
+                if let Some(s) = self.secrets.get(h.secret_id) {
+                    self.rec
+                        .blocked(e, s, &b, backend, &|| self.auth.peer(e, self.probes));
+                }
+            }
+            return;
+        }
         let cut = e
             .split
             .as_ref()
@@ -460,6 +474,7 @@ impl<'p> Agent<'p> {
                     id: s.id,
                     placeholder: s.placeholder.as_bytes(),
                     value: Some(s.value.expose()),
+                    require_wire: s.require_wire,
                 };
                 if let Err(e) = self.probes.put_secret(&entry) {
                     tracing::warn!(secret = %s.name, error = %e, "adding the secret to secret_map failed; its placeholder goes out unchanged");
@@ -519,12 +534,14 @@ impl<'p> Agent<'p> {
         }
     }
 
-    /// What the metrics read between scrapes: the kernel's lost-event count
-    /// and how many processes the tracked containers hold.
+    /// What the metrics read between scrapes: the kernel's lost-event and
+    /// require-wire counts and how many processes the tracked containers hold.
     fn update_gauges(&self) {
         let m = self.rec.metrics();
-        m.ring_lost
-            .store(self.probes.stats().lost_events, Ordering::Relaxed);
+        let kernel = self.probes.stats();
+        m.ring_lost.store(kernel.lost_events, Ordering::Relaxed);
+        m.require_wire_unserved
+            .store(kernel.require_wire, Ordering::Relaxed);
         m.tracked_processes
             .store(self.attacher.tracked_processes(), Ordering::Relaxed);
     }

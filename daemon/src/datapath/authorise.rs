@@ -34,6 +34,9 @@ pub enum BlockReason {
     NotBound,
     /// The socket's destination is unknown or not allowed by the rules.
     Destination,
+    /// The secret requires the wire backend, which could not serve this
+    /// write; no other backend may.
+    RequireWire,
 }
 
 impl BlockReason {
@@ -42,6 +45,7 @@ impl BlockReason {
         match self {
             BlockReason::NotBound => "not_bound",
             BlockReason::Destination => "destination",
+            BlockReason::RequireWire => "require_wire",
         }
     }
 
@@ -50,6 +54,9 @@ impl BlockReason {
         match self {
             BlockReason::NotBound => "the pod does not reference this secret",
             BlockReason::Destination => "destination not allowed for this secret",
+            BlockReason::RequireWire => {
+                "the secret requires the wire backend, which could not serve this write"
+            }
         }
     }
 }

@@ -52,8 +52,9 @@ impl From<kloak_bpf::Backend> for BackendKind {
 
 /// The backend that served (or, for a stopped writer, will serve) a write
 /// the kernel reported as `kind`, on a data path loaded with `configured`.
-/// Tokens that name no secret and cut placeholders are sent unchanged by
-/// whichever backend ran; process events (exec, mmap, exit) are no write.
+/// Tokens that name no secret, cut placeholders and require-wire secrets the
+/// wire could not serve are sent unchanged by whichever backend ran;
+/// process events (exec, mmap, exit) are no write.
 pub fn serving(configured: kloak_bpf::Backend, kind: EventKind) -> Option<BackendKind> {
     match kind {
         EventKind::Rewritten | EventKind::Scrubbed => Some(BackendKind::InPlace),
@@ -61,7 +62,7 @@ pub fn serving(configured: kloak_bpf::Backend, kind: EventKind) -> Option<Backen
         EventKind::Armed | EventKind::Held | EventKind::WireMiss | EventKind::Decide => {
             Some(BackendKind::Wire)
         }
-        EventKind::Unknown | EventKind::Split => Some(configured.into()),
+        EventKind::Unknown | EventKind::Split | EventKind::RequireWire => Some(configured.into()),
         EventKind::Exec | EventKind::Mmap | EventKind::Exit => None,
     }
 }
@@ -99,6 +100,16 @@ mod tests {
         }
         // What the wire cannot serve is paused, and says so.
         assert_eq!(serving(Wire, EventKind::Rewrite), Some(BackendKind::Pause));
+        // Unless only the wire may serve it: then nothing is, under either.
+        assert_eq!(
+            serving(Wire, EventKind::RequireWire),
+            Some(BackendKind::Wire)
+        );
+        assert_eq!(
+            serving(Pause, EventKind::RequireWire),
+            Some(BackendKind::Pause)
+        );
+        assert!(!EventKind::RequireWire.leaves_stopped());
         // Every kind that leaves a thread stopped for a write is served by a
         // backend that continues it.
         for k in [EventKind::Rewrite, EventKind::Scan, EventKind::Scrub] {

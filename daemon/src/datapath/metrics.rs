@@ -34,6 +34,7 @@ pub struct Metrics {
     pub sync: Histogram,
     /// Copied from the kernel's counters by the agent now and then.
     pub ring_lost: std::sync::atomic::AtomicU64,
+    pub require_wire_unserved: std::sync::atomic::AtomicU64,
     /// Processes in the tracked containers, counted by the agent now and then.
     pub tracked_processes: std::sync::atomic::AtomicU64,
 }
@@ -48,6 +49,7 @@ impl Default for Metrics {
             // 1 ms .. ~33 s.
             sync: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             ring_lost: Default::default(),
+            require_wire_unserved: Default::default(),
             tracked_processes: Default::default(),
         }
     }

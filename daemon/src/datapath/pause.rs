@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use kloak_bpf::{Event, EventKind, Hit, MAX_HITS};
 use zeroize::Zeroizing;
 
-use crate::datapath::authorise::{Authoriser, Connections, Decision};
+use crate::datapath::authorise::{Authoriser, BlockReason, Blocked, Connections, Decision};
 use crate::datapath::backend::BackendKind;
 use crate::datapath::record::{Recorder, inc};
 use crate::datapath::rewrite::{Memory, Patched, SecretTable, patch};
@@ -88,7 +88,21 @@ impl Pause {
     }
 
     /// Whether secret `s` may go out in this write; a block is recorded.
+    /// Every value this backend writes into a process passes here.
     fn allowed(p: &Parts<'_>, e: &Event, s: &Secret) -> bool {
+        // The kernel keeps require-wire hits out of what it stops for; a
+        // user-space scan finds them all the same, and a kernel that failed
+        // to must not make this backend write the value.
+        if s.require_wire {
+            let b = Blocked {
+                reason: BlockReason::RequireWire,
+                dest: None,
+                names: Vec::new(),
+            };
+            p.rec
+                .blocked(e, s, &b, BACKEND, &|| p.auth.peer(e, p.kernel));
+            return false;
+        }
         match p.auth.decide(e, s, p.kernel) {
             Decision::Allow => true,
             Decision::Block(b) => {
@@ -463,6 +477,66 @@ mod tests {
         assert_eq!(c.unknown_tokens.load(Ordering::Relaxed), 1);
         assert_eq!(c.splits.load(Ordering::Relaxed), 1);
         assert_eq!(c.blocked.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_require_wire_secret_is_never_written_whatever_the_event() {
+        use crate::datapath::hpack;
+        let value = b"0123456789abcdef";
+        let (p3, safe) = crate::datapath::secrets::Minted::default().mint_for(value);
+        assert!(
+            safe,
+            "an HPACK-safe placeholder, so the Huffman path is tried too"
+        );
+        let mut w = World::new();
+        w.secrets
+            .insert(secret(3, &p3, value, Rules::default()).with_require_wire(true));
+        w.auth.bind(5, HashSet::from([1, 2, 3]));
+        let data = format!("a={P1}&c={p3}");
+        let at3 = data.find(&p3).unwrap() as u64;
+
+        // A stop the kernel should not have made for it (hits given), and
+        // the user-space scan (no hits): the other secret is served, this
+        // one never.
+        for kind in [EventKind::Rewrite, EventKind::Scan] {
+            let mem = Buf::new(BASE, data.as_bytes());
+            let mut e = stopped(kind, 5, Some(3), data.as_bytes());
+            if kind == EventKind::Rewrite {
+                e.hits.push(Hit {
+                    offset: at3,
+                    secret_id: 3,
+                    len: p3.len() as u32,
+                });
+            } else {
+                e.hits.clear();
+            }
+            Pause::new(true).serve(&w.parts(&mem), &e);
+            assert_eq!(text(&mem), format!("a=sk-live-value-01&c={p3}"), "{kind:?}");
+        }
+
+        // HTTP/2: its Huffman code is not swapped either.
+        let mut bits = vec![true; 3];
+        bits.extend(hpack::bits_of(p3.as_bytes()));
+        let mut h2 = vec![0u8; 2 + bits.len().div_ceil(8) + 2];
+        hpack::put_bits(&mut h2[2..], 0, &bits);
+        let mem = Buf::new(BASE, &h2);
+        let mut e = stopped(EventKind::Scan, 5, Some(3), &h2);
+        e.hits.clear();
+        e.huffman = true;
+        Pause::new(true).serve(&w.parts(&mem), &e);
+        assert_eq!(*mem.bytes.borrow(), h2, "the Huffman code was swapped");
+        assert!(
+            w.kernel
+                .armed
+                .borrow()
+                .iter()
+                .all(|(_, _, offs)| !offs.contains(&at3))
+        );
+
+        let c = &w.rec.counters;
+        assert_eq!(c.require_wire.load(Ordering::Relaxed), 3);
+        assert_eq!(c.rewrites.load(Ordering::Relaxed), 2, "secret 1, twice");
+        assert_eq!(c.blocked.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Counters {
     pub wire_misses: AtomicU64,
     /// Wire backend: writes stopped until a destination was decided.
     pub wire_decisions: AtomicU64,
+    /// Placeholders of require-wire secrets left unchanged: the wire could
+    /// not serve their write, and no other backend may.
+    pub require_wire: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -167,6 +170,15 @@ impl Recorder {
                     destination = %dest.map_or_else(|| "unknown".to_string(), |d| d.to_string()),
                     verified_names = ?names,
                     "blocked: destination not allowed for this secret; the placeholder went out unchanged"
+                );
+            }
+            BlockReason::RequireWire => {
+                inc(&self.counters.require_wire);
+                tracing::warn!(
+                    pid = e.tgid,
+                    comm = %e.comm,
+                    secret = %s.name,
+                    "blocked: the secret requires the wire backend, which could not serve this write (suite, library or keys); the placeholder went out unchanged"
                 );
             }
         }

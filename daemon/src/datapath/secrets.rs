@@ -55,6 +55,8 @@ struct SecretSpec {
     #[serde(default)]
     hosts: Vec<String>,
     port: Option<Ports>,
+    #[serde(default)]
+    require_wire: bool,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +112,10 @@ pub struct Secret {
     /// can be swapped inside an HTTP/2 header. False when no safe placeholder
     /// can match the value's code length.
     pub hpack_safe: bool,
+    /// Only the wire backend may serve it: where the wire cannot, its
+    /// placeholder goes out unchanged rather than being paused and patched
+    /// into the application's memory.
+    pub require_wire: bool,
 }
 
 impl Secret {
@@ -133,7 +139,14 @@ impl Secret {
             placeholder,
             rules,
             hpack_safe,
+            require_wire: false,
         }
+    }
+
+    /// The same secret, served by the wire backend only (`yes`) or not.
+    pub fn with_require_wire(mut self, yes: bool) -> Secret {
+        self.require_wire = yes;
+        self
     }
 }
 
@@ -265,6 +278,7 @@ fn parse(
             placeholder: String::new(),
             rules,
             hpack_safe: false,
+            require_wire: s.require_wire,
         });
     }
     let mut minted = Minted::default();
@@ -503,6 +517,35 @@ mod tests {
             .to_string();
             assert!(e.contains("\"r\"") && e.contains(rule), "{e}");
         }
+    }
+
+    #[test]
+    fn require_wire_is_opt_in_and_must_be_a_boolean() {
+        let s = parse_str(
+            "secrets:\n  - name: a\n    value: \"0123456789\"\n    env: A\n    requireWire: true\n  - name: b\n    value: \"0123456789\"\n    env: B\n  - name: c\n    value: \"0123456789\"\n    env: C\n    requireWire: false\n",
+        )
+        .unwrap();
+        let flags: Vec<bool> = s.iter().map(|s| s.require_wire).collect();
+        assert_eq!(flags, [true, false, false]);
+        for bad in ["\"yes\"", "1", "[true]"] {
+            let e = parse_str(&format!(
+                "secrets:\n  - name: r\n    value: \"super-secret-value\"\n    env: A\n    requireWire: {bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("not valid") && e.contains("requireWire"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains("super-secret-value"), "value leaked: {e}");
+        }
+        // Spelled as the file's other keys are: a snake_case key is refused.
+        let e = parse_str(
+            "secrets:\n  - name: r\n    value: \"0123456789\"\n    env: A\n    require_wire: true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("require_wire"), "{e}");
     }
 
     #[test]

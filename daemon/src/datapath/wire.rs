@@ -141,27 +141,20 @@ pub fn record(p: &Parts<'_>, e: &Event) {
     }
 }
 
-/// Attaches the tc programs to every device of the host's network
-/// namespace (`kloak run`): loopback's way out patches and learns (both
+/// Attaches the tc programs to every device of the network namespace the
+/// agent runs in (`kloak run`): loopback's way out patches and learns (both
 /// ends are local); each Ethernet device's way out patches and its way in
 /// learns suites from servers' answers. Devices added later are not
 /// covered. Fails when any device refuses, naming it.
 pub fn attach_host_devices(probes: &kloak_bpf::Probes) -> Result<Vec<libbpf_rs::Link>, String> {
     use kloak_bpf::WireHook;
     let mut links = Vec::new();
-    let dir =
-        std::fs::read_dir("/sys/class/net").map_err(|e| format!("listing /sys/class/net: {e}"))?;
-    for ent in dir.flatten() {
-        let name = ent.file_name().to_string_lossy().into_owned();
-        let read = |f: &str| std::fs::read_to_string(ent.path().join(f)).unwrap_or_default();
-        let Ok(ifindex) = read("ifindex").trim().parse::<u32>() else {
-            continue;
-        };
+    for (ifindex, (name, hatype)) in devices()? {
         // ARPHRD_ETHER and ARPHRD_LOOPBACK: the programs expect an
         // Ethernet header before IP.
-        let hooks: &[WireHook] = match read("type").trim() {
-            "772" => &[WireHook::EgressPatch],
-            "1" => &[WireHook::EgressPatch, WireHook::IngressLearn],
+        let hooks: &[WireHook] = match hatype {
+            ARPHRD_LOOPBACK => &[WireHook::EgressPatch],
+            ARPHRD_ETHER => &[WireHook::EgressPatch, WireHook::IngressLearn],
             _ => continue,
         };
         for &h in hooks {
@@ -173,4 +166,47 @@ pub fn attach_host_devices(probes: &kloak_bpf::Probes) -> Result<Vec<libbpf_rs::
         }
     }
     Ok(links)
+}
+
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+
+/// Devices of the agent's own network namespace: index -> (name, ARPHRD
+/// type), from netlink (`getifaddrs`' link entries). Not /sys/class/net:
+/// sysfs shows the devices of the namespace that mounted it, so an agent
+/// started in a namespace of its own (`unshare -n`) would see the host's
+/// and attach to indexes that name other devices, or none.
+fn devices() -> Result<std::collections::BTreeMap<u32, (String, u16)>, String> {
+    let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing network devices: {e}"))?;
+    Ok(all
+        .filter_map(|ifa| {
+            let link = *ifa.address.as_ref()?.as_link_addr()?;
+            let ifindex = u32::try_from(link.ifindex()).ok()?;
+            Some((ifindex, (ifa.interface_name, link.hatype())))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_those_of_this_network_namespace() {
+        let devs = devices().unwrap();
+        // Every namespace has its loopback, and it is the only one here
+        // with the loopback type.
+        let lo: Vec<_> = devs
+            .values()
+            .filter(|(_, t)| *t == ARPHRD_LOOPBACK)
+            .collect();
+        assert_eq!(lo.len(), 1, "{devs:?}");
+        for (ifindex, (name, _)) in &devs {
+            let sys = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"));
+            // This test runs where sysfs is this namespace's: both agree.
+            if let Ok(sys) = sys {
+                assert_eq!(sys.trim(), ifindex.to_string(), "{name}");
+            }
+        }
+    }
 }

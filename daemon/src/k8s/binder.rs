@@ -227,6 +227,7 @@ mod tests {
             value: b"0123456789abcdef".to_vec(),
             hosts: Vec::new(),
             ports: Vec::new(),
+            require_wire: false,
         };
         let mut p = Publisher::new();
         p.restore(&[

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kloak_bpf::{MAX_SECRET_LEN, MIN_SECRET_LEN, PREFIX_LEN};
-use kloak_webhook::{ANN_HOSTS, ANN_PORT};
+use kloak_webhook::{ANN_HOSTS, ANN_PORT, ANN_REQUIRE_WIRE};
 
 use crate::datapath::rules::Rules;
 use crate::datapath::secrets::SecretValue;
@@ -20,6 +20,8 @@ pub struct Checked {
     /// The rules as written, for the state file.
     pub hosts: Vec<String>,
     pub ports: Vec<u16>,
+    /// Served by the wire backend only.
+    pub require_wire: bool,
     pub warnings: Vec<String>,
 }
 
@@ -53,6 +55,18 @@ fn parse_ports(raw: &str) -> Result<Vec<u16>, String> {
                 .ok_or_else(|| format!("{ANN_PORT}: {p:?} is not a port in 1-65535"))
         })
         .collect()
+}
+
+/// Only the two spellings Kubernetes' own boolean annotations use: a
+/// misspelt "yes" must not quietly leave the secret to the pause backend.
+fn parse_require_wire(raw: Option<&str>) -> Result<bool, String> {
+    match raw.map(str::trim) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!(
+            "{ANN_REQUIRE_WIRE}: {other:?} is not \"true\" or \"false\""
+        )),
+    }
 }
 
 /// Checks a Secret. Errors name the key or annotation and the rule, never a value.
@@ -110,6 +124,7 @@ pub fn check(s: &KubeSecret) -> Result<Checked, String> {
         None => Vec::new(),
     };
     let rules = Rules::parse(&hosts, &ports).map_err(|e| format!("{ANN_HOSTS}: {e}"))?;
+    let require_wire = parse_require_wire(annotation(s, ANN_REQUIRE_WIRE))?;
     let mut warnings = Vec::new();
     if rules.unrestricted() {
         warnings.push(format!(
@@ -121,6 +136,7 @@ pub fn check(s: &KubeSecret) -> Result<Checked, String> {
         rules,
         hosts,
         ports,
+        require_wire,
         warnings,
     })
 }
@@ -190,6 +206,23 @@ mod tests {
         let e = err(&[("t", b"~~~~~~~~~~~~")], &[]);
         assert!(e.contains("HPACK"), "{e}");
         assert!(hpack_possible(b"sk-live-0123456789abcdef"));
+    }
+
+    #[test]
+    fn require_wire_takes_true_or_false_and_names_the_annotation_otherwise() {
+        let data: &[(&str, &[u8])] = &[("t", b"0123456789")];
+        let c = |ann: &[(&str, &str)]| check(&secret(data, ann)).unwrap().require_wire;
+        assert!(!c(&[]));
+        assert!(c(&[(ANN_REQUIRE_WIRE, "true")]));
+        assert!(!c(&[(ANN_REQUIRE_WIRE, "false")]));
+        for bad in ["yes", "True", "1", ""] {
+            let e = err(data, &[(ANN_REQUIRE_WIRE, bad)]);
+            assert!(
+                e.contains(ANN_REQUIRE_WIRE) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains("0123456789"), "value leaked: {e}");
+        }
     }
 
     #[test]

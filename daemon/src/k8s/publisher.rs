@@ -25,6 +25,7 @@ struct Published {
     placeholder: String,
     value: Zeroizing<Vec<u8>>,
     rules: Rules,
+    require_wire: bool,
 }
 
 #[derive(Default)]
@@ -70,18 +71,22 @@ impl Publisher {
                             placeholder: r.placeholder.clone(),
                             value: Zeroizing::new(r.value.clone()),
                             rules: rules.clone(),
+                            require_wire: r.require_wire,
                         },
                     );
                 }
             }
             if let Some(rules) = rules {
-                out.commands.push(Command::PutSecret(Secret::new(
-                    r.id,
-                    r.name.clone(),
-                    SecretValue::new(r.value.clone()),
-                    r.placeholder.clone(),
-                    rules,
-                )));
+                out.commands.push(Command::PutSecret(
+                    Secret::new(
+                        r.id,
+                        r.name.clone(),
+                        SecretValue::new(r.value.clone()),
+                        r.placeholder.clone(),
+                        rules,
+                    )
+                    .with_require_wire(r.require_wire),
+                ));
             }
         }
         out
@@ -133,7 +138,8 @@ impl Publisher {
                         SecretValue::new(value.expose().to_vec()),
                         placeholder,
                         checked.rules.clone(),
-                    ),
+                    )
+                    .with_require_wire(checked.require_wire),
                 );
             }
         }
@@ -154,6 +160,7 @@ impl Publisher {
                 p.placeholder == s.placeholder
                     && p.value[..] == *s.value.expose()
                     && p.rules == s.rules
+                    && p.require_wire == s.require_wire
             });
             if same {
                 continue;
@@ -167,6 +174,7 @@ impl Publisher {
                     value: s.value.expose().to_vec(),
                     hosts: hosts.clone(),
                     ports: ports.clone(),
+                    require_wire: s.require_wire,
                 }));
             }
             self.published.insert(
@@ -175,6 +183,7 @@ impl Publisher {
                     placeholder: s.placeholder.clone(),
                     value: Zeroizing::new(s.value.expose().to_vec()),
                     rules: s.rules.clone(),
+                    require_wire: s.require_wire,
                 },
             );
             out.commands.push(Command::PutSecret(s));
@@ -318,6 +327,42 @@ mod tests {
     }
 
     #[test]
+    fn require_wire_follows_the_annotation_into_the_data_path_and_the_record() {
+        let mut p = Publisher::new();
+        let plain = original(&[("token", TOKEN)]);
+        let sh = shadow_of(&plain, &[("token", TOKEN_P)]);
+        p.publish(&key(), Some(&plain), Some(&sh));
+        let mut wired = plain.clone();
+        wired.metadata.annotations = Some(BTreeMap::from([(
+            kloak_webhook::ANN_REQUIRE_WIRE.to_string(),
+            "true".to_string(),
+        )]));
+        // Only the flag changed: sent again, with it.
+        let e = p.publish(&key(), Some(&wired), Some(&sh));
+        match (&e.commands[..], &e.mirror[..]) {
+            ([Command::PutSecret(s)], [MirrorOp::Secret(r)]) => {
+                assert!(s.require_wire && r.require_wire);
+            }
+            _ => panic!("expected one put and one record"),
+        }
+        assert!(
+            p.publish(&key(), Some(&wired), Some(&sh))
+                .commands
+                .is_empty()
+        );
+        // A restarted agent serves the restored secret with its flag.
+        let restored = match &e.mirror[0] {
+            MirrorOp::Secret(r) => r.clone(),
+            _ => unreachable!(),
+        };
+        let e = Publisher::new().restore(&[restored]);
+        match &e.commands[..] {
+            [Command::PutSecret(s)] => assert!(s.require_wire),
+            _ => panic!("expected one put"),
+        }
+    }
+
+    #[test]
     fn a_gone_key_is_removed_and_its_record_dropped() {
         let mut p = Publisher::new();
         let orig = original(&[("token", TOKEN), ("other", OTHER)]);
@@ -386,6 +431,7 @@ mod tests {
             value: value.as_bytes().to_vec(),
             hosts: Vec::new(),
             ports: Vec::new(),
+            require_wire: false,
         }
     }
 

@@ -206,6 +206,7 @@ mod tests {
             rules: Default::default(),
             hosts: vec![],
             ports: vec![],
+            require_wire: false,
             warnings: vec![],
         }
     }

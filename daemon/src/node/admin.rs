@@ -295,6 +295,12 @@ impl Collector for StateCollector {
             )?;
             counter(
                 &mut enc,
+                "kloak_require_wire_unserved",
+                "Placeholders of require-wire secrets the kernel sent unchanged: the wire could not serve their write, and no other backend may",
+                m.require_wire_unserved.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
                 "kloak_attach_errors",
                 "TLS libraries or socket hooks the agent failed to attach to",
                 counters.attach_errors.load(Ordering::Relaxed),

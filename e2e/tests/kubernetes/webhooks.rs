@@ -240,6 +240,23 @@ async fn webhooks_mutate_deny_and_validate_through_the_apiserver_body() {
     let e = err_message(
         apps.create(
             &PostParams::default(),
+            &secret(
+                "badwire",
+                true,
+                &[("getkloak.io/require-wire", "yes")],
+                &[("k", &db)],
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        e.contains("getkloak.io/require-wire") && e.contains("\"yes\""),
+        "{e}"
+    );
+    let e = err_message(
+        apps.create(
+            &PostParams::default(),
             &secret("nohpack", true, &[], &[("k", "~~~~~~~~~~~~")]),
         )
         .await
