@@ -12,7 +12,7 @@ need_root() {
 
 # clang builds the BPF programs; libbpf/libelf/zlib link libbpf-sys; the rest are the
 # real TLS clients and tools the end-to-end tests drive.
-PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make curl openssl ca-certificates python3 libssl3 dnsmasq-base util-linux libssl-dev gnutls-bin gcc)
+PKGS=(clang llvm iptables libbpf-dev libelf-dev zlib1g-dev pkg-config make curl openssl ca-certificates python3 libssl3 dnsmasq-base util-linux libssl-dev gnutls-bin gcc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

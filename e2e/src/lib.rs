@@ -145,10 +145,28 @@ impl TlsServer {
 
     /// One port on each of `addrs`, one certificate for all of them and every test name.
     pub fn start_on(addrs: &[&str]) -> TlsServer {
+        TlsServer::start_with(addrs, None)
+    }
+
+    /// On 127.0.0.1 inside network namespace `ns`.
+    pub fn start_in(ns: &Netns) -> TlsServer {
+        TlsServer::start_with(&["127.0.0.1"], Some(ns))
+    }
+
+    fn start_with(addrs: &[&str], ns: Option<&Netns>) -> TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certificates(dir.path(), addrs);
 
-        let mut c = Command::new("python3");
+        // nsenter execs the server itself, so the child is still the server
+        // and Drop still kills it.
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(ns.net_arg()).args(["--", "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
         c.arg(fixtures().join("tls_server.py"))
             .args([
                 "--cert",
@@ -207,6 +225,99 @@ impl Drop for TlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A network namespace of its own with its loopback up, deleted on drop:
+/// for tests that change how that loopback treats packets.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(stem: &str) -> Netns {
+        let name = format!("{stem}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = Netns { name };
+        ns.run(&["ip", "netns", "add", &ns.name], false);
+        ns.run(&["ip", "link", "set", "lo", "up"], true);
+        ns
+    }
+
+    /// Runs `argv` (inside the namespace when `inside`), panicking on failure.
+    pub fn run(&self, argv: &[&str], inside: bool) -> String {
+        let mut c = if inside {
+            let mut c = Command::new("nsenter");
+            c.arg(self.net_arg()).arg("--").args(argv);
+            c
+        } else {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        let out = c
+            .output()
+            .unwrap_or_else(|e| panic!("running {argv:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{argv:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// nsenter's argument for this namespace. Not `ip netns exec`: that
+    /// also remounts /sys in a mount namespace of its own, which hides the
+    /// cgroup v2 hierarchy the agent tracks processes by.
+    fn net_arg(&self) -> String {
+        format!("--net=/run/netns/{}", self.name)
+    }
+
+    /// `c`, run inside the namespace: same program, arguments, environment
+    /// and working directory.
+    pub fn wrap(&self, c: &Command) -> Command {
+        let mut w = Command::new("nsenter");
+        w.arg(self.net_arg())
+            .arg("--")
+            .arg(c.get_program())
+            .args(c.get_args());
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => w.env(k, v),
+                None => w.env_remove(k),
+            };
+        }
+        if let Some(d) = c.get_current_dir() {
+            w.current_dir(d);
+        }
+        w
+    }
+
+    /// A counter of the namespace's `/proc/net/snmp` (`Tcp`, `RetransSegs`).
+    pub fn snmp(&self, proto: &str, field: &str) -> u64 {
+        let text = self.run(&["cat", "/proc/net/snmp"], true);
+        let mut rows = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+        let (names, values) = (
+            rows.next().expect("snmp header"),
+            rows.next().expect("snmp row"),
+        );
+        let i = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .unwrap_or_else(|| panic!("no {proto} {field} in /proc/net/snmp"));
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -574,6 +685,19 @@ pub fn kloak_cmd(secrets: &Secrets, extra: &[&str], command: &[&str]) -> (Comman
 pub fn run_kloak(secrets: &Secrets, extra: &[&str], command: &[&str], timeout: Duration) -> Run {
     let (mut c, stats) = kloak_cmd(secrets, extra, command);
     finish(&mut c, &stats, timeout)
+}
+
+/// `kloak run` inside network namespace `ns`: it attaches its tc programs to
+/// that namespace's devices.
+pub fn run_kloak_in(
+    ns: &Netns,
+    secrets: &Secrets,
+    extra: &[&str],
+    command: &[&str],
+    timeout: Duration,
+) -> Run {
+    let (c, stats) = kloak_cmd(secrets, extra, command);
+    finish(&mut ns.wrap(&c), &stats, timeout)
 }
 
 /// Runs a prepared `kloak run` and collects its output and stats file.
