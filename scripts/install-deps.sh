@@ -33,6 +33,12 @@ if ! python3 -c "import h2" >/dev/null 2>&1; then
   echo "install-deps: installing the h2 Python package"
   python3 -m pip install --quiet --root-user-action=ignore h2
 fi
+# cryptography: the wire tests decrypt a pod's own capture with its own
+# TLS keys, as a hostile application could.
+if ! python3 -c "import cryptography" >/dev/null 2>&1; then
+  echo "install-deps: installing the cryptography Python package"
+  python3 -m pip install --quiet --root-user-action=ignore cryptography
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found; Kloak needs Rust 1.90 or later (rustup toolchain)" >&2

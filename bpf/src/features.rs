@@ -89,10 +89,9 @@ pub fn tcx() -> Result<bool, i32> {
     }
     // SAFETY: bpf_prog_load returned a fresh descriptor we own.
     let prog_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let lo: i32 = std::fs::read_to_string("/sys/class/net/lo/ifindex")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or(-libc::ENODEV)?;
+    // By name in this network namespace, not through /sys/class/net: the
+    // sysfs a process sees may be another namespace's, or not mounted.
+    let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| -(e as i32))? as i32;
     // SAFETY: a valid program descriptor, loopback's index as the target,
     // and null opts, which libbpf accepts.
     let link = unsafe {

@@ -116,6 +116,7 @@ fn jaeger_objects() -> String {
 /// echo Service only, and a pod holding it as a file and in its environment.
 fn app_objects(value: &str, ca: &str) -> String {
     let client = std::fs::read_to_string(fixtures().join("py_client.py")).unwrap();
+    let capture = std::fs::read_to_string(fixtures().join("capture.py")).unwrap();
     let pod = tools_pod(
         "app",
         "app",
@@ -144,9 +145,36 @@ fn app_objects(value: &str, ca: &str) -> String {
                             "annotations": {"getkloak.io/hosts": ECHO}},
                "stringData": {"token": value}}),
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "client", "namespace": "app"},
-               "data": {"py_client.py": client, "ca.pem": ca}}),
+               "data": {"py_client.py": client, "capture.py": capture, "ca.pem": ca}}),
         pod,
     ])
+}
+
+/// What the ready agent pod serves on /metrics.
+fn agent_metrics(c: &Cluster) -> String {
+    let agent_ip = c.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "pod",
+        &agent_pod(c).expect("a ready agent pod"),
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let (code, metrics) = http_get(
+        format!("{}:9090", agent_ip.trim()).parse().unwrap(),
+        "/metrics",
+    );
+    assert_eq!(code, 200, "{metrics}");
+    metrics
+}
+
+/// The sum of a metric's samples whose line starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// What the echo server recorded, by request path.
@@ -415,6 +443,88 @@ fn the_chart_on_a_real_node_rewrites_for_allowed_hosts_survives_restarts_and_uni
     );
     c.phase("curl and Python: value to the echo Service, placeholder elsewhere");
 
+    // --- the wire, on the host side of the pod's veth ----------------------------
+    // Both were served by the wire backend (auto picks it on this kernel),
+    // patched where the pod cannot look.
+    let exec = |cmd: &str| c.kubectl(&["-n", "app", "exec", "app", "--", "sh", "-c", cmd]);
+    let metrics = agent_metrics(&c);
+    assert!(
+        metric(
+            &metrics,
+            r#"kloak_substitutions_total{outcome="rewritten",backend="wire""#
+        ) >= 4.0,
+        "not served by the wire: {metrics}"
+    );
+    assert!(metric(&metrics, "kloak_wire_veths") >= 1.0, "{metrics}");
+    // The pod holds CAP_NET_RAW in its own network namespace (containers
+    // get it by default): it taps its own eth0 and decrypts the capture
+    // with the keys its TLS library logged. It reads the placeholder only,
+    // while the echo server receives the value.
+    exec(
+        "nohup python3 /client/capture.py eth0 /tmp/eth0.cap > /tmp/capture.out 2>&1 & \
+          echo $! > /tmp/capture.pid; \
+          for i in $(seq 50); do grep -q READY /tmp/capture.out && break; sleep 0.1; done",
+    );
+    exec(&format!(
+        "SSLKEYLOGFILE=/tmp/keys.log python3 /client/py_client.py request --port 443 \
+         --cacert /client/ca.pem --host {ECHO} --path /captured"
+    ));
+    exec("sleep 0.5; kill $(cat /tmp/capture.pid)");
+    let cap_dir = tempfile::tempdir().unwrap();
+    for f in ["eth0.cap", "keys.log"] {
+        use base64::Engine;
+        let b = exec(&format!("base64 -w0 /tmp/{f}"));
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .unwrap_or_else(|e| panic!("{f} from the pod: {e}"));
+        std::fs::write(cap_dir.path().join(f), bytes).unwrap();
+    }
+    let out = Command::new("python3")
+        .arg(fixtures().join("tls13_decrypt.py"))
+        .arg("--capture")
+        .arg(cap_dir.path().join("eth0.cap"))
+        .arg("--keylog")
+        .arg(cap_dir.path().join("keys.log"))
+        .args(["--port", "443"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        use base64::Engine;
+        let v: Value = serde_json::from_str(l).unwrap();
+        seen.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(v["plaintext"].as_str().unwrap())
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        count(&seen, b"POST /captured"),
+        1,
+        "the pod's own capture did not decrypt: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        count(&seen, value.as_bytes()),
+        0,
+        "the pod read the value from its own capture"
+    );
+    assert_eq!(count(&seen, placeholder.as_bytes()), 2);
+    let captured = c.eventually("the captured request at the echo server", LONG, || {
+        echo_records(&c).into_iter().find(|(p, _)| p == "/captured")
+    });
+    assert_eq!(
+        count(&captured.1, value.as_bytes()),
+        2,
+        "the echo server got the value"
+    );
+    c.phase("the wire: patched on the host side of the pod's veth; the pod's own capture holds only the placeholder");
+
     // --- Jaeger ---------------------------------------------------------------
     let jaeger_ip = c.kubectl(&[
         "-n",
@@ -588,20 +698,7 @@ fn the_chart_on_a_real_node_rewrites_for_allowed_hosts_survives_restarts_and_uni
         );
         kloak_e2e::ledger::keep_log_text("cluster", &log);
     }
-    let agent_ip = c.kubectl(&[
-        "-n",
-        NS,
-        "get",
-        "pod",
-        &agent_pod(&c).expect("a ready agent pod"),
-        "-o",
-        "jsonpath={.status.podIP}",
-    ]);
-    let (code, metrics) = http_get(
-        format!("{}:9090", agent_ip.trim()).parse().unwrap(),
-        "/metrics",
-    );
-    assert_eq!(code, 200);
+    let metrics = agent_metrics(&c);
     assert!(metrics.contains("kloak_substitutions_total{"), "{metrics}");
     assert_eq!(
         count(metrics.as_bytes(), value.as_bytes()),

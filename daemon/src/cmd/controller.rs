@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kube::Client;
 
-use crate::cmd::datapath::{self, Datapath, DatapathOpts, Decides, Spec};
+use crate::cmd::datapath::{self, Datapath, DatapathOpts, Decides, Spec, WireHooks};
 use crate::datapath::guardian;
 use crate::k8s::certs::{self, CertOpts};
 use crate::k8s::containers::Layout;
@@ -361,7 +361,7 @@ fn start_datapath(
             secrets: Vec::new(),
             track: None,
             per_pod: true,
-            wire_host: false,
+            wire_hooks: WireHooks::PodVeths,
             guardian,
             mirror,
             audit,

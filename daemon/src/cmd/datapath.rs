@@ -101,11 +101,11 @@ pub fn choose_backend(mode: Mode, decides: Decides) -> anyhow::Result<Backend> {
     Ok(match (mode, decides) {
         (Mode::Pause, _) => Backend::Pause,
         (Mode::Wire, _) => Backend::Wire,
-        // The controller does not yet patch on the pods' host-side veths,
-        // and the in-place backend cannot ask the agent: bindings and
-        // rules stay with backends that decide per write.
+        // The in-place backend cannot ask the agent: bindings and rules
+        // stay with backends that decide per write (the wire's decisions
+        // are the agent's too, written into wire_allow).
         (Mode::Auto, decides) => match doctor::auto_backend() {
-            Backend::Wire if decides != Decides::Bindings => Backend::Wire,
+            Backend::Wire => Backend::Wire,
             Backend::InPlace if decides == Decides::Nothing => Backend::InPlace,
             _ => Backend::Pause,
         },
@@ -129,6 +129,16 @@ pub fn choose_backend(mode: Mode, decides: Decides) -> anyhow::Result<Backend> {
     })
 }
 
+/// Where the wire backend's tc programs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireHooks {
+    /// Every device of the agent's network namespace (`kloak run`).
+    HostDevices,
+    /// The host side of every pod's veth, new ones included (the node
+    /// agent): where the pod's own `CAP_NET_RAW` cannot see the patch.
+    PodVeths,
+}
+
 /// What a command asks of the data path beyond the shared flags.
 pub struct Spec {
     pub backend: Backend,
@@ -142,8 +152,8 @@ pub struct Spec {
     pub track: Option<(u64, PathBuf)>,
     /// Per-pod bindings (the node agent).
     pub per_pod: bool,
-    /// The wire backend patches on every device of the host (`kloak run`).
-    pub wire_host: bool,
+    /// Where the wire backend patches.
+    pub wire_hooks: WireHooks,
     pub guardian: Guardian,
     pub mirror: Option<Mirror>,
     pub audit: Option<kloak_observability::Audit>,
@@ -219,7 +229,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
                 }
             };
             // The wire backend's tc programs, before any write can arm a patch.
-            let wire_links = if backend == Backend::Wire && spec.wire_host {
+            let wire_links = if backend == Backend::Wire && spec.wire_hooks == WireHooks::HostDevices {
                 match crate::datapath::wire::attach_host_devices(&probes) {
                     Ok(l) => l,
                     Err(e) => {
@@ -231,6 +241,25 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
                 }
             } else {
                 Vec::new()
+            };
+            // The pods' veths: hooked by the agent's loop, now and whenever
+            // a pod's veth appears.
+            let pod_veths = if backend == Backend::Wire && spec.wire_hooks == WireHooks::PodVeths {
+                if let Err(e) = crate::datapath::veths::enter_host_netns() {
+                    let _ = ready_tx.send(Err(e));
+                    return None;
+                }
+                match crate::datapath::veths::PodVeths::new() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!(
+                            "listening for the pods' veths (the wire backend patches on their host side): {e}"
+                        )));
+                        return None;
+                    }
+                }
+            } else {
+                None
             };
             let mut agent = Agent::new(
                 &probes,
@@ -246,6 +275,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
                     audit: spec.audit,
                     metrics: spec.metrics,
                     commands: rx,
+                    pod_veths,
                     wake: setup_wake,
                 },
             );

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::cmd::datapath::{self, DatapathOpts, Decides, Spec};
+use crate::cmd::datapath::{self, DatapathOpts, Decides, Spec, WireHooks};
 use crate::datapath::cgroup::Cgroup;
 use crate::datapath::guardian;
 use crate::datapath::secrets;
@@ -117,7 +117,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             secrets,
             track: Some((cg.id, cg.path.clone())),
             per_pod: false,
-            wire_host: true,
+            wire_hooks: WireHooks::HostDevices,
             guardian,
             mirror: None,
             audit: audit.clone(),

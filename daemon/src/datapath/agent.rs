@@ -38,6 +38,7 @@ use crate::datapath::restore::{Records, restore};
 use crate::datapath::rewrite::{ProcMem, SecretTable};
 use crate::datapath::secrets::Secret;
 use crate::datapath::stops::{GroupState, Groups};
+use crate::datapath::veths::PodVeths;
 use crate::datapath::wire;
 use crate::state::mirror::{self, Mirror};
 
@@ -119,6 +120,9 @@ pub struct Setup {
     pub audit: Option<kloak_observability::Audit>,
     pub metrics: Arc<Metrics>,
     pub commands: std::sync::mpsc::Receiver<Command>,
+    /// The node agent's wire hooks on the pods' host-side veths, kept up
+    /// to date as pods come and go.
+    pub pod_veths: Option<PodVeths<libbpf_rs::Link>>,
     /// Written after each command, so the loop wakes at once instead of at
     /// its next poll timeout.
     pub wake: Arc<EventFd>,
@@ -141,6 +145,7 @@ pub struct Agent<'p> {
     start_times: HashMap<u32, u64>,
     /// Where sockets really point, for the wire backend's decisions.
     peers: RefCell<crate::datapath::sockets::Peers>,
+    pod_veths: Option<PodVeths<libbpf_rs::Link>>,
 }
 
 /// The kernel as the wire backend's decisions see it.
@@ -187,6 +192,7 @@ impl<'p> Agent<'p> {
             mirror: s.mirror,
             start_times: HashMap::new(),
             peers: Default::default(),
+            pod_veths: s.pod_veths,
         }
     }
 
@@ -274,6 +280,14 @@ impl<'p> Agent<'p> {
             }
             self.mirror_conns(conn_queue.take());
             self.attacher.tick(probes, &self.rec.counters);
+            if let Some(v) = &mut self.pod_veths {
+                let refused = v.tick(probes);
+                let c = &self.rec.counters;
+                c.wire_hook_errors
+                    .fetch_add(refused.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                c.wire_veths
+                    .store(v.hooked() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             if stops && !self.busy_poll.is_zero() {
                 busy_until = Instant::now() + self.busy_poll;
             }

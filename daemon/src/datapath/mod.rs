@@ -33,4 +33,5 @@ pub mod rules;
 pub mod secrets;
 pub mod sockets;
 pub mod stops;
+pub mod veths;
 pub mod wire;

@@ -58,6 +58,10 @@ pub struct Counters {
     /// Placeholders of require-wire secrets left unchanged: the wire could
     /// not serve their write, and no other backend may.
     pub require_wire: AtomicU64,
+    /// Node agent, wire backend: pods' host-side veths hooked now, and
+    /// veths that refused the hooks (their pods' writes go to pause).
+    pub wire_veths: AtomicU64,
+    pub wire_hook_errors: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {

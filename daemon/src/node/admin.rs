@@ -307,6 +307,18 @@ impl Collector for StateCollector {
             )?;
             gauge(
                 &mut enc,
+                "kloak_wire_veths",
+                "Pods' host-side veths carrying the wire backend's tc programs",
+                counters.wire_veths.load(Ordering::Relaxed) as i64,
+            )?;
+            counter(
+                &mut enc,
+                "kloak_wire_hook_errors",
+                "Pods' veths that refused the wire backend's tc programs (their pods' writes go to pause)",
+                counters.wire_hook_errors.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
                 "kloak_tracked_processes",
                 "Processes in the containers the agent tracks",
                 m.tracked_processes.load(Ordering::Relaxed) as i64,

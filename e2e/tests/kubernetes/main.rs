@@ -14,3 +14,4 @@ mod shadows;
 mod spans;
 mod state_file;
 mod webhooks;
+mod wire;
