@@ -6,7 +6,13 @@ export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin"
 [ "$(id -u)" = 0 ] || { echo "scripts/bench.sh: run as root" >&2; exit 1; }
 scripts/install-deps.sh
 command -v bpftool >/dev/null || { apt-get install -y -qq bpftool >/dev/null; }
+# The wire section's peer: a TLS-terminating nginx that adds the header.
+# Only the benchmark needs it, so it is installed here, not by install-deps.sh.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || {
+  apt-get install -y -qq nginx-light >/dev/null || apt-get install -y -qq nginx >/dev/null; }
 cargo build --release -p kloak --locked
+# BENCH_ONLY=wire (or any of scripts/bench.py's sections): those sections only.
+[ -n "${BENCH_ONLY:-}" ] && exec python3 scripts/bench.py
 e2e/k8s-tools/build.sh >/dev/null
 # State file: restart to ready with 10,000 secrets, 1,000 DNS answers and
 # 10,000 connections (target/bench/startup.json); the mirror's cost to the
