@@ -143,6 +143,7 @@ impl Probes {
             &mut open.progs.wire_out_learn,
             &mut open.progs.wire_in_learn,
             &mut open.progs.wire_sock_state,
+            &mut open.progs.wire_send_prog,
         ] {
             p.set_autoload(wire);
         }
@@ -161,6 +162,17 @@ impl Probes {
                 map: "phase2_progs",
                 source,
             })?;
+
+        if wire {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&skel.progs.wire_send_prog.as_fd()) as u32;
+            skel.maps
+                .wire_send_progs
+                .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|source| Error::Map {
+                    map: "wire_send_progs",
+                    source,
+                })?;
+        }
 
         let mut tracepoints = Vec::new();
         for (prog, cat, name) in [
