@@ -412,8 +412,9 @@ fn server_for(tls13: Option<&str>) -> (TlsServer, Option<tempfile::TempDir>) {
 fn assert_wire_only(run: &Run, name: &str, armed: u64) {
     assert!(
         run.stdout().contains(" sigcont=0"),
-        "{name}: the Go client was stopped: {}",
-        run.stdout()
+        "{name}: the Go client was stopped: {} {}",
+        run.stdout(),
+        run.stats
     );
     assert_eq!(
         agent_stat(run, "wire_armed"),
@@ -570,4 +571,42 @@ fn go_large_bodies_in_small_dynamic_records_arrive_real() {
         assert_wire_only(&run, name, 6);
         run.assert_no_leak(&value);
     }
+}
+
+/// Go over HTTP/2 (ALPN h2, the recording h2 server): header and body
+/// arrive real. HPACK Huffman-codes the header value, so the kernel's scan
+/// cannot find it and that write is served by `pause` (a user-space scan);
+/// DATA frames carry the body's placeholder in clear and are the wire's.
+#[test]
+fn go_http2_body_is_served_by_the_wire_and_its_huffman_header_by_pause() {
+    let Some(_g) = root_test() else { return };
+    let srv = H2Server::start();
+    let value = random_secret("go-h2-wire-", 32);
+    let s = one_secret(&value);
+    let cmd = format!(
+        "{} -h2 -url https://localhost:{}/h2 -cacert {} -n 2",
+        go_client().display(),
+        srv.port,
+        srv.cacert().display()
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let records = srv.records();
+    assert_eq!(records.len(), 2, "{}", run.stats);
+    let expected = format!("Bearer {value}");
+    for r in &records {
+        assert!(r.get("error").is_none(), "HPACK: {r}");
+        assert_eq!(r["headers"]["authorization"], expected.as_str());
+        let body = r["body"].as_str().unwrap();
+        assert!(body.contains(&value) && !body.contains("kloak:"), "{r}");
+    }
+    // Two bodies on the wire; one Huffman-coded header (the second request
+    // names it from HPACK's dynamic table) by a pause and a user-space scan.
+    assert_eq!(agent_stat(&run, "wire_armed"), 2, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "huffman_rewrites"), 1, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "user_scans"), 1, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "wire_misses"), 0, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 1, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_drops"], 0, "{}", run.stats);
+    run.assert_no_leak(&value);
 }
