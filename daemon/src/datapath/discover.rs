@@ -502,6 +502,20 @@ mod tests {
     }
 
     #[test]
+    fn go_key_probes_sit_after_the_stack_check_jump_or_nowhere() {
+        // cmp 0x10(%r14),%rsp; jbe rel32; push %rbp
+        let small = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 1, 0, 0, 0, 0x55];
+        assert_eq!(go_body_start(&small), Some(10));
+        // lea -N(%rsp),%r12 (disp32); cmp 0x10(%r14),%r12; jbe rel8
+        let big = [
+            0x4c, 0x8d, 0xa4, 0x24, 0xc8, 0xfe, 0xff, 0xff, 0x4d, 0x3b, 0x66, 0x10, 0x76, 0x20,
+        ];
+        assert_eq!(go_body_start(&big), Some(14));
+        // No known stack check: no probe point, so no key route at all.
+        assert_eq!(go_body_start(&[0x55, 0x48, 0x89, 0xe5]), None);
+    }
+
+    #[test]
     fn openssl_probe_moves_to_the_shared_internal_write_when_the_prologue_is_known() {
         // SSL_write_ex at 0x100: sub $8,%rsp; call 0x40 (rel = 0x40 - 0x109)
         let mut data = vec![0xccu8; 0x200];
