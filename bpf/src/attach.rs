@@ -88,6 +88,25 @@ pub struct SocketHooks {
     pub kdf: Option<usize>,
     /// `SSL_free`: the end of an object's key material (wire backend).
     pub free: Option<usize>,
+    /// Go `crypto/tls`: where the wire backend learns a `*tls.Conn`'s keys.
+    pub go_keys: Option<GoKeyHooks>,
+}
+
+/// File offsets of the Go `crypto/tls` functions the wire backend's key
+/// route probes. All or none: a route with a function missing could
+/// attribute a key to the wrong connection, so it is not attached at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoKeyHooks {
+    /// `(*Conn).handshakeContext`: which `*Conn` a goroutine is in.
+    pub handshake: usize,
+    /// `(*halfConn).setTrafficSecret` (TLS 1.3 and KeyUpdate).
+    pub set_secret: usize,
+    /// `aeadAESGCMTLS13`, `aeadAESGCM`, `aeadChaCha20Poly1305`.
+    pub aeads: [usize; 3],
+    /// `(*halfConn).encrypt`: one call per record, sending side only.
+    pub encrypt: usize,
+    /// `(*Conn).Close`: the end of the connection's keys.
+    pub close: usize,
 }
 
 /// Which argument register of an fd setter holds the (sending) fd.
@@ -230,6 +249,42 @@ impl Probes {
             && self.backend == Backend::Wire
         {
             links.push(attach(&p.ssl_free_enter, off, false, "SSL_free")?);
+        }
+        if let Some(g) = &hooks.go_keys
+            && self.backend == Backend::Wire
+        {
+            links.push(attach(
+                &p.go_handshake_enter,
+                g.handshake,
+                false,
+                "crypto/tls.(*Conn).handshakeContext",
+            )?);
+            links.push(attach(
+                &p.go_set_secret,
+                g.set_secret,
+                false,
+                "crypto/tls.(*halfConn).setTrafficSecret",
+            )?);
+            for &off in &g.aeads {
+                links.push(attach(
+                    &p.go_aead,
+                    off,
+                    false,
+                    "crypto/tls AEAD constructor",
+                )?);
+            }
+            links.push(attach(
+                &p.go_encrypt,
+                g.encrypt,
+                false,
+                "crypto/tls.(*halfConn).encrypt",
+            )?);
+            links.push(attach(
+                &p.go_close_enter,
+                g.close,
+                false,
+                "crypto/tls.(*Conn).Close",
+            )?);
         }
         for &off in &hooks.handshakes {
             links.push(attach(&p.ssl_handshake_enter, off, false, "handshake")?);

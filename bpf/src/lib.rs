@@ -28,7 +28,7 @@ pub mod sys;
 #[cfg(test)]
 mod layout_tests;
 
-pub use attach::{FdArg, SocketHooks, WireHook, WriteAbi};
+pub use attach::{FdArg, GoKeyHooks, SocketHooks, WireHook, WriteAbi};
 pub use events::{
     Conn, ConnChange, ConnEvent, DnsEvent, Event, EventKind, EventReader, Hit, SplitTail,
 };

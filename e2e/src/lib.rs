@@ -145,15 +145,21 @@ impl TlsServer {
 
     /// One port on each of `addrs`, one certificate for all of them and every test name.
     pub fn start_on(addrs: &[&str]) -> TlsServer {
-        TlsServer::start_with(addrs, None)
+        TlsServer::start_with(addrs, None, &[])
+    }
+
+    /// Like [`TlsServer::start_on`], the server's process with `env` set
+    /// (`OPENSSL_CONF`: the TLS 1.3 suites a client cannot choose itself).
+    pub fn start_with_env(addrs: &[&str], env: &[(&str, &str)]) -> TlsServer {
+        TlsServer::start_with(addrs, None, env)
     }
 
     /// On 127.0.0.1 inside network namespace `ns`.
     pub fn start_in(ns: &Netns) -> TlsServer {
-        TlsServer::start_with(&["127.0.0.1"], Some(ns))
+        TlsServer::start_with(&["127.0.0.1"], Some(ns), &[])
     }
 
-    fn start_with(addrs: &[&str], ns: Option<&Netns>) -> TlsServer {
+    fn start_with(addrs: &[&str], ns: Option<&Netns>, env: &[(&str, &str)]) -> TlsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certificates(dir.path(), addrs);
 
@@ -177,6 +183,7 @@ impl TlsServer {
                 "record.jsonl",
             ])
             .args(["--bind", &addrs.join(",")])
+            .envs(env.iter().copied())
             .current_dir(dir.path());
         let (child, port) = spawn_listening(&mut c, "the TLS server");
         TlsServer { port, dir, child }
@@ -769,6 +776,32 @@ pub fn go_client() -> PathBuf {
             .status()
             .expect("go is installed");
         assert!(st.success(), "building the Go client failed");
+        bin
+    })
+    .clone()
+}
+
+/// The Go client stripped of its symbols (`-ldflags=-s -w`): only
+/// `.gopclntab` names its functions.
+pub fn stripped_go_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = workspace_root().join("target/e2e-bin/goclient-stripped");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        let st = Command::new("go")
+            .args(["build", "-ldflags=-s -w", "-o"])
+            .arg(&bin)
+            .arg("main.go")
+            .current_dir(fixtures().join("goclient"))
+            .env("CGO_ENABLED", "0")
+            .status()
+            .expect("go runs");
+        assert!(st.success(), "building the stripped Go client failed");
+        let nm = Command::new("nm").arg(&bin).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&nm.stderr).contains("no symbols"),
+            "the Go client must be stripped for this test"
+        );
         bin
     })
     .clone()

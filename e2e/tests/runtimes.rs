@@ -47,30 +47,6 @@ fn static_client() -> PathBuf {
     .clone()
 }
 
-fn stripped_go_client() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let bin = workspace_root().join("target/e2e-bin/goclient-stripped");
-        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        let st = Command::new("go")
-            .args(["build", "-ldflags=-s -w", "-o"])
-            .arg(&bin)
-            .arg("main.go")
-            .current_dir(fixtures().join("goclient"))
-            .env("CGO_ENABLED", "0")
-            .status()
-            .expect("go runs");
-        assert!(st.success(), "building the stripped Go client failed");
-        let nm = Command::new("nm").arg(&bin).output().unwrap();
-        assert!(
-            String::from_utf8_lossy(&nm.stderr).contains("no symbols"),
-            "the Go client must be stripped for this test"
-        );
-        bin
-    })
-    .clone()
-}
-
 fn rustls_client() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

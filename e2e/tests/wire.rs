@@ -100,11 +100,20 @@ fn curl_gets_the_real_value_over_the_wire_for_every_aead_suite() {
 /// An OpenSSL configuration file that limits TLS 1.3 to ChaCha20-Poly1305,
 /// for clients that cannot choose TLS 1.3 suites themselves (Python).
 fn chacha_only_conf(dir: &std::path::Path) -> String {
-    let p = dir.join("chacha.cnf");
+    tls13_only_conf(dir, "TLS_CHACHA20_POLY1305_SHA256")
+}
+
+/// An OpenSSL configuration file that limits TLS 1.3 to `suite`: for a
+/// client (Python) or for the recording server, when the client (Go)
+/// cannot choose TLS 1.3 suites.
+fn tls13_only_conf(dir: &std::path::Path, suite: &str) -> String {
+    let p = dir.join(format!("{suite}.cnf"));
     std::fs::write(
         &p,
-        "openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\nsystem_default = sys\n\
-         [sys]\nCiphersuites = TLS_CHACHA20_POLY1305_SHA256\n",
+        format!(
+            "openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\nsystem_default = sys\n\
+             [sys]\nCiphersuites = {suite}\n"
+        ),
     )
     .unwrap();
     p.display().to_string()
@@ -532,5 +541,225 @@ fn ipv6_connections_get_the_real_value_over_the_wire() {
         "python: {}",
         run.stats
     );
+    run.assert_no_leak(&value);
+}
+
+/// A recording server whose TLS 1.3 is limited to `tls13` (None: any), so
+/// that a Go client, which cannot choose TLS 1.3 suites, gets that one.
+fn server_for(tls13: Option<&str>) -> (TlsServer, Option<tempfile::TempDir>) {
+    let Some(suite) = tls13 else {
+        return (TlsServer::start(), None);
+    };
+    let d = tempfile::tempdir().unwrap();
+    let conf = tls13_only_conf(d.path(), suite);
+    (
+        TlsServer::start_with_env(&["127.0.0.1"], &[("OPENSSL_CONF", &conf)]),
+        Some(d),
+    )
+}
+
+/// Every placeholder of the Go client's run was armed on the wire: none
+/// paused, none missed, no packet dropped, no ChaCha20 record unproven, and
+/// the client itself saw no SIGCONT (its exec's stop comes before its
+/// handler; any later stop would be counted).
+fn assert_wire_only(run: &Run, name: &str, armed: u64) {
+    assert!(
+        run.stdout().contains(" sigcont=0"),
+        "{name}: the Go client was stopped: {} {}",
+        run.stdout(),
+        run.stats
+    );
+    assert_eq!(
+        agent_stat(run, "wire_armed"),
+        armed,
+        "{name}: {}",
+        run.stats
+    );
+    assert_eq!(agent_stat(run, "rewrites"), armed, "{name}: {}", run.stats);
+    for k in ["wire_misses", "wire_decisions", "user_scans"] {
+        assert_eq!(agent_stat(run, k), 0, "{name}: agent.{k}: {}", run.stats);
+    }
+    for k in ["wire_fallbacks", "wire_drops", "wire_unproven"] {
+        assert_eq!(run.stats["bpf"][k], 0, "{name}: bpf.{k}: {}", run.stats);
+    }
+    assert!(
+        run.stats["bpf"]["wire_packets"].as_u64() >= Some(1),
+        "{name}: {}",
+        run.stats
+    );
+}
+
+/// Go `crypto/tls` (net/http, keep-alive, three requests on one
+/// connection): TLS 1.3 with each of its three suites (the server limits
+/// them; Go's client cannot) and TLS 1.2 with each AEAD through Go's
+/// `CipherSuites`. Every header and body arrives real, the process is never
+/// stopped, and the suite is the one meant.
+#[test]
+fn go_gets_the_real_value_over_the_wire_for_every_aead_suite() {
+    let Some(_g) = root_test() else { return };
+    let cases: [(&str, Option<&str>, &[&str], &str); 6] = [
+        (
+            "tls13-aes128",
+            Some("TLS_AES_128_GCM_SHA256"),
+            &[],
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            "tls13-aes256",
+            Some("TLS_AES_256_GCM_SHA384"),
+            &[],
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "tls13-chacha20",
+            Some("TLS_CHACHA20_POLY1305_SHA256"),
+            &[],
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "tls12-aes128",
+            None,
+            &["-tls12", "-suite", "aes128"],
+            "_WITH_AES_128_GCM_SHA256",
+        ),
+        (
+            "tls12-aes256",
+            None,
+            &["-tls12", "-suite", "aes256"],
+            "_WITH_AES_256_GCM_SHA384",
+        ),
+        (
+            "tls12-chacha20",
+            None,
+            &["-tls12", "-suite", "chacha20"],
+            "_WITH_CHACHA20_POLY1305_SHA256",
+        ),
+    ];
+    for (name, tls13, flags, suite) in cases {
+        let (srv, _conf) = server_for(tls13);
+        let value = random_secret(&format!("go-{name}-"), 36);
+        let s = one_secret(&value);
+        let cmd = format!(
+            "{} -url {} -cacert {} -n 3 {}",
+            go_client().display(),
+            srv.url(&format!("/{name}")),
+            srv.cacert().display(),
+            flags.join(" ")
+        );
+        let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+        assert!(run.output.status.success(), "{name}: {}", run.stderr());
+        let out = run.stdout();
+        let version = if name.starts_with("tls13") {
+            "TLS 1.3"
+        } else {
+            "TLS 1.2"
+        };
+        assert!(
+            out.contains(&format!("version={version} ")) && out.contains(suite),
+            "{name}: negotiated {out}"
+        );
+        let rec = srv.records();
+        assert_eq!(rec.len(), 3, "{name}");
+        assert_all_real(&rec, &value, 2);
+        assert_wire_only(&run, name, 6);
+        run.assert_no_leak(&value);
+    }
+}
+
+/// A Go binary stripped of its symbols (`-ldflags=-s -w`): the key route's
+/// functions are found through `.gopclntab` like its write, and the wire
+/// serves it.
+#[test]
+fn a_stripped_go_binary_is_served_by_the_wire() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("go-stripped-", 30);
+    let s = one_secret(&value);
+    let cmd = format!(
+        "{} -url {} -cacert {} -n 2",
+        stripped_go_client().display(),
+        srv.url("/stripped"),
+        srv.cacert().display()
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_all_real(&srv.records(), &value, 2);
+    assert_wire_only(&run, "stripped", 4);
+    run.assert_no_leak(&value);
+}
+
+/// 100 KiB bodies with the placeholder near the end: Go's dynamic record
+/// sizing cuts them into dozens of ~1.4 KB records (one socket write each),
+/// and the record that carries the placeholder is patched; with AES-GCM,
+/// and with ChaCha20-Poly1305, whose sequence number Go's encrypt counts.
+#[test]
+fn go_large_bodies_in_small_dynamic_records_arrive_real() {
+    let Some(_g) = root_test() else { return };
+    for (name, tls13) in [
+        ("aes128", "TLS_AES_128_GCM_SHA256"),
+        ("chacha20", "TLS_CHACHA20_POLY1305_SHA256"),
+    ] {
+        let (srv, _conf) = server_for(Some(tls13));
+        let value = random_secret(&format!("go-big-{name}-"), 40);
+        let s = one_secret(&value);
+        let cmd = format!(
+            "{} -url {} -cacert {} -n 3 -size 102400 -tail",
+            go_client().display(),
+            srv.url(&format!("/big-{name}")),
+            srv.cacert().display()
+        );
+        let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+        assert!(run.output.status.success(), "{name}: {}", run.stderr());
+        let rec = srv.records();
+        assert_eq!(rec.len(), 3, "{name}");
+        for r in &rec {
+            assert!(r.len() > 102400, "{name}: the body arrived whole");
+            let at = r
+                .windows(value.len())
+                .rposition(|w| w == value.as_bytes())
+                .unwrap_or_else(|| panic!("{name}: no real value in the body"));
+            assert!(at > 102400, "{name}: the body's value is near its end");
+        }
+        assert_all_real(&rec, &value, 2);
+        assert_wire_only(&run, name, 6);
+        run.assert_no_leak(&value);
+    }
+}
+
+/// Go over HTTP/2 (ALPN h2, the recording h2 server): header and body
+/// arrive real. HPACK Huffman-codes the header value, so the kernel's scan
+/// cannot find it and that write is served by `pause` (a user-space scan);
+/// DATA frames carry the body's placeholder in clear and are the wire's.
+#[test]
+fn go_http2_body_is_served_by_the_wire_and_its_huffman_header_by_pause() {
+    let Some(_g) = root_test() else { return };
+    let srv = H2Server::start();
+    let value = random_secret("go-h2-wire-", 32);
+    let s = one_secret(&value);
+    let cmd = format!(
+        "{} -h2 -url https://localhost:{}/h2 -cacert {} -n 2",
+        go_client().display(),
+        srv.port,
+        srv.cacert().display()
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let records = srv.records();
+    assert_eq!(records.len(), 2, "{}", run.stats);
+    let expected = format!("Bearer {value}");
+    for r in &records {
+        assert!(r.get("error").is_none(), "HPACK: {r}");
+        assert_eq!(r["headers"]["authorization"], expected.as_str());
+        let body = r["body"].as_str().unwrap();
+        assert!(body.contains(&value) && !body.contains("kloak:"), "{r}");
+    }
+    // Two bodies on the wire; one Huffman-coded header (the second request
+    // names it from HPACK's dynamic table) by a pause and a user-space scan.
+    assert_eq!(agent_stat(&run, "wire_armed"), 2, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "huffman_rewrites"), 1, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "user_scans"), 1, "{}", run.stats);
+    assert_eq!(agent_stat(&run, "wire_misses"), 0, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 1, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_drops"], 0, "{}", run.stats);
     run.assert_no_leak(&value);
 }

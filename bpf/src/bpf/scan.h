@@ -18,7 +18,8 @@ struct scan_ctx {
 	__u64 buf;
 	__u64 len;
 	__u64 cookie;
-	__u64 obj;                   /* the TLS object (SSL*) of the write, 0 if none */
+	__u64 obj;                   /* the TLS object (SSL*, Go *tls.Conn) of the write, 0 if none */
+	__u64 g;                     /* Go: the writing goroutine (R14); 0 for every other library */
 	__u64 cur_off;
 	__u64 cur_n;
 	__u32 tid;

@@ -173,6 +173,8 @@ static __always_inline void wire_send_call(void *ctx, long fd, __u64 buf, __u64 
 	if (!cfg_wire || !buf || !len)
 		return;
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	/* A Go goroutine's record moves into the thread's slot first. */
+	go_take(tid, fd);
 	if (!bpf_map_lookup_elem(&wire_pending, &tid))
 		return;
 	__u32 zero = 0;

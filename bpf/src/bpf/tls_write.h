@@ -45,6 +45,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	/* Read every candidate register up front with fixed offsets: the
 	 * verifier refuses loads through a ctx pointer clang has offset. */
 	__u64 di = ctx->di, si = ctx->si, dx = ctx->dx, ax = ctx->ax, bx = ctx->bx, cx = ctx->cx;
+	__u64 r14 = ctx->r14;
 	__u64 buf, len;
 	switch (cookie & ABI_MASK) {
 	case ABI_SSL_WRITE: /* SysV: rdi ssl, rsi buf, edx num */
@@ -87,11 +88,16 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->wire_only = 0;
 	bool go = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE;
 	c->fd = go ? go_conn_fd(ax) : ssl_to_fd(di);
-	c->obj = go ? 0 : di;
+	/* Go: the *tls.Conn is the object wire_keys knows the connection by. */
+	c->obj = go ? ax : di;
+	c->g = go ? r14 : 0;
 	if (cfg_wire) {
-		wire_write_begins(c->tid);
-		if (!go)
+		if (go) {
+			go_write_begins(c->g);
+		} else {
+			wire_write_begins(c->tid);
 			set_cur_ssl(di);
+		}
 	}
 
 	bpf_tail_call(ctx, &phase2_progs, 0);

@@ -189,6 +189,11 @@ struct wire_pending {
 	__u32 epoch;         /* the key's epoch at SSL_write */
 	__u64 rseq;          /* estimated sequence number of the write's first record */
 	__u64 recs;          /* records of the write seen so far */
+	/* Go: the writing goroutine, and the one record its last encrypt made
+	 * (rec_ok), which the goroutine's next socket write carries. */
+	__u64 g;
+	__u32 rec_ok;
+	__u32 rec_len;       /* that record's plaintext bytes */
 	struct hit match[MAX_HITS];
 };
 
@@ -198,6 +203,115 @@ struct {
 	__type(key, __u32);
 	__type(value, struct wire_pending);
 } wire_pending SEC(".maps");
+
+/*
+ * Go crypto/tls. A goroutine moves between threads, so Go's state is keyed
+ * by goroutine (R14 in Go's register ABI), never by thread, and no return
+ * probe is used (they corrupt Go's moving stacks).
+ */
+
+/* (process, goroutine) -> the *tls.Conn whose handshakeContext it entered
+ * last: every Handshake, Read and Write goes through it first. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, __u64);
+} go_g_conn SEC(".maps");
+
+/* (process, goroutine) -> the halfConn whose setTrafficSecret (TLS 1.3) it
+ * is in: the next AEAD it builds is that halfConn's. */
+struct go_hc_arg {
+	__u64 hc;
+	__u64 conn;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, struct go_hc_arg);
+} go_g_hc SEC(".maps");
+
+/* One AEAD key as crypto/tls built it, with its IV: TLS 1.3 nonce mask
+ * (12 bytes), TLS 1.2 AES-GCM nonce prefix (4) or ChaCha20 IV (12). */
+struct go_key {
+	__u8 key[32];
+	__u8 iv[12];
+	__u32 klen;
+	__u32 ivlen;
+	__u32 _pad;
+} __attribute__((aligned(8)));
+
+/* (process, goroutine) -> the TLS 1.2 keys its handshake built (client's
+ * and server's, in an order nothing here relies on). The halfConn that
+ * encrypts with the one whose IV its cipher holds is the sending side. */
+struct go_cands {
+	struct go_key c[2];
+	__u32 n;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct obj_key);
+	__type(value, struct go_cands);
+} go_g_cands SEC(".maps");
+
+/* The key of one halfConn of a *tls.Conn. */
+struct go_half {
+	__u64 hc;
+	__u64 cobj;          /* the AEAD object its cipher held when the IV proved the key; 0 = not yet */
+	__u64 next;          /* records encrypted under this key */
+	struct go_key k;
+	__u32 has;           /* k holds the halfConn's current key */
+	__u32 tls12;
+	__u32 epoch;
+	__u32 _pad;
+};
+
+/* (process, *tls.Conn) -> its two halfConns' keys (in and out: the one
+ * that encrypts is out). */
+struct go_conn_keys {
+	struct go_half h[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, struct go_conn_keys);
+} go_keys SEC(".maps");
+
+/* (process, goroutine) -> its Write's hits; wire_pending is per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, struct wire_pending);
+} go_pending SEC(".maps");
+
+/* Source of key epochs, per CPU so no two programs race for one (clang 14
+ * cannot use an atomic add's result): the CPU in the top byte. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} wire_epoch SEC(".maps");
+
+static __always_inline __u32 new_epoch(void)
+{
+	__u32 zero = 0;
+	__u32 *e = bpf_map_lookup_elem(&wire_epoch, &zero);
+	if (!e)
+		return 0;
+	*e += 1;
+	/* Never 0: a new wire_keys entry's epoch. */
+	__u32 v = (bpf_get_smp_processor_id() << 24) | (*e & 0xffffff);
+	return v ? v : 1;
+}
 
 /* What the ChaCha20 re-tag reads and answers, kept in the scratch map: the
  * re-tag is a global function the verifier checks once, on its own, and
@@ -571,7 +685,10 @@ enum wire_verdict {
 static __always_inline __u32 wire_arm(struct scan_ctx *c)
 {
 	__u32 abi = c->cookie & ABI_MASK;
-	if (abi != ABI_SSL_WRITE && abi != ABI_SSL_WRITE_EX)
+	bool go = abi == ABI_GO_TLS_WRITE;
+	if (abi != ABI_SSL_WRITE && abi != ABI_SSL_WRITE_EX && !go)
+		return WIRE_PAUSE;
+	if (go && !c->g)
 		return WIRE_PAUSE;
 	struct obj_key k = obj_key_of(c->obj);
 	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
@@ -607,6 +724,13 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 	__u64 nrec = records_of(c->len);
 	p->rseq = ks->next > nrec ? ks->next - nrec : 0;
 	copy_hits(p->match, c->match, c->nmatch);
+	if (go) {
+		/* Sequence number and epoch are set by each record's encrypt. */
+		p->g = c->g;
+		struct obj_key gk = obj_key_of(c->g);
+		bpf_map_update_elem(&go_pending, &gk, p, BPF_ANY);
+		return verdict;
+	}
 	__u32 tid = c->tid;
 	bpf_map_update_elem(&wire_pending, &tid, p, BPF_ANY);
 	return verdict;
@@ -1048,10 +1172,59 @@ static __always_inline void prune(struct wire_flow *fl, __u32 una)
 	}
 }
 
+/* The user R14 of the current task at a system call: Go's goroutine
+ * register (Go's syscall path is register-ABI code up to SYSCALL). */
+static __always_inline __u64 user_r14(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 v = 0;
+	if (regs)
+		bpf_probe_read_kernel(&v, sizeof(v), &regs->r14);
+	return v;
+}
+
+/* After a socket write: a finished write's hits go; a Go write's state goes
+ * back to its goroutine (the thread's slot only served this record). */
+static __always_inline void pending_end(struct wire_pending *p, __u32 tid, bool done)
+{
+	if (p->g) {
+		struct obj_key gk = obj_key_of(p->g);
+		if (done)
+			bpf_map_delete_elem(&go_pending, &gk);
+		else
+			bpf_map_update_elem(&go_pending, &gk, p, BPF_EXIST);
+	} else if (!done) {
+		return;
+	}
+	bpf_map_delete_elem(&wire_pending, &tid);
+}
+
+/* Go: the record the goroutine making this system call (R14) encrypted
+ * last, into the thread's slot, so one code path serves both. A Go copy
+ * left in the slot is never another record's. */
+static __noinline void go_take(__u32 tid, long fd)
+{
+	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
+	if (p) {
+		if (!p->g)
+			return;
+		bpf_map_delete_elem(&wire_pending, &tid);
+	}
+	struct obj_key gk = obj_key_of(user_r14());
+	struct wire_pending *gp = bpf_map_lookup_elem(&go_pending, &gk);
+	if (!gp || !gp->rec_ok || gp->fd != fd)
+		return;
+	/* One record per encrypt: a resumed partial write is not a record. */
+	gp->rec_ok = 0;
+	bpf_map_update_elem(&wire_pending, &tid, gp, BPF_ANY);
+}
+
 static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 {
 	if (!cfg_wire || !buf || !len)
 		return;
+	/* go_take already ran, in the socket write's own program: it reads
+	 * the syscall's registers (wire_send_call, ssl_fd.h). */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
 	if (!p)
@@ -1060,21 +1233,27 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 		return;
 	struct sock *sk = tcp_sock_of(fd);
 	struct flow_key f;
-	if (!sk || !flow_of(sk, &f))
+	if (!sk || !flow_of(sk, &f)) {
+		pending_end(p, tid, false);
 		return;
+	}
 	struct wire_scratch *w = scratch();
-	if (!w)
+	if (!w) {
+		pending_end(p, tid, false);
 		return;
+	}
 	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
 	struct obj_key k = obj_key_of(p->ssl);
 	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
 	__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
 	struct rec_ctx r = { .p = p, .ks = ks, .w = w, .f = &f, .buf = buf, .len = len,
 			     .tgid = bpf_get_current_pid_tgid() >> 32 };
-	if (!ks || !suite || !suite_info(*suite, &r.si) || !ensure_h(ks, *suite, &r.si, w)) {
+	/* Go: the key installed must be the one this record's encrypt proved. */
+	if (!ks || !suite || (p->g && p->epoch != ks->epoch) || !suite_info(*suite, &r.si) ||
+	    !ensure_h(ks, *suite, &r.si, w)) {
 		report(p, EV_WIRE_MISS, all & ~p->placed, fd);
 		stat_add(ST_WIRE_MISS, p->nmatch);
-		bpf_map_delete_elem(&wire_pending, &tid);
+		pending_end(p, tid, true);
 		return;
 	}
 	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &f);
@@ -1082,8 +1261,10 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 		_Static_assert(sizeof(struct wire_flow) <= sizeof(w->zero), "zero holds a wire_flow");
 		bpf_map_update_elem(&wire_flows, &f, w->zero, BPF_NOEXIST);
 		fl = bpf_map_lookup_elem(&wire_flows, &f);
-		if (!fl)
+		if (!fl) {
+			pending_end(p, tid, false);
 			return;
+		}
 	}
 	fl->ssl = p->ssl;
 	fl->tgid = r.tgid;
@@ -1096,10 +1277,23 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	 * say what was armed, nothing is, and the placeholders go out. */
 	struct tls_event *ev = new_event(EV_ARMED);
 	if (!ev) {
-		bpf_map_delete_elem(&wire_pending, &tid);
+		pending_end(p, tid, true);
 		return;
 	}
-	bpf_loop(WIRE_RECORDS, place_record, &r, 0);
+	/* Go: one socket write, one record, the one its encrypt announced. */
+	__u32 nrec = WIRE_RECORDS;
+	if (p->g) {
+		nrec = 1;
+		__u8 hdr[TLS_HDR];
+		__u32 over = TLS_TAG + r.si.explicit + r.si.inner;
+		if (bpf_probe_read_user(hdr, sizeof(hdr), (void *)buf) < 0 ||
+		    (((__u32)hdr[3] << 8) | hdr[4]) != p->rec_len + over) {
+			r.miss = all & ~p->placed;
+			p->cursor = p->num;
+			nrec = 0;
+		}
+	}
+	bpf_loop(nrec, place_record, &r, 0);
 
 	if (r.armed) {
 		fill_report(ev, p, r.armed, fd);
@@ -1115,8 +1309,7 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	if (r.miss)
 		stat_add(ST_WIRE_MISS, __builtin_popcount(r.miss));
 	p->placed |= r.held | r.miss;
-	if (p->cursor >= p->num || (p->placed & all) == all)
-		bpf_map_delete_elem(&wire_pending, &tid);
+	pending_end(p, tid, p->cursor >= p->num || (p->placed & all) == all);
 }
 
 /* A new write replaces one whose hits never all reached a record. */
@@ -1131,6 +1324,340 @@ static __always_inline void wire_write_begins(__u32 tid)
 		stat_add(ST_WIRE_MISS, __builtin_popcount(all & ~p->placed));
 	}
 	bpf_map_delete_elem(&wire_pending, &tid);
+}
+
+/* ---- Go crypto/tls: keys, the sending side, record by record ----------- */
+
+/* A halfConn lies inside its *tls.Conn (fields in and out): anything else
+ * is not the connection this goroutine is in. */
+#define GO_CONN_MAX 4096
+/* halfConn.cipher's data word: the AEAD object. Read only to compare its
+ * first 12 bytes (prefixNonceAEAD.nonce, xorNonceAEAD.nonceMask) with an
+ * IV captured from the AEAD's constructor: another layout matches nothing,
+ * and no key is installed. */
+#define GO_HC_CIPHER_DATA 40
+
+static __always_inline bool go_in_conn(__u64 hc, __u64 conn)
+{
+	return conn && hc > conn && hc - conn < GO_CONN_MAX;
+}
+
+static __always_inline int go_slot(struct go_conn_keys *gc, __u64 hc)
+{
+	if (gc->h[0].hc == hc)
+		return 0;
+	if (gc->h[1].hc == hc)
+		return 1;
+	return -1;
+}
+
+/* A slot for hc: its own, or a free one. */
+static __always_inline int go_slot_for(struct go_conn_keys *gc, __u64 hc)
+{
+	int i = go_slot(gc, hc);
+	if (i >= 0)
+		return i;
+	if (!gc->h[0].hc)
+		return 0;
+	if (!gc->h[1].hc)
+		return 1;
+	return -1;
+}
+
+static __always_inline struct go_conn_keys *go_keys_of(struct obj_key *ck, bool create)
+{
+	struct go_conn_keys *gc = bpf_map_lookup_elem(&go_keys, ck);
+	if (gc || !create)
+		return gc;
+	struct wire_scratch *w = scratch();
+	if (!w)
+		return 0;
+	_Static_assert(sizeof(struct go_conn_keys) <= sizeof(w->zero), "zero holds a go_conn_keys");
+	bpf_map_update_elem(&go_keys, ck, w->zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&go_keys, ck);
+}
+
+/* Whether the 12 nonce bytes of an AEAD object are those of key k. */
+static __always_inline bool go_iv_is(const struct go_key *k, const __u8 *n)
+{
+	if (k->ivlen == 12)
+		return *(const __u64 *)n == *(const __u64 *)k->iv &&
+		       *(const __u32 *)(n + 8) == *(const __u32 *)(k->iv + 8);
+	/* TLS 1.2 AES-GCM: the 4-byte prefix, then the zero explicit part. */
+	return k->ivlen == 4 && *(const __u32 *)n == *(const __u32 *)k->iv &&
+	       *(const __u32 *)(n + 4) == 0 && *(const __u32 *)(n + 8) == 0;
+}
+
+static __always_inline void go_fill(struct go_half *h, __u64 hc, const struct go_key *k,
+				    __u32 tls12, __u64 cobj)
+{
+	h->hc = hc;
+	h->k = *k;
+	h->has = 1;
+	h->tls12 = tls12;
+	h->cobj = cobj;
+	h->next = 0;
+	h->epoch = new_epoch();
+}
+
+/* func (c *Conn) handshakeContext(ctx context.Context) error: RAX = c.
+ * Handshake, Read and Write all enter it first. */
+SEC("uprobe")
+int go_handshake_enter(struct pt_regs *ctx)
+{
+	__u64 conn = ctx->ax, g = ctx->r14;
+	if (!cfg_wire || !tracked() || !g)
+		return 0;
+	struct obj_key gk = obj_key_of(g);
+	bpf_map_update_elem(&go_g_conn, &gk, &conn, BPF_ANY);
+	/* A handshake's TLS 1.2 keys are taken before it returns; older ones
+	 * on this goroutine belong to nothing any more. */
+	bpf_map_delete_elem(&go_g_cands, &gk);
+	return 0;
+}
+
+/* func (hc *halfConn) setTrafficSecret(suite, level, secret): RAX = hc.
+ * The halfConn's key changes now: its old one is forgotten before the new
+ * one is known, so no record is ever matched with a key it no longer has. */
+SEC("uprobe")
+int go_set_secret(struct pt_regs *ctx)
+{
+	__u64 hc = ctx->ax, g = ctx->r14;
+	if (!cfg_wire || !tracked() || !g)
+		return 0;
+	struct obj_key gk = obj_key_of(g);
+	__u64 *connp = bpf_map_lookup_elem(&go_g_conn, &gk);
+	__u64 conn = connp ? *connp : 0;
+	if (!go_in_conn(hc, conn)) {
+		bpf_map_delete_elem(&go_g_hc, &gk);
+		return 0;
+	}
+	struct obj_key ck = obj_key_of(conn);
+	struct go_conn_keys *gc = go_keys_of(&ck, false);
+	if (gc) {
+		int i = go_slot(gc, hc);
+		if (i >= 0) {
+			gc->h[i & 1].has = 0;
+			gc->h[i & 1].cobj = 0;
+		}
+	}
+	struct go_hc_arg a = { .hc = hc, .conn = conn };
+	bpf_map_update_elem(&go_g_hc, &gk, &a, BPF_ANY);
+	return 0;
+}
+
+/* aeadAESGCMTLS13, aeadAESGCM, aeadChaCha20Poly1305(key, nonce []byte):
+ * key in RAX/RBX, nonce in RDI/RSI. */
+SEC("uprobe")
+int go_aead(struct pt_regs *ctx)
+{
+	__u64 kp = ctx->ax, klen = ctx->bx, ivp = ctx->di, ivlen = ctx->si, g = ctx->r14;
+	if (!cfg_wire || !tracked() || !g)
+		return 0;
+	if ((klen != 16 && klen != 32) || (ivlen != 4 && ivlen != 12))
+		return 0;
+	struct go_key k = {};
+	k.klen = klen;
+	k.ivlen = ivlen;
+	if (bpf_probe_read_user(k.key, klen == 16 ? 16 : 32, (void *)kp) < 0 ||
+	    bpf_probe_read_user(k.iv, ivlen == 4 ? 4 : 12, (void *)ivp) < 0)
+		return 0;
+	struct obj_key gk = obj_key_of(g);
+	struct go_hc_arg *a = bpf_map_lookup_elem(&go_g_hc, &gk);
+	if (a) {
+		/* TLS 1.3: setTrafficSecret's own AEAD. */
+		struct go_hc_arg arg = *a;
+		bpf_map_delete_elem(&go_g_hc, &gk);
+		if (ivlen != 12)
+			return 0;
+		struct obj_key ck = obj_key_of(arg.conn);
+		struct go_conn_keys *gc = go_keys_of(&ck, true);
+		if (!gc)
+			return 0;
+		int i = go_slot_for(gc, arg.hc);
+		if (i < 0)
+			return 0;
+		go_fill(&gc->h[i & 1], arg.hc, &k, 0, 0);
+		return 0;
+	}
+	/* TLS 1.2: one of the handshake's two keys; the encrypt that uses it
+	 * says whose. */
+	struct go_cands *c = bpf_map_lookup_elem(&go_g_cands, &gk);
+	if (!c) {
+		struct wire_scratch *w = scratch();
+		if (!w)
+			return 0;
+		_Static_assert(sizeof(struct go_cands) <= sizeof(w->zero), "zero holds go_cands");
+		bpf_map_update_elem(&go_g_cands, &gk, w->zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&go_g_cands, &gk);
+		if (!c)
+			return 0;
+	}
+	c->c[c->n & 1] = k;
+	c->n++;
+	return 0;
+}
+
+/* The goroutine's write is over for the wire: its unplaced hits go out
+ * unchanged, said and counted. */
+static __always_inline void go_pending_drop(struct wire_pending *p, struct obj_key *gk)
+{
+	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
+	if (p->placed != all) {
+		report(p, EV_WIRE_MISS, all & ~p->placed, p->fd);
+		stat_add(ST_WIRE_MISS, __builtin_popcount(all & ~p->placed));
+	}
+	bpf_map_delete_elem(&go_pending, gk);
+}
+
+/* A new Write replaces the goroutine's previous one. */
+static __always_inline void go_write_begins(__u64 g)
+{
+	struct obj_key gk = obj_key_of(g);
+	struct wire_pending *p = bpf_map_lookup_elem(&go_pending, &gk);
+	if (p)
+		go_pending_drop(p, &gk);
+}
+
+/* func (hc *halfConn) encrypt(record, payload []byte, rand io.Reader):
+ * RAX = hc, payload in RSI/R8. Only a sending halfConn encrypts, and each
+ * call seals exactly one record, so here the out side's key is proved (by
+ * the IV its cipher holds), installed for the Conn, and the record counted;
+ * and a pending Write learns which of its bytes this record carries. */
+SEC("uprobe")
+int go_encrypt(struct pt_regs *ctx)
+{
+	__u64 hc = ctx->ax, payload = ctx->si, plen = ctx->r8, g = ctx->r14;
+	if (!cfg_wire || !tracked() || !g)
+		return 0;
+	struct obj_key gk = obj_key_of(g);
+	__u64 *connp = bpf_map_lookup_elem(&go_g_conn, &gk);
+	__u64 conn = connp ? *connp : 0;
+	struct wire_pending *p = bpf_map_lookup_elem(&go_pending, &gk);
+	if (!go_in_conn(hc, conn)) {
+		/* Not the connection the goroutine's Write is on (a Close's alert). */
+		if (p && p->ssl != conn)
+			go_pending_drop(p, &gk);
+		return 0;
+	}
+	struct obj_key ck = obj_key_of(conn);
+	__u64 cobj = 0;
+	bpf_probe_read_user(&cobj, sizeof(cobj), (void *)(hc + GO_HC_CIPHER_DATA));
+	struct go_conn_keys *gc = go_keys_of(&ck, false);
+	int i = gc ? go_slot(gc, hc) : -1;
+	bool proved = cobj && i >= 0 && gc->h[i & 1].has && gc->h[i & 1].cobj == cobj;
+	if (!proved && cobj) {
+		__u64 nw[2] = {};
+		__u8 *n = (__u8 *)nw;
+		if (bpf_probe_read_user(n, 12, (void *)cobj) < 0)
+			nw[0] = nw[1] = ~0ULL;
+		if (i >= 0 && gc->h[i & 1].has && go_iv_is(&gc->h[i & 1].k, n)) {
+			gc->h[i & 1].cobj = cobj;
+			proved = true;
+		} else {
+			struct go_cands *c = bpf_map_lookup_elem(&go_g_cands, &gk);
+			if (c) {
+				bool m0 = c->n > 0 && go_iv_is(&c->c[0], n);
+				bool m1 = c->n > 1 && go_iv_is(&c->c[1], n);
+				/* Both would be a coincidence of IVs: ambiguous, so neither. */
+				if (m0 != m1) {
+					gc = go_keys_of(&ck, true);
+					i = gc ? go_slot_for(gc, hc) : -1;
+					if (i >= 0) {
+						go_fill(&gc->h[i & 1], hc, &c->c[m0 ? 0 : 1], 1, cobj);
+						proved = true;
+					}
+					bpf_map_delete_elem(&go_g_cands, &gk);
+				}
+			}
+			/* A cipher whose key is unknown: this halfConn has none. */
+			if (!proved && gc && i >= 0 && gc->h[i & 1].hc == hc) {
+				gc->h[i & 1].has = 0;
+				gc->h[i & 1].cobj = 0;
+			}
+		}
+	}
+	if (!proved || !gc || i < 0) {
+		/* No proved key (a nil cipher in the handshake, or unknown): a
+		 * Write's record under it is not the wire's. */
+		if (p && (cobj || p->ssl == conn))
+			go_pending_drop(p, &gk);
+		return 0;
+	}
+	struct go_half *h = &gc->h[i & 1];
+	__u64 seq = h->next++;
+	struct obj_key kk = obj_key_of(conn);
+	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &kk);
+	if (!ks) {
+		struct wire_scratch *w = scratch();
+		if (!w)
+			return 0;
+		bpf_map_update_elem(&wire_keys, &kk, w->zero, BPF_NOEXIST);
+		ks = bpf_map_lookup_elem(&wire_keys, &kk);
+		if (!ks)
+			return 0;
+	}
+	/* The key bytes too: an epoch is unique only until its counter wraps. */
+	const __u8 *cur = ks->tls12 ? ks->block : ks->key;
+	if (ks->epoch != h->epoch || ks->tls12 != h->tls12 ||
+	    *(const __u64 *)cur != *(const __u64 *)h->k.key) {
+		__u32 klen = h->k.klen == 16 ? 16 : 32;
+		ks->h_suite = 0;
+		if (h->tls12) {
+			/* The TLS 1.2 key block as ensure_h and the re-tag read it:
+			 * client key first, client IV after both keys (ChaCha20). */
+			__builtin_memset(ks->block, 0, sizeof(ks->block));
+			__builtin_memcpy(ks->block, h->k.key, 32);
+			if (h->k.ivlen == 12) {
+				__builtin_memcpy(ks->block + 64, h->k.iv, 12);
+				ks->block_len = 2 * 32 + 2 * 12;
+			} else {
+				ks->block_len = 2 * klen + 8;
+			}
+			ks->tls12 = 1;
+			ks->key_len = 0;
+			ks->iv_set = 0;
+		} else {
+			__builtin_memcpy(ks->key, h->k.key, 32);
+			__builtin_memcpy(ks->iv, h->k.iv, 12);
+			ks->key_len = klen;
+			ks->iv_set = 1;
+			ks->tls12 = 0;
+			ks->block_len = 0;
+		}
+		ks->epoch = h->epoch;
+	}
+	ks->next = h->next;
+	if (!p)
+		return 0;
+	if (p->ssl != conn) {
+		go_pending_drop(p, &gk);
+		return 0;
+	}
+	/* The record must carry the write's next unplaced bytes. */
+	__u64 off = payload - p->buf;
+	if (payload < p->buf || off != p->cursor || plen == 0 || plen > p->num - off ||
+	    plen > TLS_MAX_REC) {
+		go_pending_drop(p, &gk);
+		return 0;
+	}
+	p->rec_ok = 1;
+	p->rec_len = plen;
+	p->rseq = seq - p->recs;
+	p->epoch = ks->epoch;
+	return 0;
+}
+
+/* func (c *Conn) Close() error: RAX = c. The Conn's keys end here. */
+SEC("uprobe")
+int go_close_enter(struct pt_regs *ctx)
+{
+	if (!cfg_wire)
+		return 0;
+	struct obj_key k = obj_key_of(ctx->ax);
+	bpf_map_delete_elem(&wire_keys, &k);
+	bpf_map_delete_elem(&go_keys, &k);
+	return 0;
 }
 
 /* ---- 5. tc: learn suites, patch packets ---------------------------------- */
@@ -1350,6 +1877,7 @@ int wire_sock_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (fl) {
 		struct obj_key k = { .tgid = fl->tgid, .ptr = fl->ssl };
 		bpf_map_delete_elem(&wire_keys, &k);
+		bpf_map_delete_elem(&go_keys, &k);
 		bpf_map_delete_elem(&wire_flows, &f);
 	}
 	bpf_map_delete_elem(&wire_suites, &f);

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kloak_bpf::{FdArg, SocketHooks, WriteAbi};
+use kloak_bpf::{FdArg, GoKeyHooks, SocketHooks, WriteAbi};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
 #[derive(Debug, thiserror::Error)]
@@ -193,8 +193,79 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
     {
         entries.push((WriteAbi::GoTlsWrite, off));
     }
+    if entries.iter().any(|(a, _)| *a == WriteAbi::GoTlsWrite) {
+        lib.sockets.go_keys = go_key_hooks(&file, &data);
+    }
     lib.writes = plan_probes(&data, &entries);
     Ok(lib)
+}
+
+/// Go `crypto/tls` functions of the wire backend's key route, in the order
+/// of [`GoKeyHooks`]' fields (the three AEAD constructors together).
+const GO_KEY_FNS: [&str; 7] = [
+    "crypto/tls.(*Conn).handshakeContext",
+    "crypto/tls.(*halfConn).setTrafficSecret",
+    "crypto/tls.aeadAESGCMTLS13",
+    "crypto/tls.aeadAESGCM",
+    "crypto/tls.aeadChaCha20Poly1305",
+    "crypto/tls.(*halfConn).encrypt",
+    "crypto/tls.(*Conn).Close",
+];
+
+/// The key route's probe points in a Go binary: every one of them, or none.
+fn go_key_hooks(file: &object::File<'_>, data: &[u8]) -> Option<GoKeyHooks> {
+    let mut addrs = [0u64; GO_KEY_FNS.len()];
+    for sym in file.symbols() {
+        if let Ok(name) = sym.name()
+            && let Some(i) = GO_KEY_FNS.iter().position(|n| *n == name)
+            && sym.is_definition()
+        {
+            addrs[i] = sym.address();
+        }
+    }
+    if addrs.contains(&0) {
+        // Stripped: Go's own function table names them.
+        let tab = file.section_by_name(".gopclntab")?.data().ok()?;
+        let text = file.section_by_name(".text").map(|t| t.address());
+        for (i, name) in GO_KEY_FNS.iter().enumerate() {
+            if addrs[i] != 0 {
+                continue;
+            }
+            let (base, entry) = pclntab_lookup(tab, name)?;
+            let base = if base != 0 { base } else { text? };
+            addrs[i] = base + entry;
+        }
+    }
+    let mut offs = [0usize; GO_KEY_FNS.len()];
+    for (o, &a) in offs.iter_mut().zip(&addrs) {
+        let off = vaddr_to_offset(file, a)?;
+        // Past the stack check: a probe there fires exactly once per call
+        // (when the stack grows the function restarts from its entry, and
+        // encrypt's record count must not see the record twice).
+        *o = (off + go_body_start(data.get(off as usize..).unwrap_or(&[]))?) as usize;
+    }
+    Some(GoKeyHooks {
+        handshake: offs[0],
+        set_secret: offs[1],
+        aeads: [offs[2], offs[3], offs[4]],
+        encrypt: offs[5],
+        close: offs[6],
+    })
+}
+
+/// Offset of a Go function's first instruction after its stack-bound check
+/// (`cmp …; jbe morestack`), which runs once per call with the arguments
+/// still in their registers. None when the prologue is not the known one.
+fn go_body_start(code: &[u8]) -> Option<u64> {
+    let jbe = go_stack_check_len(code);
+    if jbe == 0 {
+        return None;
+    }
+    match code.get(jbe as usize..jbe as usize + 2)? {
+        [0x0f, 0x86] => Some(jbe + 6),
+        [0x76, _] => Some(jbe + 2),
+        _ => None,
+    }
 }
 
 /// Where to put the probes. The kernel emulates a probed call, jump or push
@@ -428,6 +499,20 @@ mod tests {
         assert_eq!(go_stack_check_len(&other), 0);
         let no_jump = [0x49, 0x3b, 0x66, 0x10, 0x90, 0x90];
         assert_eq!(go_stack_check_len(&no_jump), 0);
+    }
+
+    #[test]
+    fn go_key_probes_sit_after_the_stack_check_jump_or_nowhere() {
+        // cmp 0x10(%r14),%rsp; jbe rel32; push %rbp
+        let small = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 1, 0, 0, 0, 0x55];
+        assert_eq!(go_body_start(&small), Some(10));
+        // lea -N(%rsp),%r12 (disp32); cmp 0x10(%r14),%r12; jbe rel8
+        let big = [
+            0x4c, 0x8d, 0xa4, 0x24, 0xc8, 0xfe, 0xff, 0xff, 0x4d, 0x3b, 0x66, 0x10, 0x76, 0x20,
+        ];
+        assert_eq!(go_body_start(&big), Some(14));
+        // No known stack check: no probe point, so no key route at all.
+        assert_eq!(go_body_start(&[0x55, 0x48, 0x89, 0xe5]), None);
     }
 
     #[test]
