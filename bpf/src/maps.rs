@@ -462,6 +462,20 @@ impl Probes {
             })
     }
 
+    /// Secret `id` may go to any destination: the wire arms it without a
+    /// per-destination decision. Only for a secret without rules where no
+    /// per-pod binding applies.
+    pub fn set_wire_any_destination(&self, id: u32) -> Result<()> {
+        self.skel
+            .maps
+            .wire_any_dest
+            .update(&id.to_ne_bytes(), &[1u8], MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: "wire_any_dest",
+                source,
+            })
+    }
+
     /// Forgets every wire decision of process `tgid` (it exited).
     pub fn forget_wire_allow(&self, tgid: u32) {
         let map = &self.skel.maps.wire_allow;

@@ -176,6 +176,18 @@ struct {
 	__type(value, __u8);
 } wire_allow SEC(".maps");
 
+/* Secret ids every destination may receive, with no decision to wait for:
+ * written by `kloak run` for secrets without rules (no per-pod bindings
+ * there), never by the node agent, whose bindings are per pod. Without it
+ * a process's first write could race the agent's decision at connect(2)
+ * and stop for it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u8);
+} wire_any_dest SEC(".maps");
+
 /* Hits of a thread's TLS write, waiting for the records that carry them. */
 struct wire_pending {
 	__u64 ssl;
@@ -646,6 +658,8 @@ static __always_inline bool flow_of(struct sock *sk, struct flow_key *f)
 
 static __always_inline __u8 allowed(__u32 tgid, __u32 id, struct flow_key *f)
 {
+	if (bpf_map_lookup_elem(&wire_any_dest, &id))
+		return ALLOW_YES;
 	struct allow_key k = { .tgid = tgid, .id = id, .family = f->family, .port = f->dport };
 	__builtin_memcpy(k.addr, f->daddr, 16);
 	__u8 *v = bpf_map_lookup_elem(&wire_allow, &k);

@@ -331,6 +331,13 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
                 require_wire: s.require_wire,
             })
             .map_err(|e| format!("secret {:?}: {e}", s.name))?;
+        // kloak run: no bindings, so a secret without rules needs no
+        // decision per destination, and no write waits for one.
+        if cfg.backend == kloak_bpf::Backend::Wire && !spec.per_pod && s.rules.unrestricted() {
+            probes
+                .set_wire_any_destination(s.id)
+                .map_err(|e| format!("secret {:?}: {e}", s.name))?;
+        }
     }
     if let Some((id, _)) = &spec.track {
         probes.track_cgroup(*id).map_err(|e| e.to_string())?;
