@@ -156,35 +156,44 @@ impl<L> PodVeths<L> {
     }
 }
 
-/// Moves the calling thread into the host's network namespace (that of
-/// PID 1, seen through the host's PID namespace), where the pods' veths
-/// have their host side. The agent's pod need not be `hostNetwork`: only
-/// the data-path thread, which lists and hooks the veths, moves; the admin
-/// server stays in the pod's namespace. A no-op when already there.
+/// Moves the calling thread into the host's network namespace, where the
+/// pods' veths have their host side: the initial one, that of the kernel's
+/// threads (`kthreadd`, PID 2 in the host's PID namespace, which the chart
+/// shares with `hostPID`), else PID 1's. The agent's pod need not be
+/// `hostNetwork`: only the data-path thread, which lists and hooks the
+/// veths, moves; the admin server stays in the pod's namespace. A no-op
+/// when already there.
 ///
-/// Where PID 1's namespace cannot be read (a sandbox's init that refuses
-/// even root), the agent stays where it is, with a warning: run it there
-/// with `hostNetwork`. Hooks in the wrong namespace are harmless: no pod's
-/// suite is learned through them, so every write falls back to `pause`.
+/// Where neither can be read, the agent stays where it is, with a warning:
+/// run it there with `hostNetwork`. Hooks in the wrong namespace are
+/// harmless: no pod's suite is learned through them, so every write falls
+/// back to `pause`.
 pub fn enter_host_netns() -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let host = "/proc/1/ns/net";
     let why = "the wire backend patches on the pods' host-side veths, in the host's network namespace (the chart runs the agent with hostPID and privileged)";
     let ours = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
-    let theirs = match std::fs::metadata(host) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "wire: {host} cannot be read; hooking the veths of the agent's own network namespace, which must then be the host's (hostNetwork)");
-            return Ok(());
-        }
+    let kthreadd = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    let candidates = if kthreadd {
+        &["/proc/2/ns/net", "/proc/1/ns/net"][..]
+    } else {
+        &["/proc/1/ns/net"][..]
+    };
+    let Some((host, theirs)) = candidates
+        .iter()
+        .find_map(|p| std::fs::metadata(p).ok().map(|m| (*p, m)))
+    else {
+        tracing::warn!("wire: the host's network namespace cannot be read (/proc/2/ns/net, /proc/1/ns/net); hooking the veths of the agent's own network namespace, which must then be the host's (hostNetwork)");
+        return Ok(());
     };
     if (ours.dev(), ours.ino()) == (theirs.dev(), theirs.ino()) {
         return Ok(());
     }
     let f = std::fs::File::open(host).map_err(|e| format!("{host}: {e}; {why}"))?;
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("entering {host}: {e}; {why}"))
+        .map_err(|e| format!("entering {host}: {e}; {why}"))?;
+    tracing::info!(namespace = host, "wire: the data path entered the host's network namespace to hook the pods' veths");
+    Ok(())
 }
 
 /// The veths of the agent's network namespace: index -> name.
