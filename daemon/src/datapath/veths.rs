@@ -183,7 +183,9 @@ pub fn enter_host_netns() -> Result<(), String> {
         .iter()
         .find_map(|p| std::fs::metadata(p).ok().map(|m| (*p, m)))
     else {
-        tracing::warn!("wire: the host's network namespace cannot be read (/proc/2/ns/net, /proc/1/ns/net); hooking the veths of the agent's own network namespace, which must then be the host's (hostNetwork)");
+        tracing::warn!(
+            "wire: the host's network namespace cannot be read (/proc/2/ns/net, /proc/1/ns/net); hooking the veths of the agent's own network namespace, which must then be the host's (hostNetwork)"
+        );
         return Ok(());
     };
     if (ours.dev(), ours.ino()) == (theirs.dev(), theirs.ino()) {
@@ -192,7 +194,10 @@ pub fn enter_host_netns() -> Result<(), String> {
     let f = std::fs::File::open(host).map_err(|e| format!("{host}: {e}; {why}"))?;
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("entering {host}: {e}; {why}"))?;
-    tracing::info!(namespace = host, "wire: the data path entered the host's network namespace to hook the pods' veths");
+    tracing::info!(
+        namespace = host,
+        "wire: the data path entered the host's network namespace to hook the pods' veths"
+    );
     Ok(())
 }
 
