@@ -381,9 +381,9 @@ impl EventReader<'_> {
             Err(e) => return Err(Error::Poll(libbpf_rs::Error::from_raw_os_error(e as i32))),
         }
         let ready = |f: &PollFd| f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
-        if ready(&fds[0]) {
-            self.drain()?;
-        }
+        // Always, timeout included: records submitted without a wakeup
+        // (what the wire armed) never make the ring's fd ready.
+        self.drain()?;
         Ok(ready(&fds[1]))
     }
 

@@ -12,6 +12,35 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } tls_events SEC(".maps");
 
+/* bpf_ringbuf_submit and bpf_ringbuf_query flags (uapi bpf.h). */
+#define KLOAK_RB_NO_WAKEUP 1
+#define KLOAK_RB_FORCE_WAKEUP 2
+#define KLOAK_RB_AVAIL_DATA 0
+#define KLOAK_RB_RING_SIZE 1
+
+/* For records nobody waits on (what the wire armed, held or missed): wake
+ * the agent only once the ring is a quarter full. It reads them in batches
+ * at its next poll (50 ms at most) instead of waking once per request, and
+ * the ring still wakes it long before it could fill. Records that leave a
+ * thread stopped always wake it. */
+static __always_inline __u64 lazy_wakeup(void)
+{
+	__u64 avail = bpf_ringbuf_query(&tls_events, KLOAK_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&tls_events, KLOAK_RB_RING_SIZE);
+	return avail > size / 4 ? 0 : KLOAK_RB_NO_WAKEUP;
+}
+
+/* For every other record. The kernel's default wakes the agent only when it
+ * has read everything before this record, on the grounds that it was woken
+ * for that earlier data; a record submitted by lazy_wakeup() broke that
+ * promise, so when anything besides this record is waiting, wake it now.
+ * Without this an exec or a decision could wait for the agent's next poll. */
+static __always_inline __u64 wakeup(void)
+{
+	__u64 avail = bpf_ringbuf_query(&tls_events, KLOAK_RB_AVAIL_DATA);
+	return avail > 2 * sizeof(struct tls_event) ? KLOAK_RB_FORCE_WAKEUP : 0;
+}
+
 static __always_inline struct tls_event *new_event(__u32 kind)
 {
 	struct tls_event *e = bpf_ringbuf_reserve(&tls_events, sizeof(*e), 0);
@@ -66,7 +95,7 @@ static __always_inline void emit_unknown(struct scan_ctx *c)
 	if (!e)
 		return;
 	e->nhits = c->nunknown;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 }
 
 static __always_inline void emit_split(struct scan_ctx *c)
@@ -76,7 +105,7 @@ static __always_inline void emit_split(struct scan_ctx *c)
 		return;
 	e->nhits = 1;
 	e->hits[0] = c->split;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 }
 
 /* Tokens that went out unchanged without stopping anyone: reported only. */

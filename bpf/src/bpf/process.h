@@ -52,7 +52,7 @@ int on_exit(void *ctx)
 	if (tid == (pt >> 32) && tracked()) {
 		struct tls_event *e = new_event(EV_EXIT);
 		if (e)
-			bpf_ringbuf_submit(e, 0);
+			bpf_ringbuf_submit(e, wakeup());
 	}
 	bpf_map_delete_elem(&tracked_pids, &tid);
 	return 0;
@@ -66,7 +66,7 @@ int on_exec(void *ctx)
 	struct tls_event *e = new_event(EV_EXEC);
 	if (!e)
 		return 0;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 	stop_self();
 	return 0;
 }
@@ -115,7 +115,7 @@ int on_mmap_exit(struct trace_event_raw_sys_exit *ctx)
 	e->dev = key.dev;
 	e->ino = key.ino;
 	e->buf = (__u64)ctx->ret;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 	stop_self();
 	return 0;
 }

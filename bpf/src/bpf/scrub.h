@@ -17,7 +17,7 @@ int tls_write_return_pause(struct pt_regs *ctx)
 		e->buf = p->buf;
 		e->nhits = p->nmatch;
 		copy_hits(e->hits, p->match, p->nmatch);
-		bpf_ringbuf_submit(e, 0);
+		bpf_ringbuf_submit(e, wakeup());
 	}
 	bpf_map_delete_elem(&pending_scrub, &tid);
 	if (e)
@@ -60,7 +60,7 @@ int tls_write_return_inplace(struct pt_regs *ctx)
 		e->buf = p->buf;
 		e->nhits = p->nmatch;
 		copy_hits(e->hits, p->match, p->nmatch);
-		bpf_ringbuf_submit(e, 0);
+		bpf_ringbuf_submit(e, wakeup());
 	}
 	bpf_map_delete_elem(&pending_scrub, &tid);
 	return 0;

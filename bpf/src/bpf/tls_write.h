@@ -136,7 +136,7 @@ static __always_inline void stop_for_agent(struct scan_ctx *c, __u32 kind)
 	e->flags = c->flags;
 	e->nhits = c->nmatch;
 	copy_hits(e->hits, c->match, c->nmatch);
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 	if (kind != EV_DECIDE)
 		remember_for_scrub(c);
 	stop_self();
@@ -170,7 +170,7 @@ static __always_inline void drop_wire_only(struct scan_ctx *c)
 	stat_add(ST_REQUIRE_WIRE, dropped);
 	if (e) {
 		e->nhits = dropped;
-		bpf_ringbuf_submit(e, 0);
+		bpf_ringbuf_submit(e, wakeup());
 	}
 }
 
@@ -285,7 +285,7 @@ int tls_write_scan_inplace(struct pt_regs *ctx)
 	e->flags = c->flags;
 	e->nhits = c->nmatch;
 	copy_hits(e->hits, c->match, c->nmatch);
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup());
 	return 0;
 }
 

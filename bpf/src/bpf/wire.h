@@ -1173,7 +1173,7 @@ static __always_inline void report(struct wire_pending *p, __u32 kind, __u32 bit
 	if (!e)
 		return;
 	fill_report(e, p, bits, fd);
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, lazy_wakeup());
 }
 
 static __always_inline void prune(struct wire_flow *fl, __u32 una)
@@ -1311,7 +1311,7 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 
 	if (r.armed) {
 		fill_report(ev, p, r.armed, fd);
-		bpf_ringbuf_submit(ev, 0);
+		bpf_ringbuf_submit(ev, lazy_wakeup());
 	} else {
 		bpf_ringbuf_discard(ev, 0);
 	}
