@@ -97,8 +97,10 @@ pub struct SocketHooks {
 /// attribute a key to the wrong connection, so it is not attached at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GoKeyHooks {
-    /// `(*Conn).handshakeContext`: which `*Conn` a goroutine is in.
-    pub handshake: usize,
+    /// `(*Conn).clientHandshake`, `serverHandshake` (those the binary
+    /// has) and `handleKeyUpdate`: which `*Conn` a goroutine sets keys for.
+    /// (Its Write probe says which one it writes to.)
+    pub handshakes: Vec<usize>,
     /// `(*halfConn).setTrafficSecret` (TLS 1.3 and KeyUpdate).
     pub set_secret: usize,
     /// `aeadAESGCMTLS13`, `aeadAESGCM`, `aeadChaCha20Poly1305`.
@@ -253,12 +255,14 @@ impl Probes {
         if let Some(g) = &hooks.go_keys
             && self.backend == Backend::Wire
         {
-            links.push(attach(
-                &p.go_handshake_enter,
-                g.handshake,
-                false,
-                "crypto/tls.(*Conn).handshakeContext",
-            )?);
+            for &off in &g.handshakes {
+                links.push(attach(
+                    &p.go_handshake_enter,
+                    off,
+                    false,
+                    "crypto/tls handshake or KeyUpdate",
+                )?);
+            }
             links.push(attach(
                 &p.go_set_secret,
                 g.set_secret,

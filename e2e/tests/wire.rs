@@ -565,9 +565,10 @@ fn server_for(tls13: Option<&str>) -> (TlsServer, Option<tempfile::TempDir>) {
 fn assert_wire_only(run: &Run, name: &str, armed: u64) {
     assert!(
         run.stdout().contains(" sigcont=0"),
-        "{name}: the Go client was stopped: {} {}",
+        "{name}: the Go client was stopped: {} {}\n{}",
         run.stdout(),
-        run.stats
+        run.stats,
+        run.stderr()
     );
     assert_eq!(
         agent_stat(run, "wire_armed"),

@@ -63,6 +63,8 @@ int tls_write_enter(struct pt_regs *ctx)
 	case ABI_GO_TLS_WRITE:
 		buf = bx;
 		len = cx;
+		if (cfg_wire)
+			go_enter_conn(ax, r14);
 		break;
 	default:
 		return 0;

@@ -39,7 +39,11 @@
 #define ETH_HLEN 14
 #define ETH_P_IP_BE 0x0008   /* htons(0x0800) */
 #define ETH_P_IPV6_BE 0xdd86 /* htons(0x86dd) */
-#define TC_ACT_OK 0
+/* tcx: TCX_NEXT hands the packet to the next program on the device (and
+ * passes it when there is none). TC_ACT_OK would end the chain there and
+ * then: another agent's or CNI's program after ours would never see the
+ * packet, and ours would be skipped whenever someone else's came first. */
+#define TCX_NEXT (-1)
 #define TC_ACT_SHOT 2
 #define TCP_CLOSE 7
 #define BPF_F_RECOMPUTE_CSUM 1
@@ -222,8 +226,11 @@ struct {
  * probe is used (they corrupt Go's moving stacks).
  */
 
-/* (process, goroutine) -> the *tls.Conn whose handshakeContext it entered
- * last: every Handshake, Read and Write goes through it first. */
+/* (process, goroutine) -> the *tls.Conn it last wrote to, handshook on or
+ * took a KeyUpdate on: the three places where a goroutine encrypts records
+ * or sets keys. Write is the one probe every request already pays for; the
+ * handshake and KeyUpdate probes fire once per connection or key, not per
+ * Read and Write as handshakeContext (their common entry) would. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -1414,8 +1421,21 @@ static __always_inline void go_fill(struct go_half *h, __u64 hc, const struct go
 	h->epoch = new_epoch();
 }
 
-/* func (c *Conn) handshakeContext(ctx context.Context) error: RAX = c.
- * Handshake, Read and Write all enter it first. */
+/* The goroutine is now in conn (a Write). */
+static __always_inline void go_enter_conn(__u64 conn, __u64 g)
+{
+	if (!g)
+		return;
+	struct obj_key gk = obj_key_of(g);
+	__u64 *cur = bpf_map_lookup_elem(&go_g_conn, &gk);
+	if (cur && *cur == conn)
+		return;
+	bpf_map_update_elem(&go_g_conn, &gk, &conn, BPF_ANY);
+}
+
+/* func (c *Conn) clientHandshake(ctx) / serverHandshake(ctx) /
+ * handleKeyUpdate(msg): RAX = c. Where keys are set, a handshake's (or a
+ * renegotiation's) and a KeyUpdate's. */
 SEC("uprobe")
 int go_handshake_enter(struct pt_regs *ctx)
 {
@@ -1820,16 +1840,16 @@ static __always_inline int wire_tc(struct __sk_buff *skb, bool patch)
 {
 	struct pkt k;
 	if (!parse(skb, &k) || !k.len)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	learn_suite(skb, &k);
 	if (!patch)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &k.f);
 	if (!fl)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct wire_scratch *w = scratch();
 	if (!w)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct tc_ctx t = { .skb = skb, .fl = fl, .k = &k, .w = w, .verdict = 0 };
 	bpf_loop(WIRE_SLOTS, patch_slot, &t, 0);
 	if (t.verdict == TC_ACT_SHOT) {
@@ -1838,7 +1858,7 @@ static __always_inline int wire_tc(struct __sk_buff *skb, bool patch)
 	}
 	if (t.verdict == 1)
 		stat_add(ST_WIRE_PACKETS, 1);
-	return TC_ACT_OK;
+	return TCX_NEXT;
 }
 
 /* Attached where a tracked socket's packets pass once on their way out

@@ -202,8 +202,7 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
 
 /// Go `crypto/tls` functions of the wire backend's key route, in the order
 /// of [`GoKeyHooks`]' fields (the three AEAD constructors together).
-const GO_KEY_FNS: [&str; 7] = [
-    "crypto/tls.(*Conn).handshakeContext",
+const GO_KEY_FNS: [&str; 6] = [
     "crypto/tls.(*halfConn).setTrafficSecret",
     "crypto/tls.aeadAESGCMTLS13",
     "crypto/tls.aeadAESGCM",
@@ -212,44 +211,83 @@ const GO_KEY_FNS: [&str; 7] = [
     "crypto/tls.(*Conn).Close",
 ];
 
-/// The key route's probe points in a Go binary: every one of them, or none.
-fn go_key_hooks(file: &object::File<'_>, data: &[u8]) -> Option<GoKeyHooks> {
-    let mut addrs = [0u64; GO_KEY_FNS.len()];
+/// Where a goroutine sets a connection's keys. The linker drops the
+/// handshake side a binary never uses (a client has no serverHandshake), so
+/// one of the two is enough; handleKeyUpdate is always reachable from Read.
+const GO_HANDSHAKE_FNS: [&str; 2] = [
+    "crypto/tls.(*Conn).clientHandshake",
+    "crypto/tls.(*Conn).serverHandshake",
+];
+const GO_KEY_UPDATE_FN: &str = "crypto/tls.(*Conn).handleKeyUpdate";
+
+/// Virtual addresses of Go functions by name, from the symbol table or,
+/// in a stripped binary, from Go's own function table. 0: not in the binary.
+fn go_fn_addrs<const N: usize>(file: &object::File<'_>, names: [&str; N]) -> [u64; N] {
+    let mut addrs = [0u64; N];
     for sym in file.symbols() {
         if let Ok(name) = sym.name()
-            && let Some(i) = GO_KEY_FNS.iter().position(|n| *n == name)
+            && let Some(i) = names.iter().position(|n| *n == name)
             && sym.is_definition()
         {
             addrs[i] = sym.address();
         }
     }
-    if addrs.contains(&0) {
-        // Stripped: Go's own function table names them.
-        let tab = file.section_by_name(".gopclntab")?.data().ok()?;
+    if addrs.contains(&0)
+        && let Some(tab) = file
+            .section_by_name(".gopclntab")
+            .and_then(|s| s.data().ok())
+    {
         let text = file.section_by_name(".text").map(|t| t.address());
-        for (i, name) in GO_KEY_FNS.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
             if addrs[i] != 0 {
                 continue;
             }
-            let (base, entry) = pclntab_lookup(tab, name)?;
-            let base = if base != 0 { base } else { text? };
-            addrs[i] = base + entry;
+            if let Some((base, entry)) = pclntab_lookup(tab, name)
+                && let Some(base) = if base != 0 { Some(base) } else { text }
+            {
+                addrs[i] = base + entry;
+            }
         }
+    }
+    addrs
+}
+
+/// The key route's probe points in a Go binary: every one of them, or none.
+fn go_key_hooks(file: &object::File<'_>, data: &[u8]) -> Option<GoKeyHooks> {
+    // Past the stack check: a probe there fires exactly once per call
+    // (when the stack grows the function restarts from its entry, and
+    // encrypt's record count must not see the record twice).
+    let body = |a: u64| -> Option<usize> {
+        let off = vaddr_to_offset(file, a)?;
+        Some((off + go_body_start(data.get(off as usize..).unwrap_or(&[]))?) as usize)
+    };
+    let addrs = go_fn_addrs(file, GO_KEY_FNS);
+    if addrs.contains(&0) {
+        return None;
     }
     let mut offs = [0usize; GO_KEY_FNS.len()];
     for (o, &a) in offs.iter_mut().zip(&addrs) {
-        let off = vaddr_to_offset(file, a)?;
-        // Past the stack check: a probe there fires exactly once per call
-        // (when the stack grows the function restarts from its entry, and
-        // encrypt's record count must not see the record twice).
-        *o = (off + go_body_start(data.get(off as usize..).unwrap_or(&[]))?) as usize;
+        *o = body(a)?;
+    }
+    let [update] = go_fn_addrs(file, [GO_KEY_UPDATE_FN]);
+    if update == 0 {
+        return None;
+    }
+    let mut handshakes = vec![body(update)?];
+    for a in go_fn_addrs(file, GO_HANDSHAKE_FNS) {
+        if a != 0 {
+            handshakes.push(body(a)?);
+        }
+    }
+    if handshakes.len() < 2 {
+        return None;
     }
     Some(GoKeyHooks {
-        handshake: offs[0],
-        set_secret: offs[1],
-        aeads: [offs[2], offs[3], offs[4]],
-        encrypt: offs[5],
-        close: offs[6],
+        handshakes,
+        set_secret: offs[0],
+        aeads: [offs[1], offs[2], offs[3]],
+        encrypt: offs[4],
+        close: offs[5],
     })
 }
 
