@@ -74,7 +74,7 @@ fn doctor_json_reports_every_check_and_the_backend() {
         "bpffs",
         "bpf_loop",
         "uprobes",
-        "kprobes",
+        "dns",
         "tracefs",
         "lockdown",
         "capabilities",

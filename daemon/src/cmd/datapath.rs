@@ -210,6 +210,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         agent_tgid: std::process::id(),
         max_secrets: spec.max_secrets,
         huffman_signatures: crate::datapath::hpack::prefix_signatures(),
+        dns_cgroup: crate::datapath::cgroup::cgroup2_root().ok(),
     };
     type Ready = Result<(Arc<Counters>, Vec<MapInfo>, kloak_bpf::DnsHook), String>;
     let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
@@ -306,6 +307,12 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         Ok(Err(e)) => bail!("loading the BPF programs: {e}"),
         Err(_) => bail!("the data path thread died while starting"),
     };
+    if !dns_hook.kernel_truth() {
+        tracing::warn!(
+            dns = %dns_hook.describe(),
+            "DNS answers come from the applications' memory here: a hostile application can make a name verify an address of its choosing"
+        );
+    }
     Ok(Datapath {
         tx,
         wake,
