@@ -259,67 +259,67 @@ impl Probes {
             }
             Err(why) => {
                 dns_refused = Some(why);
-            for (prog, cat, name) in [
-                (
-                    &skel.progs.on_recvfrom_enter,
-                    TracepointCategory::Syscalls,
-                    "sys_enter_recvfrom",
-                ),
-                (
-                    &skel.progs.on_recvfrom_exit,
-                    TracepointCategory::Syscalls,
-                    "sys_exit_recvfrom",
-                ),
-                (
-                    &skel.progs.on_recvmsg_enter,
-                    TracepointCategory::Syscalls,
-                    "sys_enter_recvmsg",
-                ),
-                (
-                    &skel.progs.on_recvmsg_exit,
-                    TracepointCategory::Syscalls,
-                    "sys_exit_recvmsg",
-                ),
-                (
-                    &skel.progs.on_recvmmsg_enter,
-                    TracepointCategory::Syscalls,
-                    "sys_enter_recvmmsg",
-                ),
-                (
-                    &skel.progs.on_recvmmsg_exit,
-                    TracepointCategory::Syscalls,
-                    "sys_exit_recvmmsg",
-                ),
-                (
-                    &skel.progs.on_readv_enter,
-                    TracepointCategory::Syscalls,
-                    "sys_enter_readv",
-                ),
-                (
-                    &skel.progs.on_readv_exit,
-                    TracepointCategory::Syscalls,
-                    "sys_exit_readv",
-                ),
-                (
-                    &skel.progs.on_read_enter,
-                    TracepointCategory::Syscalls,
-                    "sys_enter_read",
-                ),
-                (
-                    &skel.progs.on_read_exit,
-                    TracepointCategory::Syscalls,
-                    "sys_exit_read",
-                ),
-            ] {
-                let cat_name = cat.as_ref().to_string();
-                let link =
-                    prog.attach_tracepoint(cat, name)
-                        .map_err(|source| Error::Attach {
-                            what: format!("tracepoint {cat_name}/{name}"),
-                            source,
-                        })?;
-                tracepoints.push(link);
-            }
+                for (prog, cat, name) in [
+                    (
+                        &skel.progs.on_recvfrom_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvfrom",
+                    ),
+                    (
+                        &skel.progs.on_recvfrom_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvfrom",
+                    ),
+                    (
+                        &skel.progs.on_recvmsg_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmsg_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmmsg_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_recvmmsg",
+                    ),
+                    (
+                        &skel.progs.on_recvmmsg_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_recvmmsg",
+                    ),
+                    (
+                        &skel.progs.on_readv_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_readv",
+                    ),
+                    (
+                        &skel.progs.on_readv_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_readv",
+                    ),
+                    (
+                        &skel.progs.on_read_enter,
+                        TracepointCategory::Syscalls,
+                        "sys_enter_read",
+                    ),
+                    (
+                        &skel.progs.on_read_exit,
+                        TracepointCategory::Syscalls,
+                        "sys_exit_read",
+                    ),
+                ] {
+                    let cat_name = cat.as_ref().to_string();
+                    let link =
+                        prog.attach_tracepoint(cat, name)
+                            .map_err(|source| Error::Attach {
+                                what: format!("tracepoint {cat_name}/{name}"),
+                                source,
+                            })?;
+                    tracepoints.push(link);
+                }
                 DnsHook::Tracepoints(dns_refused.take().unwrap_or_default())
             }
         };

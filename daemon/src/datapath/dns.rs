@@ -303,17 +303,23 @@ mod tests {
         // A resolver that answers FORMERR or NOTIMP may copy the message it
         // got, answer records the application wrote included.
         let mut c = DnsCache::new(vec!["127.0.0.153".parse().unwrap()], 16);
-        let mut p = Packet::parse(&answer(
-            "allowed.test",
-            vec![a("allowed.test", [6, 6, 6, 6], 60)],
-        ))
-        .unwrap()
-        .into_reply();
+        let bytes = answer("allowed.test", vec![a("allowed.test", [6, 6, 6, 6], 60)]);
+        let mut p = Packet::parse(&bytes).unwrap();
         *p.rcode_mut() = RCODE::FormatError;
-        c.record(7, RESOLVER.parse().unwrap(), NS, &p.build_bytes_vec().unwrap());
+        c.record(
+            7,
+            RESOLVER.parse().unwrap(),
+            NS,
+            &p.build_bytes_vec().unwrap(),
+        );
         *p.rcode_mut() = RCODE::NoError;
         *p.opcode_mut() = OPCODE::Notify;
-        c.record(7, RESOLVER.parse().unwrap(), NS, &p.build_bytes_vec().unwrap());
+        c.record(
+            7,
+            RESOLVER.parse().unwrap(),
+            NS,
+            &p.build_bytes_vec().unwrap(),
+        );
         assert!(c.names_at(7, "6.6.6.6".parse().unwrap(), 2 * NS).is_empty());
     }
 

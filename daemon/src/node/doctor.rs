@@ -124,7 +124,10 @@ fn dns_source(kernel: Option<(u32, u32)>) -> (bool, String) {
         ),
         Err(e) => (
             false,
-            format!("{FALLBACK} (probing cgroup_skb on {} failed with error {e})", root.display()),
+            format!(
+                "{FALLBACK} (probing cgroup_skb on {} failed with error {e})",
+                root.display()
+            ),
         ),
     }
 }
