@@ -118,6 +118,7 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             track: Some((cg.id, cg.path.clone())),
             per_pod: false,
             wire_hooks: WireHooks::HostDevices,
+            dns_cgroup: crate::datapath::cgroup::cgroup2_root().ok(),
             guardian,
             mirror: None,
             audit: audit.clone(),
