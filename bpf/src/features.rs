@@ -127,3 +127,53 @@ pub fn ringbuf() -> Result<bool, i32> {
     };
     if r < 0 { Err(r) } else { Ok(r == 1) }
 }
+
+/// Whether a cgroup_skb program attaches to the cgroup at `root` (the DNS
+/// packet path): loads a program that passes every packet, links it to the
+/// root's ingress for the moment of the probe, and lets both go.
+pub fn cgroup_skb(root: &std::path::Path) -> Result<bool, i32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const fn insn(code: u8, dst: u8, imm: i32) -> u64 {
+        (code as u64) | ((dst as u64) << 8) | ((imm as u32 as u64) << 32)
+    }
+    // r0 = 1 (pass); exit.
+    let prog: [u64; 2] = [insn(0xb7, 0, 1), insn(0x95, 0, 0)];
+    let license = c"GPL";
+    let dir = std::fs::File::open(root).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+    // SAFETY: `prog` is 2 valid instructions laid out as struct bpf_insn;
+    // the license string is NUL-terminated; null opts are allowed.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            libbpf_sys::BPF_PROG_TYPE_CGROUP_SKB,
+            std::ptr::null(),
+            license.as_ptr(),
+            prog.as_ptr().cast(),
+            prog.len() as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if fd < 0 {
+        return Err(fd);
+    }
+    // SAFETY: bpf_prog_load returned a fresh descriptor we own.
+    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid program descriptor, an open cgroup directory as the
+    // target, and null opts, which libbpf accepts.
+    let link = unsafe {
+        libbpf_sys::bpf_link_create(
+            prog_fd.as_raw_fd(),
+            dir.as_raw_fd(),
+            libbpf_sys::BPF_CGROUP_INET_INGRESS,
+            std::ptr::null(),
+        )
+    };
+    if link >= 0 {
+        // SAFETY: bpf_link_create returned a fresh descriptor we own.
+        drop(unsafe { OwnedFd::from_raw_fd(link) });
+        return Ok(true);
+    }
+    match -link {
+        libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM | libc::EBADF => Ok(false),
+        e => Err(-e),
+    }
+}

@@ -420,6 +420,10 @@ fn stat_slots_are_the_kernels() {
             "ST_WIRE_FALLBACK" => stats.wire_fallbacks,
             "ST_WIRE_UNPROVEN" => stats.wire_unproven,
             "ST_REQUIRE_WIRE" => stats.require_wire,
+            "ST_DNS_QUERIES" => stats.dns_queries,
+            "ST_DNS_ANSWERS" => stats.dns_answers,
+            "ST_DNS_MISMATCH" => stats.dns_mismatched,
+            "ST_DNS_FOREIGN" => stats.dns_foreign,
             "ST_MAX" => {
                 max = Some(v);
                 return true;

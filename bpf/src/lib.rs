@@ -76,6 +76,12 @@ pub enum Error {
     Poll(#[source] libbpf_rs::Error),
     #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
     Tracefs(#[source] nix::Error),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("secret entry is invalid: {0}")]
     Entry(&'static str),
 }

@@ -69,6 +69,16 @@ pub struct Stats {
     /// Placeholders of require-wire secrets sent unchanged: the wire could
     /// not serve their write, and no other backend may.
     pub require_wire: u64,
+    /// DNS queries tracked sockets sent, kept for their answers.
+    pub dns_queries: u64,
+    /// Answers that matched their socket's query: address, port, id, once.
+    pub dns_answers: u64,
+    /// Replies on a kept query's socket and id that came from another
+    /// address or port, or too late: they verify nothing.
+    pub dns_mismatched: u64,
+    /// Queries from sockets in a network namespace another user namespace
+    /// owns (an unprivileged user may have made it): not kept.
+    pub dns_foreign: u64,
 }
 
 /// A loaded hash map, for its fill metrics.
@@ -116,6 +126,10 @@ impl Stats {
             wire_fallbacks: at(stat_idx::ST_WIRE_FALLBACK),
             wire_unproven: at(stat_idx::ST_WIRE_UNPROVEN),
             require_wire: at(stat_idx::ST_REQUIRE_WIRE),
+            dns_queries: at(stat_idx::ST_DNS_QUERIES),
+            dns_answers: at(stat_idx::ST_DNS_ANSWERS),
+            dns_mismatched: at(stat_idx::ST_DNS_MISMATCH),
+            dns_foreign: at(stat_idx::ST_DNS_FOREIGN),
         }
     }
 }
@@ -291,7 +305,7 @@ impl Probes {
             &m.recv_args,
             &m.bio_fd,
             &m.bio_args,
-            &m.kp_args,
+            &m.dns_queries,
         ];
         all.iter()
             .filter_map(|m| {

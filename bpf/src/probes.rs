@@ -3,7 +3,7 @@
 
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, TracepointCategory};
@@ -48,6 +48,10 @@ pub struct Config {
     /// For each bit alignment, the first three bytes `kloak:` fully covers when
     /// HPACK Huffman-coded; all zero leaves HTTP/2 header values alone.
     pub huffman_signatures: [[u8; 3]; 8],
+    /// The cgroup2 root, where the DNS programs see every socket's packets.
+    /// None, or a root that refuses them, leaves DNS to the fallback
+    /// tracepoints, which read the application's memory.
+    pub dns_cgroup: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -59,6 +63,7 @@ impl Default for Config {
             agent_tgid: std::process::id(),
             max_secrets: 4096,
             huffman_signatures: [[0; 3]; 8],
+            dns_cgroup: None,
         }
     }
 }
@@ -73,22 +78,34 @@ pub struct Probes {
 }
 
 /// Where DNS answers are captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsHook {
-    /// kprobe + kretprobe on `udp_recvmsg` and `udpv6_recvmsg` (the seed's hook).
-    Kprobe,
-    /// `recvfrom`, `recvmsg`, `recvmmsg`, `read`, `readv` syscall tracepoints.
-    Tracepoints,
+    /// cgroup_skb egress and ingress on the cgroup2 root: answers from the
+    /// packets the kernel received, matched to their socket's query.
+    Packets(PathBuf),
+    /// `recvfrom`, `recvmsg`, `recvmmsg`, `read`, `readv` syscall
+    /// tracepoints, reading payload and source from the application's
+    /// memory: a hostile application can forge what they see. Holds why
+    /// the packet path is not in use.
+    Tracepoints(String),
 }
 
 impl DnsHook {
-    pub fn as_str(self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            DnsHook::Kprobe => "kprobe udp_recvmsg/udpv6_recvmsg",
-            DnsHook::Tracepoints => {
-                "syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv)"
-            }
+            DnsHook::Packets(root) => format!(
+                "packets: cgroup_skb egress/ingress on {} (answers as the kernel received them, matched to the socket's query)",
+                root.display()
+            ),
+            DnsHook::Tracepoints(why) => format!(
+                "fallback: syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv), reading the application's memory ({why})"
+            ),
         }
+    }
+
+    /// Whether answers come from kernel state only.
+    pub fn kernel_truth(&self) -> bool {
+        matches!(self, DnsHook::Packets(_))
     }
 }
 
@@ -106,53 +123,15 @@ impl Probes {
             return Err(Error::RingSize(cfg.ring_bytes));
         }
         ensure_tracefs()?;
-        let builder = skel::KloakSkelBuilder::default();
-        let mut open = builder.open(leak_object_storage()).map_err(Error::Open)?;
-        let rodata = open
-            .maps
-            .rodata_data
-            .as_deref_mut()
-            .expect("kloak.bpf.c has rodata");
-        rodata.cfg_scrub = u32::from(cfg.scrub);
-        rodata.cfg_agent_tgid = cfg.agent_tgid;
-        rodata.cfg_huff_sig = cfg.huffman_signatures;
+        // The packet path's programs need a kernel that casts their context
+        // to the kernel's sk_buff (6.2+); where the verifier refuses them,
+        // everything else loads without them and DNS falls back.
+        let (skel, mut dns_refused) = match open_and_load(cfg, cfg.dns_cgroup.is_some()) {
+            Ok(s) => (s, None),
+            Err(e) if cfg.dns_cgroup.is_some() => (open_and_load(cfg, false)?, Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
         let wire = cfg.backend == Backend::Wire;
-        rodata.cfg_wire = u32::from(wire);
-        open.maps
-            .tls_events
-            .set_max_entries(cfg.ring_bytes)
-            .map_err(Error::Open)?;
-        open.maps
-            .secret_map
-            .set_max_entries(cfg.max_secrets)
-            .map_err(Error::Open)?;
-        let inplace = cfg.backend == Backend::InPlace;
-        // Only the chosen backend's programs go to the verifier: a locked-down
-        // kernel refuses any program that so much as names bpf_probe_write_user.
-        open.progs.tls_write_scan_inplace.set_autoload(inplace);
-        open.progs.tls_write_return_inplace.set_autoload(inplace);
-        open.progs.tls_write_scan_pause.set_autoload(!inplace);
-        open.progs.tls_write_return_pause.set_autoload(!inplace);
-        for p in [
-            &mut open.progs.tls_write_scan_wire,
-            &mut open.progs.kdf_enter,
-            &mut open.progs.kdf_exit,
-            &mut open.progs.ssl_free_enter,
-            &mut open.progs.go_handshake_enter,
-            &mut open.progs.go_set_secret,
-            &mut open.progs.go_aead,
-            &mut open.progs.go_encrypt,
-            &mut open.progs.go_close_enter,
-            &mut open.progs.wire_out_patch,
-            &mut open.progs.wire_in_patch,
-            &mut open.progs.wire_out_learn,
-            &mut open.progs.wire_in_learn,
-            &mut open.progs.wire_sock_state,
-            &mut open.progs.wire_send_prog,
-        ] {
-            p.set_autoload(wire);
-        }
-        let skel = open.load().map_err(Error::Load)?;
 
         let phase2 = match cfg.backend {
             Backend::InPlace => skel.progs.tls_write_scan_inplace.as_fd(),
@@ -264,27 +243,22 @@ impl Probes {
             tracepoints.push(link);
         }
 
-        // DNS answers: the seed's kprobes on udp_recvmsg/udpv6_recvmsg where
-        // the kernel has kprobes, else the receive syscalls' tracepoints.
-        // A kernel without kprobes is expected here; libbpf would print its
-        // refusal to stderr, so it is silenced for this attempt only.
-        let print = libbpf_rs::get_print();
-        libbpf_rs::set_print(None);
-        let kprobes = (|| -> std::result::Result<Vec<Link>, libbpf_rs::Error> {
-            let mut l = Vec::new();
-            for f in ["udp_recvmsg", "udpv6_recvmsg"] {
-                l.push(skel.progs.kp_udp_recvmsg.attach_kprobe(false, f)?);
-                l.push(skel.progs.kp_udp_recvmsg_ret.attach_kprobe(true, f)?);
-            }
-            Ok(l)
-        })();
-        libbpf_rs::set_print(print);
-        let dns_hook = match kprobes {
-            Ok(links) => {
+        // DNS answers: from packets where the cgroup2 root takes the
+        // programs, else (and only then) from the receive syscalls.
+        let packets = match (&cfg.dns_cgroup, &dns_refused) {
+            (None, _) => Err("no cgroup2 hierarchy to attach to".to_string()),
+            (Some(_), Some(why)) => Err(why.clone()),
+            (Some(root), None) => attach_dns_packets(&skel, root)
+                .map(|l| (root, l))
+                .map_err(|e| e.to_string()),
+        };
+        let dns_hook = match packets {
+            Ok((root, links)) => {
                 tracepoints.extend(links);
-                DnsHook::Kprobe
+                DnsHook::Packets(root.clone())
             }
-            Err(_) => {
+            Err(why) => {
+                dns_refused = Some(why);
                 for (prog, cat, name) in [
                     (
                         &skel.progs.on_recvfrom_enter,
@@ -346,7 +320,7 @@ impl Probes {
                             })?;
                     tracepoints.push(link);
                 }
-                DnsHook::Tracepoints
+                DnsHook::Tracepoints(dns_refused.take().unwrap_or_default())
             }
         };
         Ok(Probes {
@@ -363,13 +337,88 @@ impl Probes {
     }
 
     pub fn dns_hook(&self) -> DnsHook {
-        self.dns_hook
+        self.dns_hook.clone()
     }
 
     /// Number of tracepoints attached for following processes.
     pub fn tracepoint_count(&self) -> usize {
         self.tracepoints.len()
     }
+}
+
+/// Opens the object, configures it for `cfg` and loads it; the DNS packet
+/// programs go to the verifier only with `dns_packets`.
+fn open_and_load(cfg: &Config, dns_packets: bool) -> Result<skel::KloakSkel<'static>> {
+    let builder = skel::KloakSkelBuilder::default();
+    let mut open = builder.open(leak_object_storage()).map_err(Error::Open)?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .expect("kloak.bpf.c has rodata");
+    rodata.cfg_scrub = u32::from(cfg.scrub);
+    rodata.cfg_agent_tgid = cfg.agent_tgid;
+    rodata.cfg_huff_sig = cfg.huffman_signatures;
+    let wire = cfg.backend == Backend::Wire;
+    rodata.cfg_wire = u32::from(wire);
+    open.maps
+        .tls_events
+        .set_max_entries(cfg.ring_bytes)
+        .map_err(Error::Open)?;
+    open.maps
+        .secret_map
+        .set_max_entries(cfg.max_secrets)
+        .map_err(Error::Open)?;
+    let inplace = cfg.backend == Backend::InPlace;
+    // Only the chosen backend's programs go to the verifier: a locked-down
+    // kernel refuses any program that so much as names bpf_probe_write_user.
+    open.progs.tls_write_scan_inplace.set_autoload(inplace);
+    open.progs.tls_write_return_inplace.set_autoload(inplace);
+    open.progs.tls_write_scan_pause.set_autoload(!inplace);
+    open.progs.tls_write_return_pause.set_autoload(!inplace);
+    for p in [
+        &mut open.progs.tls_write_scan_wire,
+        &mut open.progs.kdf_enter,
+        &mut open.progs.kdf_exit,
+        &mut open.progs.ssl_free_enter,
+        &mut open.progs.go_handshake_enter,
+        &mut open.progs.go_set_secret,
+        &mut open.progs.go_aead,
+        &mut open.progs.go_encrypt,
+        &mut open.progs.go_close_enter,
+        &mut open.progs.wire_out_patch,
+        &mut open.progs.wire_in_patch,
+        &mut open.progs.wire_out_learn,
+        &mut open.progs.wire_in_learn,
+        &mut open.progs.wire_sock_state,
+        &mut open.progs.wire_send_prog,
+    ] {
+        p.set_autoload(wire);
+    }
+    open.progs.dns_egress.set_autoload(dns_packets);
+    open.progs.dns_ingress.set_autoload(dns_packets);
+    open.load().map_err(Error::Load)
+}
+
+/// The DNS programs on the cgroup2 root: every socket's cgroup is below it,
+/// so every container's and the command's sockets pass through them.
+fn attach_dns_packets(skel: &skel::KloakSkel<'static>, root: &Path) -> Result<Vec<Link>> {
+    let dir = std::fs::File::open(root).map_err(|e| Error::Cgroup {
+        path: root.to_path_buf(),
+        source: e,
+    })?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut links = Vec::new();
+    for (prog, what) in [
+        (&skel.progs.dns_egress, "cgroup_skb/egress"),
+        (&skel.progs.dns_ingress, "cgroup_skb/ingress"),
+    ] {
+        links.push(prog.attach_cgroup(fd).map_err(|source| Error::Attach {
+            what: format!("{what} on {}", root.display()),
+            source,
+        })?);
+    }
+    Ok(links)
 }
 
 /// Where tracefs is (or gets) mounted; tracepoint attachment reads event ids there.

@@ -20,16 +20,40 @@ fn pause_backend_loads_and_attaches_tracepoints() {
     }
     let p = Probes::load(&Config::default()).expect("pause backend loads");
     assert_eq!(p.backend(), Backend::Pause);
-    // Ten process/socket hooks, plus the DNS hook: four kprobe links where
-    // the kernel has kprobes, ten syscall tracepoints elsewhere. The kprobe
-    // programs pass the verifier either way: they load with the rest.
-    if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
-        assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Kprobe);
-        assert_eq!(p.tracepoint_count(), 16);
-    } else {
-        assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Tracepoints);
-        assert_eq!(p.tracepoint_count(), 22);
+    // Twelve process/socket hooks; without a cgroup2 root, DNS falls back
+    // to the ten receive-syscall tracepoints.
+    assert!(matches!(p.dns_hook(), kloak_bpf::DnsHook::Tracepoints(_)));
+    assert_eq!(p.tracepoint_count(), 22);
+}
+
+/// Where cgroup2 is mounted here, if anywhere.
+fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount_point = pre.split_ascii_whitespace().nth(4)?;
+            (post.split_ascii_whitespace().next()? == "cgroup2")
+                .then(|| std::path::PathBuf::from(mount_point))
+        })
+        .min_by_key(|p| p.components().count())
+}
+
+#[test]
+fn dns_packet_programs_load_and_attach_to_the_cgroup2_root() {
+    if !is_root() {
+        return;
     }
+    let root = cgroup2_root().expect("a cgroup2 hierarchy is mounted");
+    let p = Probes::load(&Config {
+        dns_cgroup: Some(root.clone()),
+        ..Config::default()
+    })
+    .expect("loads with the DNS packet programs");
+    assert_eq!(p.dns_hook(), kloak_bpf::DnsHook::Packets(root));
+    // No receive-syscall tracepoint where the packet path works: two
+    // cgroup links instead of ten.
+    assert_eq!(p.tracepoint_count(), 14);
 }
 
 #[test]

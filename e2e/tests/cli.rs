@@ -74,7 +74,7 @@ fn doctor_json_reports_every_check_and_the_backend() {
         "bpffs",
         "bpf_loop",
         "uprobes",
-        "kprobes",
+        "dns",
         "tracefs",
         "lockdown",
         "capabilities",
@@ -101,6 +101,22 @@ fn doctor_json_reports_every_check_and_the_backend() {
         .find(|c| c["name"] == "lockdown")
         .unwrap();
     assert!(lock["detail"].as_str().unwrap().contains("wire"), "{lock}");
+    // Names come from packets where cgroup_skb attaches to the cgroup2 root,
+    // as it does on these machines; never from the applications' memory.
+    let dns = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dns")
+        .unwrap();
+    assert_eq!(dns["ok"], true, "{dns}");
+    assert!(
+        dns["detail"]
+            .as_str()
+            .unwrap()
+            .contains("DNS source: packets"),
+        "{dns}"
+    );
 }
 
 /// With no `--mode`, `kloak run` serves a placeholder over the wire on this

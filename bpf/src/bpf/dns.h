@@ -1,8 +1,20 @@
 /* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
 /*
- * DNS answers: UDP datagrams from port 53 that tracked processes read, from
- * the receive syscalls' tracepoints or, where the kernel has kprobes, the
- * seed's hook on udp_recvmsg/udpv6_recvmsg.
+ * DNS answers that may verify a destination's name.
+ *
+ * The packet path (cgroup_skb on the cgroup2 root) is the one the agent uses
+ * wherever it attaches: an answer is read from the datagram as the kernel
+ * received it and counts only if it answers a query the same socket sent,
+ * from the address and port that query went to, with the query's id, once.
+ * Which process asked is the task the kernel ran the query's send in. Nothing
+ * is read from the application's memory, so a hostile application can neither
+ * forge the source (a sockaddr of its own, addrlen 0) nor the payload (a buffer
+ * it rewrites).
+ *
+ * The receive syscalls' tracepoints below are the fallback for a node where
+ * no cgroup2 hierarchy takes the programs. They read the payload and source
+ * from user memory, which a hostile application controls; doctor and the
+ * agent's log say when that is what runs.
  */
 #ifndef KLOAK_DNS_H
 #define KLOAK_DNS_H
@@ -13,6 +25,219 @@
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define DNS_PORT_BE 0x3500 /* htons(53) */
+#define DNS_HDR_LEN 12
+/* Resolvers retry after a few seconds; an answer later than this answers
+ * nothing the application still waits for. */
+#define DNS_QUERY_TTL_NS (30ULL * 1000000000ULL)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} dns_events SEC(".maps");
+
+/* ------------------------------------------------------------------ */
+/* The packet path.                                                    */
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* A query a tracked socket sent: its cookie and the DNS id. The cookie is
+ * the kernel's, unique for the boot, so a reused descriptor or port is
+ * another key. */
+struct dns_query_key {
+	__u64 cookie;
+	__u16 id;
+	__u16 _pad[3];
+};
+
+struct dns_query {
+	__u64 ts_ns;
+	__u32 tgid;        /* the task that sent it */
+	__u16 family;      /* enum addr_family */
+	__be16 port;       /* where it went */
+	__u8 addr[16];
+};
+
+/* LRU: a query never answered ages out under pressure instead of holding
+ * a slot; an answer to a query evicted that way verifies nothing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct dns_query_key);
+	__type(value, struct dns_query);
+} dns_queries SEC(".maps");
+
+struct udp_pkt {
+	__u16 family;
+	__be16 sport;
+	__be16 dport;
+	__u16 _pad;
+	__u32 off;        /* of the UDP payload */
+	__u32 len;        /* UDP payload bytes */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* The socket the packet belongs to, if it is a UDP one. */
+static __always_inline struct sock *udp_sk_of(struct __sk_buff *skb)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	struct sock *sk = kskb->sk;
+	if (!sk || sk->sk_protocol != IPPROTO_UDP)
+		return 0;
+	return sk;
+}
+
+/* cgroup_skb programs see the packet from its network header on. */
+static __always_inline bool parse_udp(struct __sk_buff *skb, struct udp_pkt *p)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	__u8 ip[40];
+	__u32 l4;
+	if (bpf_skb_load_bytes(skb, 0, ip, 20) < 0)
+		return false;
+	if ((ip[0] >> 4) == 4) {
+		if (ip[9] != IPPROTO_UDP || ((ip[6] & 0x3f) | ip[7]) != 0)
+			return false;
+		p->family = AF_INET;
+		__builtin_memcpy(p->saddr, ip + 12, 4);
+		__builtin_memcpy(p->daddr, ip + 16, 4);
+		l4 = (ip[0] & 0xf) * 4;
+		if (l4 < 20)
+			return false;
+	} else if ((ip[0] >> 4) == 6) {
+		if (bpf_skb_load_bytes(skb, 0, ip, 40) < 0)
+			return false;
+		/* Extension headers: no resolver sends them. */
+		if (ip[6] != IPPROTO_UDP)
+			return false;
+		p->family = AF_INET6;
+		__builtin_memcpy(p->saddr, ip + 8, 16);
+		__builtin_memcpy(p->daddr, ip + 24, 16);
+		l4 = 40;
+	} else {
+		return false;
+	}
+	__u8 uh[8];
+	if (bpf_skb_load_bytes(skb, l4, uh, sizeof(uh)) < 0)
+		return false;
+	__builtin_memcpy(&p->sport, uh, 2);
+	__builtin_memcpy(&p->dport, uh + 2, 2);
+	__u32 ulen = ((__u32)uh[4] << 8) | uh[5];
+	if (ulen < 8 + DNS_HDR_LEN)
+		return false;
+	p->off = l4 + 8;
+	p->len = ulen - 8;
+	return true;
+}
+
+/* A socket in a network namespace owned by another user namespace belongs to
+ * whoever created that namespace, unprivileged users included: they may give
+ * it any address, so "the resolver's address" means nothing there. */
+static __always_inline bool sk_in_initial_userns(struct sock *sk)
+{
+	struct net *net = sk->__sk_common.skc_net.net;
+	if (!net)
+		return false;
+	struct user_namespace *ns = net->user_ns;
+	return ns && ns->level == 0;
+}
+
+SEC("cgroup_skb/egress")
+int dns_egress(struct __sk_buff *skb)
+{
+	struct sock *sk = udp_sk_of(skb);
+	if (!sk)
+		return 1;
+	struct udp_pkt p;
+	if (!parse_udp(skb, &p) || p.dport != DNS_PORT_BE)
+		return 1;
+	/* The task running the send is the asker only if it is in the socket's
+	 * cgroup; otherwise this is not process context we can name. */
+	if (bpf_get_current_cgroup_id() != bpf_skb_cgroup_id(skb) || !tracked())
+		return 1;
+	if (!sk_in_initial_userns(sk)) {
+		stat_add(ST_DNS_FOREIGN, 1);
+		return 1;
+	}
+	__u8 h[DNS_HDR_LEN];
+	if (bpf_skb_load_bytes(skb, p.off, h, sizeof(h)) < 0)
+		return 1;
+	/* A standard query (QR 0, opcode 0) with no answer or authority records:
+	 * a resolver that echoes a malformed message back must not echo records
+	 * the application wrote into it. */
+	if ((h[2] & 0xf8) != 0 || (h[6] | h[7] | h[8] | h[9]) != 0)
+		return 1;
+	struct dns_query_key k = {};
+	k.cookie = bpf_get_socket_cookie(skb);
+	__builtin_memcpy(&k.id, h, 2);
+	struct dns_query q = {};
+	q.ts_ns = bpf_ktime_get_ns();
+	q.tgid = bpf_get_current_pid_tgid() >> 32;
+	q.family = p.family;
+	q.port = p.dport;
+	__builtin_memcpy(q.addr, p.daddr, 16);
+	bpf_map_update_elem(&dns_queries, &k, &q, BPF_ANY);
+	stat_add(ST_DNS_QUERIES, 1);
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int dns_ingress(struct __sk_buff *skb)
+{
+	if (!udp_sk_of(skb))
+		return 1;
+	struct udp_pkt p;
+	if (!parse_udp(skb, &p) || p.sport != DNS_PORT_BE)
+		return 1;
+	__u8 h[4];
+	if (bpf_skb_load_bytes(skb, p.off, h, sizeof(h)) < 0 || !(h[2] & 0x80))
+		return 1;
+	struct dns_query_key k = {};
+	k.cookie = bpf_get_socket_cookie(skb);
+	__builtin_memcpy(&k.id, h, 2);
+	struct dns_query *qp = bpf_map_lookup_elem(&dns_queries, &k);
+	if (!qp)
+		return 1;
+	struct dns_query q = *qp;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 qa[2], pa[2];
+	__builtin_memcpy(qa, q.addr, 16);
+	__builtin_memcpy(pa, p.saddr, 16);
+	if (q.family != p.family || q.port != p.sport || qa[0] != pa[0] || qa[1] != pa[1]) {
+		stat_add(ST_DNS_MISMATCH, 1);
+		return 1;
+	}
+	/* Once: of two answers racing on two CPUs, only the deleter counts. */
+	if (bpf_map_delete_elem(&dns_queries, &k) != 0)
+		return 1;
+	if (now - q.ts_ns > DNS_QUERY_TTL_NS) {
+		stat_add(ST_DNS_MISMATCH, 1);
+		return 1;
+	}
+	struct dns_event *e = bpf_ringbuf_reserve(&dns_events, sizeof(*e), 0);
+	if (!e) {
+		stat_add(ST_LOST, 1);
+		return 1;
+	}
+	e->ts_ns = now;
+	e->tgid = q.tgid;
+	e->family = p.family;
+	e->port = p.sport;
+	__builtin_memcpy(e->addr, p.saddr, 16);
+	__u32 n = p.len > DNS_MAX_PAYLOAD ? DNS_MAX_PAYLOAD : p.len;
+	e->len = n;
+	e->_pad = 0;
+	if (n < DNS_HDR_LEN || bpf_skb_load_bytes(skb, p.off, e->payload, n) < 0) {
+		bpf_ringbuf_discard(e, 0);
+		return 1;
+	}
+	bpf_ringbuf_submit(e, 0);
+	stat_add(ST_DNS_ANSWERS, 1);
+	return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* The fallback: receive syscalls, reading user memory.                */
 
 struct recv_arg {
 	__u64 buf;   /* payload buffer (recvfrom, read) */
@@ -33,11 +258,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct recv_arg);
 } recv_args SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} dns_events SEC(".maps");
 
 static __always_inline struct sock *udp_sock_of(long fd)
 {
@@ -231,95 +451,6 @@ SEC("tp/syscalls/sys_exit_read")
 int on_read_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	return recv_exit(ctx->ret);
-}
-
-/* ------------------------------------------------------------------ */
-/* The seed's hook, where the kernel has kprobes: udp_recvmsg and      */
-/* udpv6_recvmsg see every UDP receive, io_uring's included. The agent */
-/* uses these instead of the syscall tracepoints when they attach.     */
-
-struct kp_arg {
-	__u64 sk;
-	__u64 msg;
-	__u64 ubuf;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, struct kp_arg);
-} kp_args SEC(".maps");
-
-/* The user buffer a receive copies into, from the kernel's iov_iter. */
-static __always_inline __u64 iter_user_base(struct msghdr *msg)
-{
-	__u8 type = BPF_CORE_READ(msg, msg_iter.iter_type);
-	if (bpf_core_field_exists(msg->msg_iter.ubuf) && type == bpf_core_enum_value(enum iter_type, ITER_UBUF))
-		return (__u64)BPF_CORE_READ(msg, msg_iter.ubuf);
-	const struct iovec *iov;
-	if (bpf_core_field_exists(msg->msg_iter.__iov))
-		iov = BPF_CORE_READ(msg, msg_iter.__iov);
-	else
-		iov = BPF_CORE_READ((struct msghdr___old *)msg, msg_iter.iov);
-	return iov ? (__u64)BPF_CORE_READ(iov, iov_base) : 0;
-}
-
-SEC("kprobe")
-int kp_udp_recvmsg(struct pt_regs *ctx)
-{
-	if (!tracked())
-		return 0;
-	struct kp_arg a = { .sk = ctx->di, .msg = ctx->si };
-	a.ubuf = iter_user_base((struct msghdr *)a.msg);
-	if (!a.ubuf)
-		return 0;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&kp_args, &tid, &a, BPF_ANY);
-	return 0;
-}
-
-SEC("kretprobe")
-int kp_udp_recvmsg_ret(struct pt_regs *ctx)
-{
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct kp_arg *ap = bpf_map_lookup_elem(&kp_args, &tid);
-	if (!ap)
-		return 0;
-	struct kp_arg a = *ap;
-	bpf_map_delete_elem(&kp_args, &tid);
-	long ret = (long)ctx->ax;
-	if (ret <= 12)
-		return 0;
-	struct conn_val src = {};
-	/* msg_name is the kernel's copy of the source address, filled on return. */
-	/* Plain locals: BPF_CORE_READ must not see kp_arg, which has no kernel BTF. */
-	struct msghdr *msg = (struct msghdr *)a.msg;
-	void *name = BPF_CORE_READ(msg, msg_name);
-	__u8 sa[24] = {};
-	if (name && bpf_probe_read_kernel(sa, sizeof(sa), name) == 0 && (sa[0] | (sa[1] << 8))) {
-		src.family = sa[0] | (sa[1] << 8);
-		src.port = sa[2] | (sa[3] << 8);
-		if (src.family == AF_INET)
-			__builtin_memcpy(src.addr, &sa[4], 4);
-		else if (src.family == AF_INET6)
-			__builtin_memcpy(src.addr, &sa[8], 16);
-		else
-			return 0;
-	} else {
-		struct sock *sk = (struct sock *)a.sk;
-		src.family = BPF_CORE_READ(sk, __sk_common.skc_family);
-		src.port = BPF_CORE_READ(sk, __sk_common.skc_dport);
-		if (src.family == AF_INET) {
-			__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-			__builtin_memcpy(src.addr, &d, 4);
-		} else if (src.family == AF_INET6) {
-			BPF_CORE_READ_INTO(&src.addr, sk, __sk_common.skc_v6_daddr);
-		} else {
-			return 0;
-		}
-	}
-	return emit_dns(&src, a.ubuf, ret);
 }
 
 #endif

@@ -69,7 +69,9 @@ enum addr_family {
 	AF_INET6 = 10,
 };
 
-/* A DNS answer a tracked process received (UDP, source port 53). */
+/* A DNS answer to a tracked process's query (UDP, source port 53): from
+ * the packet the kernel received (tgid: the task that sent the query), or,
+ * on the fallback path, from the receive syscall (tgid: the reader). */
 struct dns_event {
 	__u64 ts_ns;
 	__u32 tgid;
@@ -143,7 +145,11 @@ enum stat_idx {
 	ST_WIRE_FALLBACK = 17, /* writes the wire could not serve, paused instead */
 	ST_WIRE_UNPROVEN = 18, /* ChaCha20 records no sequence number near the estimate re-tagged: left unpatched */
 	ST_REQUIRE_WIRE = 19,  /* placeholders of require-wire secrets sent unchanged: only the wire may serve them, and it could not */
-	ST_MAX = 20,
+	ST_DNS_QUERIES = 20,   /* DNS queries tracked sockets sent, recorded for their answers */
+	ST_DNS_ANSWERS = 21,   /* answers that matched their socket's query, handed to the agent */
+	ST_DNS_MISMATCH = 22,  /* replies on a recorded query's socket and id from another address or port, or too late: ignored */
+	ST_DNS_FOREIGN = 23,   /* queries from sockets in a network namespace an unprivileged user may own: not recorded */
+	ST_MAX = 24,
 };
 
 struct secret_key {

@@ -114,7 +114,20 @@ struct in6_addr {
 	__u8 s6_addr[16];
 };
 
+struct user_namespace {
+	int level;            /* 0: the initial user namespace */
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
 struct sock_common {
+	possible_net_t skc_net;
 	__be32 skc_daddr;
 	__be32 skc_rcv_saddr;
 	__be16 skc_dport;
@@ -166,39 +179,6 @@ struct __sk_buff {
 	__u32 protocol;
 };
 
-struct iovec {
-	void *iov_base;
-	unsigned long iov_len;
-} __attribute__((preserve_access_index));
-
-enum iter_type {
-	ITER_UBUF = 0,
-	ITER_IOVEC = 1,
-};
-
-/* 6.x: the user buffer is `ubuf` (single segment) or `__iov`. */
-struct iov_iter {
-	__u8 iter_type;
-	const struct iovec *__iov;
-	void *ubuf;
-} __attribute__((preserve_access_index));
-
-/* Before 6.4 the iovec pointer was named `iov`. */
-struct iov_iter___old {
-	__u8 iter_type;
-	const struct iovec *iov;
-} __attribute__((preserve_access_index));
-
-struct msghdr {
-	void *msg_name;
-	struct iov_iter msg_iter;
-} __attribute__((preserve_access_index));
-
-struct msghdr___old {
-	void *msg_name;
-	struct iov_iter___old msg_iter;
-} __attribute__((preserve_access_index));
-
 struct fdtable {
 	unsigned int max_fds;
 	struct file **fd;
@@ -206,6 +186,11 @@ struct fdtable {
 
 struct files_struct {
 	struct fdtable *fdt;
+} __attribute__((preserve_access_index));
+
+/* What bpf_cast_to_kern_ctx gives a cgroup_skb program. */
+struct sk_buff {
+	struct sock *sk;
 } __attribute__((preserve_access_index));
 
 struct task_struct {

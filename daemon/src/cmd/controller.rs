@@ -135,10 +135,7 @@ pub async fn run(
             Ok::<(), String>(())
         });
     }
-    let mut layout = Layout::detect().context("reading /proc/self/mountinfo")?;
-    if let Some(host) = &opts.host_cgroup {
-        layout = layout.rooted(std::path::Path::new("/sys/fs/cgroup"), host);
-    }
+    let layout = host_layout(&opts).context("reading /proc/self/mountinfo")?;
     tracing::info!(node = %opts.node, datapath = opts.datapath, cgroup_layout = ?layout, "kloak controller starting");
     let mut ctl = Controller::new(client, layout, dp.as_ref().map(Datapath::link), mirror);
     if let Some(r) = restored {
@@ -340,6 +337,15 @@ fn open_state(opts: &ControllerOpts, tasks: &Tasks) -> anyhow::Result<Restored> 
     Ok(Restored { mirror, snap })
 }
 
+/// The host's cgroup hierarchies, as this process reaches them.
+fn host_layout(opts: &ControllerOpts) -> std::io::Result<Layout> {
+    let layout = Layout::detect()?;
+    Ok(match &opts.host_cgroup {
+        Some(host) => layout.rooted(std::path::Path::new("/sys/fs/cgroup"), host),
+        None => layout,
+    })
+}
+
 /// The data path of the node agent: per-pod bindings, the pause backend,
 /// a guardian that a successor agent can retire.
 fn start_datapath(
@@ -362,6 +368,9 @@ fn start_datapath(
             track: None,
             per_pod: true,
             wire_hooks: WireHooks::PodVeths,
+            // The host's root, not this container's own view: the pods'
+            // sockets must be below it.
+            dns_cgroup: host_layout(opts).ok().and_then(|l| l.unified),
             guardian,
             mirror,
             audit,

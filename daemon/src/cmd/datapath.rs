@@ -154,6 +154,9 @@ pub struct Spec {
     pub per_pod: bool,
     /// Where the wire backend patches.
     pub wire_hooks: WireHooks,
+    /// The cgroup2 root every tracked socket is below: where DNS answers
+    /// are read from packets. None leaves DNS to the syscall fallback.
+    pub dns_cgroup: Option<PathBuf>,
     pub guardian: Guardian,
     pub mirror: Option<Mirror>,
     pub audit: Option<kloak_observability::Audit>,
@@ -210,6 +213,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         agent_tgid: std::process::id(),
         max_secrets: spec.max_secrets,
         huffman_signatures: crate::datapath::hpack::prefix_signatures(),
+        dns_cgroup: spec.dns_cgroup.clone(),
     };
     type Ready = Result<(Arc<Counters>, Vec<MapInfo>, kloak_bpf::DnsHook), String>;
     let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
@@ -306,6 +310,12 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         Ok(Err(e)) => bail!("loading the BPF programs: {e}"),
         Err(_) => bail!("the data path thread died while starting"),
     };
+    if !dns_hook.kernel_truth() {
+        tracing::warn!(
+            dns = %dns_hook.describe(),
+            "DNS answers come from the applications' memory here: a hostile application can make a name verify an address of its choosing"
+        );
+    }
     Ok(Datapath {
         tx,
         wake,

@@ -118,13 +118,14 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             track: Some((cg.id, cg.path.clone())),
             per_pod: false,
             wire_hooks: WireHooks::HostDevices,
+            dns_cgroup: crate::datapath::cgroup::cgroup2_root().ok(),
             guardian,
             mirror: None,
             audit: audit.clone(),
             metrics: Default::default(),
         },
     )?;
-    tracing::info!(backend = backend.as_str(), secrets = nsecrets, cgroup = %cg.path.display(), trusted_dns = ?trusted, dns_hook = dp.dns_hook.as_str(), "kloak run ready");
+    tracing::info!(backend = backend.as_str(), secrets = nsecrets, cgroup = %cg.path.display(), trusted_dns = ?trusted, dns = %dp.dns_hook.describe(), "kloak run ready");
     let counters = dp.counters.clone();
 
     let status = std::thread::scope(|sc| -> anyhow::Result<std::process::ExitStatus> {
@@ -187,6 +188,8 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
                 "wire_drops": s.wire_drops, "wire_fallbacks": s.wire_fallbacks,
                 "wire_unproven": s.wire_unproven,
                 "require_wire": s.require_wire,
+                "dns_queries": s.dns_queries, "dns_answers": s.dns_answers,
+                "dns_mismatched": s.dns_mismatched, "dns_foreign": s.dns_foreign,
             },
             "agent": &*counters,
             "audit": audit_stats.map(|a| serde_json::json!({

@@ -1,9 +1,12 @@
 //! The DNS cache behind destination checks: which names a trusted resolver
 //! said an address had, and until when.
 //!
-//! The kernel hands over every UDP datagram from port 53 that a tracked
-//! process reads; answers from any source other than a trusted resolver are
-//! dropped here and authorise nothing.
+//! The kernel hands over each answer to a query a tracked process sent, read
+//! from the packet it received (`bpf/src/bpf/dns.h`): the source address and
+//! port are the packet's, and the process is the one whose task sent the
+//! query. Answers from any source other than a trusted resolver are dropped
+//! here and authorise nothing. Each name is valid for its record's TTL
+//! from the moment the answer arrived.
 //!
 //! Answers are scoped to the process that received them: an address counts as
 //! `allowed.test` for a process only if that process itself was told so. A
@@ -15,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use simple_dns::rdata::RData;
-use simple_dns::{Packet, PacketFlag};
+use simple_dns::{OPCODE, Packet, PacketFlag, RCODE};
 
 /// Nameservers in a resolv.conf.
 pub fn resolv_conf_nameservers(path: &Path) -> Vec<IpAddr> {
@@ -87,7 +90,13 @@ impl DnsCache {
             self.stats.malformed += 1;
             return learned;
         };
-        if !p.has_flags(PacketFlag::RESPONSE) {
+        // Only a plain answer: a resolver that refuses or does not
+        // understand a message may echo it back, records and all, and the
+        // application wrote that message.
+        if !p.has_flags(PacketFlag::RESPONSE)
+            || p.opcode() != OPCODE::StandardQuery
+            || p.rcode() != RCODE::NoError
+        {
             return learned;
         }
         self.stats.answers += 1;
@@ -287,6 +296,31 @@ mod tests {
         assert_eq!(c.stats.untrusted, 1);
         c.record(7, RESOLVER.parse().unwrap(), NS, b"garbage that is not dns");
         assert_eq!(c.stats.malformed, 1);
+    }
+
+    #[test]
+    fn an_echoed_refusal_verifies_nothing() {
+        // A resolver that answers FORMERR or NOTIMP may copy the message it
+        // got, answer records the application wrote included.
+        let mut c = DnsCache::new(vec!["127.0.0.153".parse().unwrap()], 16);
+        let bytes = answer("allowed.test", vec![a("allowed.test", [6, 6, 6, 6], 60)]);
+        let mut p = Packet::parse(&bytes).unwrap();
+        *p.rcode_mut() = RCODE::FormatError;
+        c.record(
+            7,
+            RESOLVER.parse().unwrap(),
+            NS,
+            &p.build_bytes_vec().unwrap(),
+        );
+        *p.rcode_mut() = RCODE::NoError;
+        *p.opcode_mut() = OPCODE::Notify;
+        c.record(
+            7,
+            RESOLVER.parse().unwrap(),
+            NS,
+            &p.build_bytes_vec().unwrap(),
+        );
+        assert!(c.names_at(7, "6.6.6.6".parse().unwrap(), 2 * NS).is_empty());
     }
 
     #[test]

@@ -84,6 +84,54 @@ pub fn auto_backend() -> Backend {
     }
 }
 
+/// The kernel that first casts a cgroup_skb program's context to the
+/// kernel's sk_buff (`bpf_cast_to_kern_ctx`), which the DNS packet path reads
+/// the socket's namespace through.
+const DNS_PACKETS_KERNEL: (u32, u32) = (6, 2);
+
+/// Where the agent will learn DNS answers on this node, as
+/// `Probes::load` decides it: from packets when a cgroup_skb program
+/// attaches to the cgroup2 root, else from the receive syscalls.
+fn dns_source(kernel: Option<(u32, u32)>) -> (bool, String) {
+    const FALLBACK: &str = "DNS source: fallback, syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv) reading the applications' memory; a hostile application can forge which address a name has";
+    let root = match crate::datapath::cgroup::cgroup2_root() {
+        Ok(r) => r,
+        Err(e) => return (false, format!("{FALLBACK} ({e})")),
+    };
+    if kernel.is_some_and(|v| v < DNS_PACKETS_KERNEL) {
+        return (
+            false,
+            format!(
+                "{FALLBACK} (the packet path needs Linux {}.{}+)",
+                DNS_PACKETS_KERNEL.0, DNS_PACKETS_KERNEL.1
+            ),
+        );
+    }
+    match features::cgroup_skb(&root) {
+        Ok(true) => (
+            true,
+            format!(
+                "DNS source: packets, cgroup_skb egress/ingress on {} (answers as the kernel received them, matched to the query their socket sent)",
+                root.display()
+            ),
+        ),
+        Ok(false) => (
+            false,
+            format!(
+                "{FALLBACK} (a cgroup_skb program does not attach to {})",
+                root.display()
+            ),
+        ),
+        Err(e) => (
+            false,
+            format!(
+                "{FALLBACK} (probing cgroup_skb on {} failed with error {e})",
+                root.display()
+            ),
+        ),
+    }
+}
+
 pub fn run_checks() -> Report {
     let mut checks = Vec::new();
 
@@ -175,17 +223,8 @@ pub fn run_checks() -> Report {
         },
     ));
 
-    let kprobe = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
-    checks.push(check(
-        "kprobes",
-        false,
-        true,
-        if kprobe {
-            "kprobe PMU present; DNS capture hook: kprobe udp_recvmsg/udpv6_recvmsg".to_string()
-        } else {
-            "no kprobe PMU (CONFIG_KPROBES off); DNS capture hook: syscall tracepoints (recvfrom, recvmsg, recvmmsg, read, readv)".to_string()
-        },
-    ));
+    let (ok, detail) = dns_source(kv);
+    checks.push(check("dns", false, ok, detail));
 
     let tracefs = Path::new("/sys/kernel/tracing/events").exists()
         || Path::new("/sys/kernel/debug/tracing/events").exists();
