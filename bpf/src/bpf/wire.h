@@ -39,8 +39,12 @@
 #define ETH_HLEN 14
 #define ETH_P_IP_BE 0x0008   /* htons(0x0800) */
 #define ETH_P_IPV6_BE 0xdd86 /* htons(0x86dd) */
-#define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
+/* TCX: let the next program on the device see the packet. TC_ACT_OK (0)
+ * is TCX_PASS there, which ends the chain: a second Kloak on the host (two
+ * `kloak run`, or one beside the node agent) would then never see a
+ * packet, learn no suite, and send every write to pause. */
+#define TCX_NEXT -1
 #define TCP_CLOSE 7
 #define BPF_F_RECOMPUTE_CSUM 1
 #define TLS_HDR 5
@@ -1820,16 +1824,16 @@ static __always_inline int wire_tc(struct __sk_buff *skb, bool patch)
 {
 	struct pkt k;
 	if (!parse(skb, &k) || !k.len)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	learn_suite(skb, &k);
 	if (!patch)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct wire_flow *fl = bpf_map_lookup_elem(&wire_flows, &k.f);
 	if (!fl)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct wire_scratch *w = scratch();
 	if (!w)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	struct tc_ctx t = { .skb = skb, .fl = fl, .k = &k, .w = w, .verdict = 0 };
 	bpf_loop(WIRE_SLOTS, patch_slot, &t, 0);
 	if (t.verdict == TC_ACT_SHOT) {
@@ -1838,7 +1842,7 @@ static __always_inline int wire_tc(struct __sk_buff *skb, bool patch)
 	}
 	if (t.verdict == 1)
 		stat_add(ST_WIRE_PACKETS, 1);
-	return TC_ACT_OK;
+	return TCX_NEXT;
 }
 
 /* Attached where a tracked socket's packets pass once on their way out
