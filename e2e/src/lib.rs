@@ -602,11 +602,17 @@ pub fn kloak_cmd_resolving_via(
 /// `argv` run as user `nobody` (group `nogroup`, no supplementary groups):
 /// the agent stays root, the command holds no privilege at all.
 pub fn as_nobody(argv: &[&str]) -> Vec<String> {
-    ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-        .iter()
-        .chain(argv)
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--",
+    ]
+    .iter()
+    .chain(argv)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn b64(s: &str) -> Vec<u8> {

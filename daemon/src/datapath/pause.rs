@@ -483,13 +483,13 @@ mod tests {
     #[test]
     fn a_user_scan_with_more_placeholders_than_the_kernel_holds_scrubs_them_all() {
         let w = World::new();
-        let data = vec![P1; 12].join(",");
+        let data = [P1; 12].join(",");
         let mem = Buf::new(BASE, data.as_bytes());
         let mut e = stopped(EventKind::Scan, 5, Some(3), data.as_bytes());
         e.hits.clear();
         let mut pause = Pause::new(true);
         pause.serve(&w.parts(&mem), &e);
-        assert_eq!(text(&mem), vec!["sk-live-value-01"; 12].join(","));
+        assert_eq!(text(&mem), ["sk-live-value-01"; 12].join(","));
         assert_eq!(w.kernel.armed.borrow()[0].2.len(), MAX_HITS);
         // The return probe's stop names the hits the kernel holds; the
         // agent puts back the rest too.
