@@ -328,8 +328,12 @@ impl Probes {
             WireHook::IngressLearn => &p.wire_in_learn,
         };
         let what = || format!("tcx {hook:?} on ifindex {ifindex}");
+        // First on the device: every Kloak program passes packets on to
+        // the next (TCX_NEXT), but another program before it (an older
+        // Kloak, anyone's) may end the chain and hide the packets from it.
         let opts = libbpf_sys::bpf_tcx_opts {
             sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+            flags: libbpf_sys::BPF_F_BEFORE,
             ..Default::default()
         };
         // SAFETY: the program outlives this call (the skeleton owns it), and

@@ -560,6 +560,18 @@ pub fn run_kloak_resolving_via(
     command: &[&str],
     timeout: Duration,
 ) -> Run {
+    let (mut c, stats) = kloak_cmd_resolving_via(resolver, secrets, extra, command);
+    finish(&mut c, &stats, timeout)
+}
+
+/// The command [`run_kloak_resolving_via`] runs, and its stats file: for
+/// tests that talk to the command while it runs.
+pub fn kloak_cmd_resolving_via(
+    resolver: &str,
+    secrets: &Secrets,
+    extra: &[&str],
+    command: &[&str],
+) -> (Command, PathBuf) {
     let resolv = secrets.dir.path().join("resolv.conf");
     std::fs::write(
         &resolv,
@@ -584,7 +596,23 @@ pub fn run_kloak_resolving_via(
             c.env(k, v);
         }
     }
-    finish(&mut c, &stats, timeout)
+    (c, stats)
+}
+
+/// `argv` run as user `nobody` (group `nogroup`, no supplementary groups):
+/// the agent stays root, the command holds no privilege at all.
+pub fn as_nobody(argv: &[&str]) -> Vec<String> {
+    [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--",
+    ]
+    .iter()
+    .chain(argv)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn b64(s: &str) -> Vec<u8> {

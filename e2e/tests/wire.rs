@@ -764,3 +764,47 @@ fn go_http2_body_is_served_by_the_wire_and_its_huffman_header_by_pause() {
     assert_eq!(run.stats["bpf"]["wire_drops"], 0, "{}", run.stats);
     run.assert_no_leak(&value);
 }
+
+/// Two Kloaks on one host: while one `kloak run` holds its tc programs on
+/// loopback, another one's client is still served by the wire. Each program
+/// hands packets on to the next (TCX_NEXT) and attaches first; one that
+/// ended the chain (TC_ACT_OK is TCX_PASS) hid every packet from the other,
+/// which learned no suite and paused every write.
+#[test]
+fn a_second_kloak_on_the_host_still_serves_the_wire() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("sk-second-", 30);
+    let s = one_secret(&value);
+    let other = one_secret("sk-first-0123456789");
+    let (mut first, _) = kloak_cmd(&other, &["--mode", "wire"], &["sleep", "60"]);
+    let mut first = first
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once it says so: its tc programs are on loopback by then.
+    let mut err = BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("kloak run ready") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the first kloak run ended"
+        );
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let cmd = format!(
+        "curl -sS --http1.1 --cacert {} -H \"Authorization: Bearer $API_TOKEN\" {}",
+        srv.cacert().display(),
+        srv.url("/second")
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_all_real(&srv.records(), &value, 1);
+    assert_eq!(agent_stat(&run, "wire_armed"), 1, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 0, "{}", run.stats);
+    run.assert_no_leak(&value);
+}

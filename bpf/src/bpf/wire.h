@@ -39,12 +39,12 @@
 #define ETH_HLEN 14
 #define ETH_P_IP_BE 0x0008   /* htons(0x0800) */
 #define ETH_P_IPV6_BE 0xdd86 /* htons(0x86dd) */
-/* tcx: TCX_NEXT hands the packet to the next program on the device (and
- * passes it when there is none). TC_ACT_OK would end the chain there and
- * then: another agent's or CNI's program after ours would never see the
- * packet, and ours would be skipped whenever someone else's came first. */
-#define TCX_NEXT (-1)
 #define TC_ACT_SHOT 2
+/* TCX: let the next program on the device see the packet. TC_ACT_OK (0)
+ * is TCX_PASS there, which ends the chain: a second Kloak on the host (two
+ * `kloak run`, or one beside the node agent) would then never see a
+ * packet, learn no suite, and send every write to pause. */
+#define TCX_NEXT -1
 #define TCP_CLOSE 7
 #define BPF_F_RECOMPUTE_CSUM 1
 #define TLS_HDR 5

@@ -56,6 +56,10 @@ pub struct Pause {
     scrub: bool,
     /// HPACK swaps per thread, undone when that thread's write returns.
     huffman_scrubs: HashMap<u32, Vec<HuffPatch>>,
+    /// Per thread, the placeholders of a user-space scan beyond the
+    /// MAX_HITS the kernel's scrub entry holds: put back at that same
+    /// scrub, or the values would stay in the buffer after the call.
+    extra_scrubs: HashMap<u32, Vec<Hit>>,
 }
 
 const BACKEND: BackendKind = BackendKind::Pause;
@@ -65,6 +69,7 @@ impl Pause {
         Pause {
             scrub,
             huffman_scrubs: HashMap::new(),
+            extra_scrubs: HashMap::new(),
         }
     }
 
@@ -77,7 +82,8 @@ impl Pause {
                 }
             }
             EventKind::Scrub => {
-                for h in &e.hits {
+                let extra = self.extra_scrubs.remove(&e.tid).unwrap_or_default();
+                for h in e.hits.iter().chain(&extra) {
                     self.patch_hit(p, e, h, Direction::ToPlaceholder);
                 }
                 self.unswap_huffman(p, e);
@@ -197,17 +203,12 @@ impl Pause {
             && scrubbable
             && (!done.is_empty() || self.huffman_scrubs.contains_key(&e.tid))
         {
-            if done.len() > MAX_HITS {
-                tracing::warn!(
-                    pid = e.tgid,
-                    placeholders = done.len(),
-                    "only the first {MAX_HITS} placeholders of this write are scrubbed"
-                );
+            let armed = done.len().min(MAX_HITS);
+            if done.len() > armed {
+                self.extra_scrubs
+                    .insert(e.tid, done[armed..].iter().map(|(h, _)| *h).collect());
             }
-            if let Err(err) = p
-                .kernel
-                .arm_scrub(e.tid, e.buf, &done[..done.len().min(MAX_HITS)])
-            {
+            if let Err(err) = p.kernel.arm_scrub(e.tid, e.buf, &done[..armed]) {
                 tracing::warn!(error = %err, "arming the scrub failed");
             }
         }
@@ -477,6 +478,31 @@ mod tests {
         assert_eq!(c.unknown_tokens.load(Ordering::Relaxed), 1);
         assert_eq!(c.splits.load(Ordering::Relaxed), 1);
         assert_eq!(c.blocked.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_user_scan_with_more_placeholders_than_the_kernel_holds_scrubs_them_all() {
+        let w = World::new();
+        let data = [P1; 12].join(",");
+        let mem = Buf::new(BASE, data.as_bytes());
+        let mut e = stopped(EventKind::Scan, 5, Some(3), data.as_bytes());
+        e.hits.clear();
+        let mut pause = Pause::new(true);
+        pause.serve(&w.parts(&mem), &e);
+        assert_eq!(text(&mem), ["sk-live-value-01"; 12].join(","));
+        assert_eq!(w.kernel.armed.borrow()[0].2.len(), MAX_HITS);
+        // The return probe's stop names the hits the kernel holds; the
+        // agent puts back the rest too.
+        let mut ret = stopped(EventKind::Scrub, 5, Some(3), data.as_bytes());
+        ret.hits = (0..MAX_HITS as u64)
+            .map(|i| Hit {
+                offset: i * (P1.len() as u64 + 1),
+                secret_id: 1,
+                len: P1.len() as u32,
+            })
+            .collect();
+        pause.serve(&w.parts(&mem), &ret);
+        assert_eq!(text(&mem), data);
     }
 
     #[test]
