@@ -394,7 +394,6 @@ fn assert_allowed_got_real(o: &Outcome, requests: usize, per_request: usize) {
 /// 1. A second thread reading the `SSL_write` buffer during 1,000 writes
 ///    never sees it change; the allowed server gets the value every time.
 #[test]
-#[ignore = "issue 15: intermittent (2 runs in 4): one request in 1,000 reaches the allowed server with the placeholder, unpatched by the wire (cause not found yet); the reader never saw the value"]
 fn a_reader_thread_never_sees_the_value_in_1000_writes() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("spin").writes(1000));
@@ -451,7 +450,6 @@ fn a_custom_bio_that_plants_an_allowed_socket_gets_no_require_wire_value() {
 ///    value or as the placeholder. No reader thread here: what it copies
 ///    while the write runs is 3b's subject.
 #[test]
-#[ignore = "issue 15: >8 placeholders fall back to pause (user-space scan); 2 copies of the value stay in the client's memory after the writes, not in the request buffer"]
 fn more_than_eight_placeholders_leave_no_value_once_the_write_returned() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("many").writes(20).no_reader());
@@ -478,7 +476,6 @@ fn more_than_eight_placeholders_leave_no_value_once_the_write_returned() {
 
 /// 3b. The same, watched during the call as well.
 #[test]
-#[ignore = "issue 15: >8 placeholders fall back to pause: the value is in the request buffer during the write"]
 fn more_than_eight_placeholders_never_put_a_value_in_memory() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("many").writes(20));
@@ -498,7 +495,6 @@ fn more_than_eight_require_wire_placeholders_never_put_a_value_in_memory() {
 /// 4. `SSL_set_fd` on a socket to the allowed host, then `SSL_set_wfd` (and
 ///    `SSL_set_rfd`) on one to the other server, before the handshake.
 #[test]
-#[ignore = "issue 15: no suite is known for the SSL_set_fd socket, so the write falls back to pause, which trusts that fd: the other server gets the value"]
 fn ssl_set_wfd_after_ssl_set_fd_sends_only_the_placeholder() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("wfd"));
@@ -529,7 +525,6 @@ fn dup2_over_the_verified_fd_sends_only_the_placeholder() {
 
 /// 5b. The same with a CBC suite, which only `pause` can serve.
 #[test]
-#[ignore = "issue 15: a CBC write falls back to pause, whose check reads conn_ip_map, which dup2 does not update: the other server gets the value"]
 fn dup2_over_the_verified_fd_with_a_cbc_suite_sends_only_the_placeholder() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("dup2").cbc());
@@ -542,7 +537,6 @@ fn dup2_over_the_verified_fd_with_a_cbc_suite_sends_only_the_placeholder() {
 ///    new `SSL*` at the same address writes through a BIO of the
 ///    application's to the other server.
 #[test]
-#[ignore = "issue 15: ssl_fd outlives SSL_free and the planted socket has no suite: the write falls back to pause, which trusts the stale fd; the other server and the BIO get the value"]
 fn a_reused_ssl_address_sends_only_the_placeholder() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("reuse"));
@@ -574,7 +568,6 @@ fn after_its_requests_the_clients_memory_holds_no_copy() {
 }
 
 #[test]
-#[ignore = "issue 15: a CBC write falls back to pause, which writes the value into the request buffer during the write"]
 fn with_a_cbc_suite_forced_the_value_never_enters_the_client() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("spin").writes(100).cbc());
@@ -608,7 +601,6 @@ fn close_range_and_a_passed_socket_send_only_the_placeholder() {
 }
 
 #[test]
-#[ignore = "issue 15: a CBC write falls back to pause, whose check reads conn_ip_map, stale after close_range: the other server gets the value"]
 fn close_range_and_a_passed_socket_with_a_cbc_suite_send_only_the_placeholder() {
     let Some(_g) = root_test() else { return };
     let o = run_case(&Case::new("close-range").cbc());

@@ -198,7 +198,10 @@ impl Datapath {
 
 /// Loads the programs and starts the agent on its own thread; returns once
 /// the maps hold `spec.secrets` and `spec.track` is followed.
-pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
+pub fn start(opts: &DatapathOpts, mut spec: Spec) -> anyhow::Result<Datapath> {
+    for s in &mut spec.secrets {
+        s.require_wire = crate::datapath::backend::wire_only(spec.backend, s);
+    }
     let trusted = opts.trusted_resolvers();
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(

@@ -483,7 +483,8 @@ impl<'p> Agent<'p> {
 
     fn apply(&mut self, c: Command) {
         match c {
-            Command::PutSecret(s) => {
+            Command::PutSecret(mut s) => {
+                s.require_wire = backend::wire_only(self.configured(), &s);
                 let entry = kloak_bpf::SecretEntry {
                     id: s.id,
                     placeholder: s.placeholder.as_bytes(),

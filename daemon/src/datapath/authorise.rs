@@ -55,7 +55,7 @@ impl BlockReason {
             BlockReason::NotBound => "the pod does not reference this secret",
             BlockReason::Destination => "destination not allowed for this secret",
             BlockReason::RequireWire => {
-                "the secret requires the wire backend, which could not serve this write"
+                "the secret is served by the wire backend only (requireWire, or destination rules under the wire backend), which could not serve this write"
             }
         }
     }

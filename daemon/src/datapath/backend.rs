@@ -50,6 +50,18 @@ impl From<kloak_bpf::Backend> for BackendKind {
     }
 }
 
+/// Whether `s` may only be served by the wire on a data path loaded with
+/// `configured`: when it asks for that (`requireWire`), and, under the wire
+/// backend, when it has destination rules. Those rules are a promise the
+/// pause fallback cannot keep against a hostile application: a write it
+/// serves puts the value into the application's own memory, and an
+/// application that wants it there only has to choose a write the wire
+/// cannot serve (a CBC suite, a descriptor planted under its `SSL*`).
+/// `--mode pause` is the explicit choice of pause for such secrets.
+pub fn wire_only(configured: kloak_bpf::Backend, s: &crate::datapath::secrets::Secret) -> bool {
+    s.require_wire || (configured == kloak_bpf::Backend::Wire && !s.rules.unrestricted())
+}
+
 /// The backend that served (or, for a stopped writer, will serve) a write
 /// the kernel reported as `kind`, on a data path loaded with `configured`.
 /// Tokens that name no secret, cut placeholders and require-wire secrets the

@@ -182,7 +182,7 @@ impl Recorder {
                     pid = e.tgid,
                     comm = %e.comm,
                     secret = %s.name,
-                    "blocked: the secret requires the wire backend, which could not serve this write (suite, library or keys); the placeholder went out unchanged"
+                    "blocked: the secret is served by the wire only (requireWire, or destination rules under the wire backend), which could not serve this write (suite, library, keys or socket); the placeholder went out unchanged"
                 );
             }
         }
