@@ -21,6 +21,10 @@ pub struct SecretEntry<'a> {
     /// Only the wire backend may serve it: the kernel never stops a writer
     /// for it, nor writes it into the writer's memory.
     pub require_wire: bool,
+    /// The secret has destination rules and the wire backend is loaded:
+    /// only the wire serves it, except to processes in the configured pause
+    /// network namespace ([`crate::Config::pause_netns`]).
+    pub wire_rules: bool,
 }
 
 /// Map key of a placeholder: its random characters after `kloak:`, up to
@@ -147,6 +151,10 @@ fn secret_val(backend: crate::Backend, e: &SecretEntry<'_>) -> Result<types::sec
         id: e.id,
         flags: if e.require_wire {
             types::secret_flag::SECRET_REQUIRE_WIRE.0
+        } else {
+            0
+        } | if e.wire_rules {
+            types::secret_flag::SECRET_WIRE_RULES.0
         } else {
             0
         },
@@ -511,6 +519,7 @@ mod tests {
     fn an_entry_carries_the_flag_and_the_value_only_where_a_program_reads_it() {
         use crate::Backend;
         let e = |require_wire| SecretEntry {
+            wire_rules: false,
             id: 7,
             placeholder: b"kloak:ABCDEFGH",
             value: Some(b"sk-real-value1"),
@@ -539,6 +548,7 @@ mod tests {
             }
         }
         let short = SecretEntry {
+            wire_rules: false,
             value: Some(b"short"),
             ..e(false)
         };

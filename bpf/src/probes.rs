@@ -52,6 +52,11 @@ pub struct Config {
     /// None, or a root that refuses them, leaves DNS to the fallback
     /// tracepoints, which read the application's memory.
     pub dns_cgroup: Option<PathBuf>,
+    /// The network namespace (inode number of its `/proc/PID/ns/net`) whose
+    /// processes the pause fallback may serve secrets with destination rules:
+    /// the host's under the node agent, whose pods there cross no veth the
+    /// wire could patch on. 0 (`kloak run`): no namespace.
+    pub pause_netns: u32,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             max_secrets: 4096,
             huffman_signatures: [[0; 3]; 8],
             dns_cgroup: None,
+            pause_netns: 0,
         }
     }
 }
@@ -358,6 +364,7 @@ fn open_and_load(cfg: &Config, dns_packets: bool) -> Result<skel::KloakSkel<'sta
         .expect("kloak.bpf.c has rodata");
     rodata.cfg_scrub = u32::from(cfg.scrub);
     rodata.cfg_agent_tgid = cfg.agent_tgid;
+    rodata.cfg_pause_netns = cfg.pause_netns;
     rodata.cfg_huff_sig = cfg.huffman_signatures;
     let wire = cfg.backend == Backend::Wire;
     rodata.cfg_wire = u32::from(wire);

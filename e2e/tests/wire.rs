@@ -808,3 +808,105 @@ fn a_second_kloak_on_the_host_still_serves_the_wire() {
     assert_eq!(run.stats["bpf"]["wire_fallbacks"], 0, "{}", run.stats);
     run.assert_no_leak(&value);
 }
+
+/// The Python client of the KeyUpdate test: three lines on one connection,
+/// each after reading the server's line (and the KeyUpdate before it).
+const PY_LINES: &str = r#"
+import socket, ssl, sys, os
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="localhost")
+f = s.makefile("rb")
+for i in range(3):
+    if i:
+        f.readline()
+    s.sendall(b"line=%d token=%s\n" % (i, os.environ["API_TOKEN"].encode()))
+print("LINES 3")
+"#;
+
+/// TLS 1.3 KeyUpdate: after each line the server (openssl s_server) sends a
+/// KeyUpdate that asks for one back, so the client's next line goes out
+/// under a new traffic key. Go (its handleKeyUpdate probe) follows it: every
+/// line arrives real, which a tag corrected with a stale key would not (the
+/// server would fail the record). OpenSSL answers inside the next SSL_write,
+/// whose first socket write is then its own KeyUpdate record, not the
+/// write's data; the wire does not follow that yet, so those lines go out
+/// with the placeholder, counted as misses, and the stream stays valid (the
+/// server decrypted them). Never the value under a wrong tag.
+#[test]
+fn after_a_key_update_go_is_patched_under_the_new_key_and_openssl_sends_the_placeholder() {
+    let Some(_g) = root_test() else { return };
+    let d = tempfile::tempdir().unwrap();
+    make_certificates(d.path(), &["127.0.0.1"]);
+    let py = d.path().join("lines.py");
+    std::fs::write(&py, PY_LINES).unwrap();
+    let ca = d.path().join("ca.pem");
+    for client in ["go", "python"] {
+        let rec = d.path().join(format!("{client}.txt"));
+        let mut c = std::process::Command::new("python3");
+        c.arg(fixtures().join("keyupdate_server.py"))
+            .arg("--cert")
+            .arg(d.path().join("cert.pem"))
+            .arg("--key")
+            .arg(d.path().join("key.pem"))
+            .args(["--lines", "3", "--record"])
+            .arg(&rec);
+        let (mut srv, port) = spawn_listening(&mut c, "the KeyUpdate server");
+        let value = random_secret(&format!("ku-{client}-"), 30);
+        let cmd = if client == "go" {
+            format!(
+                "{} -url https://127.0.0.1:{port}/ -cacert {} -lines 3",
+                go_client().display(),
+                ca.display()
+            )
+        } else {
+            format!("python3 {} {port} {}", py.display(), ca.display())
+        };
+        let run = run_kloak(
+            &one_secret(&value),
+            &["--mode", "wire"],
+            &["sh", "-c", &cmd],
+            T,
+        );
+        assert!(run.output.status.success(), "{client}: {}", run.stderr());
+        let _ = srv.wait();
+        let got = std::fs::read(&rec).unwrap();
+        let text = String::from_utf8_lossy(&got);
+        let go = client == "go";
+        let placeholder = placeholders_in(&got, value.len()).pop();
+        for i in 0..3 {
+            // Python: the line before any KeyUpdate is the wire's; the ones
+            // after, not yet (see above).
+            let expect = if go || i == 0 {
+                Some(value.clone())
+            } else {
+                placeholder.clone()
+            };
+            assert!(
+                expect.is_some_and(|t| text.contains(&format!("line={i} token={t}\n"))),
+                "{client}: line {i} did not arrive as expected: {text}"
+            );
+        }
+        assert_eq!(
+            count(&got, b"SSL_do_handshake -> 1"),
+            2,
+            "{client}: the server did not send its two KeyUpdates: {text}"
+        );
+        let (armed, missed) = if go { (3, 0) } else { (1, 2) };
+        assert_eq!(
+            run.stats["bpf"]["wire_armed"], armed,
+            "{client}: {}",
+            run.stats
+        );
+        assert_eq!(
+            run.stats["bpf"]["wire_misses"], missed,
+            "{client}: {}",
+            run.stats
+        );
+        assert_eq!(
+            run.stats["bpf"]["wire_fallbacks"], 0,
+            "{client}: {}",
+            run.stats
+        );
+        run.assert_no_leak(&value);
+    }
+}

@@ -161,6 +161,13 @@ enum secret_flag {
 	/* Only the wire backend may serve this secret: no other backend ever
 	 * writes its value into an application's memory. */
 	SECRET_REQUIRE_WIRE = 1,
+	/* The secret has destination rules and the wire backend is loaded:
+	 * only the wire serves it, except to a process in cfg_pause_netns (the
+	 * host's network namespace under the node agent, whose packets cross
+	 * no veth the wire could patch on). The pause fallback would put the
+	 * value into the application's memory on any write it chose to make
+	 * one the wire cannot serve, and from there it goes anywhere. */
+	SECRET_WIRE_RULES = 2,
 };
 
 struct secret_val {

@@ -214,6 +214,15 @@ static __always_inline void tail_prefix(struct scan_ctx *c)
 	c->nsplit = 1;
 }
 
+/* Whether the writer runs in cfg_pause_netns (see SECRET_WIRE_RULES). */
+static __always_inline bool in_pause_netns(void)
+{
+	if (!cfg_pause_netns)
+		return false;
+	struct task_struct *t = (void *)bpf_get_current_task();
+	return BPF_CORE_READ(t, nsproxy, net_ns, ns.inum) == cfg_pause_netns;
+}
+
 static long verify_hit(__u64 i, void *data)
 {
 	struct scan_ctx *c = ((struct lctx *)data)->c;
@@ -274,7 +283,8 @@ static long verify_hit(__u64 i, void *data)
 		c->match[m].id = v->id;
 		c->match[m].len = len;
 		c->match[m].key = k;
-		if (v->flags & SECRET_REQUIRE_WIRE)
+		if ((v->flags & SECRET_REQUIRE_WIRE) ||
+		    ((v->flags & SECRET_WIRE_RULES) && !in_pause_netns()))
 			c->wire_only |= 1u << m;
 		c->nmatch = m + 1;
 		return 0;

@@ -118,8 +118,17 @@ struct user_namespace {
 	int level;            /* 0: the initial user namespace */
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
 struct net {
 	struct user_namespace *user_ns;
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+struct nsproxy {
+	struct net *net_ns;
 } __attribute__((preserve_access_index));
 
 typedef struct {
@@ -195,6 +204,7 @@ struct sk_buff {
 
 struct task_struct {
 	struct files_struct *files;
+	struct nsproxy *nsproxy;
 } __attribute__((preserve_access_index));
 
 #endif

@@ -198,10 +198,18 @@ impl Datapath {
 
 /// Loads the programs and starts the agent on its own thread; returns once
 /// the maps hold `spec.secrets` and `spec.track` is followed.
-pub fn start(opts: &DatapathOpts, mut spec: Spec) -> anyhow::Result<Datapath> {
-    for s in &mut spec.secrets {
-        s.require_wire = crate::datapath::backend::wire_only(spec.backend, s);
-    }
+pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
+    // Under the node agent the host's own namespace has no veth to patch
+    // on: pause stays the only way to serve secrets with rules there.
+    let pause_netns = if spec.backend == Backend::Wire && spec.wire_hooks == WireHooks::PodVeths {
+        crate::datapath::veths::host_netns_inode().unwrap_or(0)
+    } else {
+        0
+    };
+    let wire_rules = crate::datapath::backend::WireRules {
+        on: spec.backend == Backend::Wire,
+        pause_netns,
+    };
     let trusted = opts.trusted_resolvers();
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(
@@ -217,6 +225,7 @@ pub fn start(opts: &DatapathOpts, mut spec: Spec) -> anyhow::Result<Datapath> {
         max_secrets: spec.max_secrets,
         huffman_signatures: crate::datapath::hpack::prefix_signatures(),
         dns_cgroup: spec.dns_cgroup.clone(),
+        pause_netns,
     };
     type Ready = Result<(Arc<Counters>, Vec<MapInfo>, kloak_bpf::DnsHook), String>;
     let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
@@ -284,6 +293,7 @@ pub fn start(opts: &DatapathOpts, mut spec: Spec) -> anyhow::Result<Datapath> {
                     commands: rx,
                     pod_veths,
                     wake: setup_wake,
+                    wire_rules,
                 },
             );
             let _ = ready_tx.send(Ok((agent.counters(), probes.maps(), probes.dns_hook())));
@@ -334,6 +344,10 @@ pub fn start(opts: &DatapathOpts, mut spec: Spec) -> anyhow::Result<Datapath> {
 /// The programs, with the command's first secrets and cgroup in the maps.
 fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
     let probes = Probes::load(cfg).map_err(|e| e.to_string())?;
+    let wire_rules = crate::datapath::backend::WireRules {
+        on: cfg.backend == kloak_bpf::Backend::Wire,
+        pause_netns: cfg.pause_netns,
+    };
     for s in &spec.secrets {
         probes
             .put_secret(&SecretEntry {
@@ -342,6 +356,7 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
                 // Only the in-place and wire backends' programs need it.
                 value: cfg.backend.value_in_kernel().then(|| s.value.expose()),
                 require_wire: s.require_wire,
+                wire_rules: wire_rules.flags(s),
             })
             .map_err(|e| format!("secret {:?}: {e}", s.name))?;
         // kloak run: no bindings, so a secret without rules needs no

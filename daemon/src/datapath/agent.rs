@@ -126,6 +126,8 @@ pub struct Setup {
     /// Written after each command, so the loop wakes at once instead of at
     /// its next poll timeout.
     pub wake: Arc<EventFd>,
+    /// Which secrets only the wire may serve, and where pause still may.
+    pub wire_rules: backend::WireRules,
 }
 
 pub struct Agent<'p> {
@@ -145,18 +147,86 @@ pub struct Agent<'p> {
     start_times: HashMap<u32, u64>,
     /// Where sockets really point, for the wire backend's decisions.
     peers: RefCell<crate::datapath::sockets::Peers>,
+    /// Where recently closed sockets went, for the wire's reports, which
+    /// the kernel delivers in batches (`lazy_wakeup`), often after the
+    /// connection is gone from `conn_ip_map`.
+    closed: RecentlyClosed,
     pod_veths: Option<PodVeths<libbpf_rs::Link>>,
+    wire_rules: backend::WireRules,
 }
 
 /// The kernel as the wire backend's decisions see it.
 struct WireView<'a> {
     probes: &'a Probes,
     peers: &'a RefCell<crate::datapath::sockets::Peers>,
+    closed: &'a RecentlyClosed,
 }
 
 impl crate::datapath::authorise::Connections for WireView<'_> {
     fn conn(&self, tgid: u32, fd: i32) -> Option<kloak_bpf::Conn> {
-        self.probes.conn(tgid, fd)
+        self.probes
+            .conn(tgid, fd)
+            .or_else(|| self.closed.get(tgid, fd))
+    }
+}
+
+/// How long a closed socket's destination stays known to late reports.
+const CLOSED_KEPT: Duration = Duration::from_secs(5);
+/// Bound on what is kept, whatever the rate of closes.
+const CLOSED_MAX: usize = 16384;
+
+/// Destinations of the sockets closed in the last [`CLOSED_KEPT`]: what the
+/// connect events said when they opened (kernel truth, as `conn_ip_map`).
+#[derive(Default)]
+struct RecentlyClosed {
+    open: RefCell<HashMap<(u32, i32), kloak_bpf::Conn>>,
+    closed: RefCell<HashMap<(u32, i32), (kloak_bpf::Conn, Instant)>>,
+}
+
+impl RecentlyClosed {
+    fn note(&self, c: &ConnEvent) {
+        let key = (c.tgid, c.fd);
+        match &c.change {
+            kloak_bpf::ConnChange::Open(conn) => {
+                let mut open = self.open.borrow_mut();
+                if open.len() < CLOSED_MAX || open.contains_key(&key) {
+                    open.insert(key, *conn);
+                }
+            }
+            kloak_bpf::ConnChange::Closed => {
+                if let Some(conn) = self.open.borrow_mut().remove(&key) {
+                    let mut closed = self.closed.borrow_mut();
+                    if closed.len() >= CLOSED_MAX {
+                        let now = Instant::now();
+                        closed.retain(|_, (_, at)| now.duration_since(*at) < CLOSED_KEPT);
+                    }
+                    if closed.len() < CLOSED_MAX {
+                        closed.insert(key, (conn, Instant::now()));
+                    }
+                }
+            }
+            kloak_bpf::ConnChange::Ssl(_) => {}
+        }
+    }
+
+    fn get(&self, tgid: u32, fd: i32) -> Option<kloak_bpf::Conn> {
+        let closed = self.closed.borrow();
+        let (conn, at) = closed.get(&(tgid, fd))?;
+        (at.elapsed() < CLOSED_KEPT).then_some(*conn)
+    }
+
+    /// A process exited: its sockets closed with it, unseen by close(2)'s
+    /// tracepoint. What has aged out goes.
+    fn exited(&self, tgid: u32) {
+        let now = Instant::now();
+        let mut closed = self.closed.borrow_mut();
+        closed.retain(|_, (_, at)| now.duration_since(*at) < CLOSED_KEPT);
+        self.open.borrow_mut().retain(|&(t, fd), conn| {
+            if t == tgid && closed.len() < CLOSED_MAX {
+                closed.insert((t, fd), (*conn, now));
+            }
+            t != tgid
+        });
     }
 }
 
@@ -192,7 +262,9 @@ impl<'p> Agent<'p> {
             mirror: s.mirror,
             start_times: HashMap::new(),
             peers: Default::default(),
+            closed: RecentlyClosed::default(),
             pod_veths: s.pod_veths,
+            wire_rules: s.wire_rules,
         }
     }
 
@@ -201,6 +273,7 @@ impl<'p> Agent<'p> {
             WireView {
                 probes: self.probes,
                 peers: &self.peers,
+                closed: &self.closed,
             },
             &self.secrets,
             &self.auth,
@@ -267,6 +340,7 @@ impl<'p> Agent<'p> {
             for e in batch.iter().filter(|e| e.kind == EventKind::Exit) {
                 self.attacher.process_exited();
                 self.start_times.remove(&e.tgid);
+                self.closed.exited(e.tgid);
                 if self.configured() == kloak_bpf::Backend::Wire {
                     self.probes.forget_wire_allow(e.tgid);
                 }
@@ -391,6 +465,7 @@ impl<'p> Agent<'p> {
                     rec: &self.rec,
                     mem: &ProcMem,
                     kernel: self.probes,
+                    wire_rules: self.wire_rules,
                 };
                 self.pause.serve(&parts, e);
             }
@@ -483,13 +558,13 @@ impl<'p> Agent<'p> {
 
     fn apply(&mut self, c: Command) {
         match c {
-            Command::PutSecret(mut s) => {
-                s.require_wire = backend::wire_only(self.configured(), &s);
+            Command::PutSecret(s) => {
                 let entry = kloak_bpf::SecretEntry {
                     id: s.id,
                     placeholder: s.placeholder.as_bytes(),
                     value: Some(s.value.expose()),
                     require_wire: s.require_wire,
+                    wire_rules: self.wire_rules.flags(&s),
                 };
                 if let Err(e) = self.probes.put_secret(&entry) {
                     tracing::warn!(secret = %s.name, error = %e, "adding the secret to secret_map failed; its placeholder goes out unchanged");
@@ -562,6 +637,9 @@ impl<'p> Agent<'p> {
     }
 
     fn mirror_conns(&mut self, events: Vec<ConnEvent>) {
+        for c in &events {
+            self.closed.note(c);
+        }
         if self.configured() == kloak_bpf::Backend::Wire {
             let (kernel, secrets, auth, rec) = self.wire_parts();
             let parts = wire::Parts {

@@ -50,16 +50,45 @@ impl From<kloak_bpf::Backend> for BackendKind {
     }
 }
 
-/// Whether `s` may only be served by the wire on a data path loaded with
-/// `configured`: when it asks for that (`requireWire`), and, under the wire
-/// backend, when it has destination rules. Those rules are a promise the
-/// pause fallback cannot keep against a hostile application: a write it
-/// serves puts the value into the application's own memory, and an
-/// application that wants it there only has to choose a write the wire
-/// cannot serve (a CBC suite, a descriptor planted under its `SSL*`).
-/// `--mode pause` is the explicit choice of pause for such secrets.
-pub fn wire_only(configured: kloak_bpf::Backend, s: &crate::datapath::secrets::Secret) -> bool {
-    s.require_wire || (configured == kloak_bpf::Backend::Wire && !s.rules.unrestricted())
+/// Secrets with destination rules are the wire's only, under the wire
+/// backend. Those rules are a promise the pause fallback cannot keep against
+/// a hostile application: a write it serves puts the value into the
+/// application's own memory, and an application that wants it there only has
+/// to choose a write the wire cannot serve (a CBC suite, a descriptor planted
+/// under its `SSL*`, more placeholders than the kernel tracks). The one
+/// exception is the network namespace the wire cannot patch in at all (the
+/// host's, under the node agent: its pods cross no veth), where pause stays
+/// the only way to serve them. `--mode pause` is the explicit choice of pause
+/// everywhere. The kernel applies the same rule (`SECRET_WIRE_RULES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireRules {
+    /// The wire backend is loaded.
+    pub on: bool,
+    /// Inode of the network namespace pause may still serve them in; 0: none.
+    pub pause_netns: u32,
+}
+
+impl WireRules {
+    /// Whether `s` carries the kernel's `SECRET_WIRE_RULES` flag.
+    pub fn flags(self, s: &crate::datapath::secrets::Secret) -> bool {
+        self.on && !s.rules.unrestricted()
+    }
+
+    /// Whether pause must not serve `s` to process `tgid`: the secret is the
+    /// wire's only and the process is outside `pause_netns` (or gone, or its
+    /// namespace unreadable).
+    pub fn refuses(self, s: &crate::datapath::secrets::Secret, tgid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if !self.flags(s) {
+            return false;
+        }
+        if self.pause_netns == 0 {
+            return true;
+        }
+        std::fs::metadata(format!("/proc/{tgid}/ns/net"))
+            .map(|m| m.ino() != u64::from(self.pause_netns))
+            .unwrap_or(true)
+    }
 }
 
 /// The backend that served (or, for a stopped writer, will serve) a write

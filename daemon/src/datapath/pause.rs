@@ -37,6 +37,7 @@ pub struct Parts<'a> {
     pub rec: &'a Recorder,
     pub mem: &'a dyn Memory,
     pub kernel: &'a dyn Kernel,
+    pub wire_rules: crate::datapath::backend::WireRules,
 }
 
 /// Bytes rewritten for an HPACK placeholder, kept until the scrub.
@@ -99,7 +100,7 @@ impl Pause {
         // The kernel keeps require-wire hits out of what it stops for; a
         // user-space scan finds them all the same, and a kernel that failed
         // to must not make this backend write the value.
-        if s.require_wire {
+        if s.require_wire || p.wire_rules.refuses(s, e.tgid) {
             let b = Blocked {
                 reason: BlockReason::RequireWire,
                 dest: None,
@@ -378,6 +379,7 @@ mod tests {
                 rec: &self.rec,
                 mem,
                 kernel: &self.kernel,
+                wire_rules: Default::default(),
             }
         }
     }

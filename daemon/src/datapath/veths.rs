@@ -156,6 +156,27 @@ impl<L> PodVeths<L> {
     }
 }
 
+/// Inode of the host's network namespace, read as [`enter_host_netns`]
+/// finds it; None when neither candidate is readable.
+pub fn host_netns_inode() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    host_netns_candidates()
+        .iter()
+        .find_map(|p| std::fs::metadata(p).ok())
+        .and_then(|m| u32::try_from(m.ino()).ok())
+}
+
+/// Where the host's network namespace can be read: kthreadd's (PID 2 in
+/// the host's PID namespace), else PID 1's.
+fn host_netns_candidates() -> &'static [&'static str] {
+    let kthreadd = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    if kthreadd {
+        &["/proc/2/ns/net", "/proc/1/ns/net"]
+    } else {
+        &["/proc/1/ns/net"]
+    }
+}
+
 /// Moves the calling thread into the host's network namespace, where the
 /// pods' veths have their host side: the initial one, that of the kernel's
 /// threads (`kthreadd`, PID 2 in the host's PID namespace, which the chart
@@ -167,19 +188,14 @@ impl<L> PodVeths<L> {
 /// Where neither can be read, the agent stays where it is, with a warning:
 /// run it there with `hostNetwork`. Hooks in the wrong namespace are
 /// harmless: no pod's suite is learned through them, so every write falls
-/// back to `pause`.
+/// back to `pause`, or, for a secret with destination rules, goes out with
+/// the placeholder.
 pub fn enter_host_netns() -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let why = "the wire backend patches on the pods' host-side veths, in the host's network namespace (the chart runs the agent with hostPID and privileged)";
     let ours = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
-    let kthreadd = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
-    let candidates = if kthreadd {
-        &["/proc/2/ns/net", "/proc/1/ns/net"][..]
-    } else {
-        &["/proc/1/ns/net"][..]
-    };
-    let Some((host, theirs)) = candidates
+    let Some((host, theirs)) = host_netns_candidates()
         .iter()
         .find_map(|p| std::fs::metadata(p).ok().map(|m| (*p, m)))
     else {

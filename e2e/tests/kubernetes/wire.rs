@@ -228,6 +228,37 @@ async fn body() {
         0.0,
         "{metrics}"
     );
+
+    // A CBC suite in the same pod: only pause could serve it, and a pod
+    // behind a veth gets no pause for a secret with destination rules (the
+    // value would sit in its memory, where a hostile pod takes it anywhere):
+    // the placeholder arrives, and the block is counted.
+    let cbc: Vec<String> = argv
+        .iter()
+        .cloned()
+        .chain(
+            [
+                "--tls12",
+                "--ciphers",
+                "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    let mut g2 = Gated::new(c.spawn(&cbc, &[("API_TOKEN", &ph["token"])]));
+    let r = send(&srv, &mut g2);
+    assert_eq!(
+        count(&r, token.as_bytes()),
+        0,
+        "CBC in a veth pod got the value"
+    );
+    assert_eq!(count(&r, ph["token"].as_bytes()), 2);
+    let (_, metrics) = http_get(ctl.admin_addr(), "/metrics");
+    assert!(
+        metric(&metrics, r#"kloak_blocked_total{reason="require_wire""#) >= 2.0,
+        "{metrics}"
+    );
+
     ctl.assert_running();
     let log = ctl.log_text();
     assert!(log.contains(r#"backend="wire""#), "{log}");
