@@ -19,15 +19,19 @@ struct {
 #define KLOAK_RB_RING_SIZE 1
 
 /* For records nobody waits on (what the wire armed, held or missed): wake
- * the agent only once the ring is a quarter full. It reads them in batches
- * at its next poll (50 ms at most) instead of waking once per request, and
- * the ring still wakes it long before it could fill. Records that leave a
- * thread stopped always wake it. */
+ * the agent only once a sixteenth of the ring is waiting (some 50 records
+ * at the default size). It reads them in batches, at the latest at its
+ * next poll (50 ms), instead of waking once per request. Not later: a write
+ * whose report finds the ring full is not armed (every substitution is
+ * traced). Records that leave a thread stopped always wake it. */
 static __always_inline __u64 lazy_wakeup(void)
 {
 	__u64 avail = bpf_ringbuf_query(&tls_events, KLOAK_RB_AVAIL_DATA);
 	__u64 size = bpf_ringbuf_query(&tls_events, KLOAK_RB_RING_SIZE);
-	return avail > size / 4 ? 0 : KLOAK_RB_NO_WAKEUP;
+	/* Forced: the default would wake the agent only if it had read
+	 * everything before this record, which the records held back say it
+	 * has not. */
+	return avail > size / 16 ? KLOAK_RB_FORCE_WAKEUP : KLOAK_RB_NO_WAKEUP;
 }
 
 /* For every other record. The kernel's default wakes the agent only when it

@@ -333,6 +333,10 @@ impl<'p> Agent<'p> {
                 let _ = self.wake.read();
             }
             self.record_dns(dns_queue.take());
+            // Connections first: the wire's reports arrive in batches
+            // (`lazy_wakeup`), and their sockets' opens and closes, read in
+            // the same drain, must be known before those reports name a peer.
+            self.mirror_conns(conn_queue.take());
             let batch = queue.take();
             for e in &batch {
                 tracing::trace!(pid = e.tgid, kind = ?e.kind, hits = e.hits.len(), fd = ?e.fd, "event");
