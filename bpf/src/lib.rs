@@ -34,7 +34,8 @@ pub use events::{
 };
 pub use maps::{MapInfo, SecretEntry, Stats, placeholder_key};
 pub use probes::{
-    Backend, Config, DnsHook, Probes, TRACEFS, ensure_tracefs, verify_inplace_programs,
+    Backend, Config, DnsHook, Probes, TRACEFS, ensure_tracefs, monotonic_ns,
+    verify_inplace_programs,
 };
 
 /// What every placeholder starts with.

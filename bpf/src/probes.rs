@@ -57,6 +57,18 @@ pub struct Config {
     /// the host's under the node agent, whose pods there cross no veth the
     /// wire could patch on. 0 (`kloak run`): no namespace.
     pub pause_netns: u32,
+    /// [`monotonic_ns`] when the agent started loading (0: now): sockets
+    /// connected before it are served by pause even for secrets with rules,
+    /// their handshake having gone by unseen.
+    pub loaded_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns()` and of
+/// every timestamp the programs report.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 impl Default for Config {
@@ -70,6 +82,7 @@ impl Default for Config {
             huffman_signatures: [[0; 3]; 8],
             dns_cgroup: None,
             pause_netns: 0,
+            loaded_ns: 0,
         }
     }
 }
@@ -365,6 +378,11 @@ fn open_and_load(cfg: &Config, dns_packets: bool) -> Result<skel::KloakSkel<'sta
     rodata.cfg_scrub = u32::from(cfg.scrub);
     rodata.cfg_agent_tgid = cfg.agent_tgid;
     rodata.cfg_pause_netns = cfg.pause_netns;
+    rodata.cfg_loaded_ns = if cfg.loaded_ns != 0 {
+        cfg.loaded_ns
+    } else {
+        monotonic_ns()
+    };
     rodata.cfg_huff_sig = cfg.huffman_signatures;
     let wire = cfg.backend == Backend::Wire;
     rodata.cfg_wire = u32::from(wire);

@@ -19,6 +19,8 @@ const volatile __u32 cfg_agent_tgid = 0;
 /* The network namespace (inode number) whose processes pause may serve
  * SECRET_WIRE_RULES secrets; 0: none. */
 const volatile __u32 cfg_pause_netns = 0;
+/* bpf_ktime_get_ns() when the agent loaded the programs. */
+const volatile __u64 cfg_loaded_ns = 0;
 /* "kloak:" HPACK Huffman-coded starting at bit offset a (0-7) of a byte: the
  * first three bytes it fully covers. Computed by the loader from the HPACK
  * table; all zero disables the Huffman search. */

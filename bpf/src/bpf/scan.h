@@ -29,6 +29,7 @@ struct scan_ctx {
 	__u32 nsplit;                /* 0 or 1: only the tail can be cut */
 	__u32 flags;
 	__u32 wire_only;             /* bit per match: its secret requires the wire */
+	__u32 wire_rules;            /* bit per match: SECRET_WIRE_RULES (decided at drop_wire_only) */
 	__s32 fd;
 	struct hit split;            /* off, len = bytes to the end, key = random characters seen */
 	struct hit hits[MAX_HITS];   /* prefix positions */
@@ -214,15 +215,6 @@ static __always_inline void tail_prefix(struct scan_ctx *c)
 	c->nsplit = 1;
 }
 
-/* Whether the writer runs in cfg_pause_netns (see SECRET_WIRE_RULES). */
-static __always_inline bool in_pause_netns(void)
-{
-	if (!cfg_pause_netns)
-		return false;
-	struct task_struct *t = (void *)bpf_get_current_task();
-	return BPF_CORE_READ(t, nsproxy, net_ns, ns.inum) == cfg_pause_netns;
-}
-
 static long verify_hit(__u64 i, void *data)
 {
 	struct scan_ctx *c = ((struct lctx *)data)->c;
@@ -283,9 +275,10 @@ static long verify_hit(__u64 i, void *data)
 		c->match[m].id = v->id;
 		c->match[m].len = len;
 		c->match[m].key = k;
-		if ((v->flags & SECRET_REQUIRE_WIRE) ||
-		    ((v->flags & SECRET_WIRE_RULES) && !in_pause_netns()))
+		if (v->flags & SECRET_REQUIRE_WIRE)
 			c->wire_only |= 1u << m;
+		else if (v->flags & SECRET_WIRE_RULES)
+			c->wire_rules |= 1u << m;
 		c->nmatch = m + 1;
 		return 0;
 	}

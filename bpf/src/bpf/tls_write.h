@@ -10,6 +10,7 @@
 #define KLOAK_TLS_WRITE_H
 
 #include "wire.h"
+#include "conn.h"
 
 /* Slot 0: the phase 2 program of the chosen backend. */
 struct {
@@ -88,6 +89,7 @@ int tls_write_enter(struct pt_regs *ctx)
 	c->nsplit = 0;
 	c->flags = 0;
 	c->wire_only = 0;
+	c->wire_rules = 0;
 	bool go = (cookie & ABI_MASK) == ABI_GO_TLS_WRITE;
 	c->fd = go ? go_conn_fd(ax) : ssl_to_fd(di);
 	/* Go: the *tls.Conn is the object wire_keys knows the connection by. */
@@ -147,8 +149,28 @@ static __always_inline void stop_for_agent(struct scan_ctx *c, __u32 kind)
 /* Takes the hits of require-wire secrets out of a write no wire patch
  * serves: no other backend may write their values, so they go out
  * unchanged, reported and counted. */
+/* Whether pause may still serve a SECRET_WIRE_RULES secret in this write:
+ * the writer is in cfg_pause_netns (host-network pods under the node agent,
+ * which the wire cannot reach), or the socket was connected before this
+ * agent loaded (its handshake, and so its keys and suite, went by unseen;
+ * the destination is the one the state file restored into conn_ip_map). */
+static __always_inline bool pause_may_serve_rules(struct scan_ctx *c)
+{
+	if (cfg_pause_netns) {
+		struct task_struct *t = (void *)bpf_get_current_task();
+		if (BPF_CORE_READ(t, nsproxy, net_ns, ns.inum) == cfg_pause_netns)
+			return true;
+	}
+	struct conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = c->fd };
+	struct conn_val *v = bpf_map_lookup_elem(&conn_ip_map, &k);
+	return v && v->ts_ns && v->ts_ns < cfg_loaded_ns;
+}
+
 static __always_inline void drop_wire_only(struct scan_ctx *c)
 {
+	if (c->wire_rules && !pause_may_serve_rules(c))
+		c->wire_only |= c->wire_rules;
+	c->wire_rules = 0;
 	if (!c->wire_only)
 		return;
 	struct tls_event *e = write_event(c, EV_REQUIRE_WIRE);

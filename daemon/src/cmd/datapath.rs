@@ -206,9 +206,11 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
     } else {
         0
     };
+    let loaded_ns = kloak_bpf::monotonic_ns();
     let wire_rules = crate::datapath::backend::WireRules {
         on: spec.backend == Backend::Wire,
         pause_netns,
+        loaded_ns,
     };
     let trusted = opts.trusted_resolvers();
     let (tx, rx) = mpsc::channel();
@@ -226,6 +228,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         huffman_signatures: crate::datapath::hpack::prefix_signatures(),
         dns_cgroup: spec.dns_cgroup.clone(),
         pause_netns,
+        loaded_ns,
     };
     type Ready = Result<(Arc<Counters>, Vec<MapInfo>, kloak_bpf::DnsHook), String>;
     let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
@@ -347,6 +350,7 @@ fn load(cfg: &Config, spec: &Spec) -> Result<Probes, String> {
     let wire_rules = crate::datapath::backend::WireRules {
         on: cfg.backend == kloak_bpf::Backend::Wire,
         pause_netns: cfg.pause_netns,
+        loaded_ns: cfg.loaded_ns,
     };
     for s in &spec.secrets {
         probes

@@ -66,6 +66,9 @@ pub struct WireRules {
     pub on: bool,
     /// Inode of the network namespace pause may still serve them in; 0: none.
     pub pause_netns: u32,
+    /// When the agent loaded: sockets connected before it (their handshake
+    /// unseen, their destination restored from the state file) keep pause.
+    pub loaded_ns: u64,
 }
 
 impl WireRules {
@@ -77,9 +80,18 @@ impl WireRules {
     /// Whether pause must not serve `s` to process `tgid`: the secret is the
     /// wire's only and the process is outside `pause_netns` (or gone, or its
     /// namespace unreadable).
-    pub fn refuses(self, s: &crate::datapath::secrets::Secret, tgid: u32) -> bool {
+    /// `connected_ns`: when the write's socket was connected, if known.
+    pub fn refuses(
+        self,
+        s: &crate::datapath::secrets::Secret,
+        tgid: u32,
+        connected_ns: Option<u64>,
+    ) -> bool {
         use std::os::unix::fs::MetadataExt;
         if !self.flags(s) {
+            return false;
+        }
+        if connected_ns.is_some_and(|t| t != 0 && t < self.loaded_ns) {
             return false;
         }
         if self.pause_netns == 0 {

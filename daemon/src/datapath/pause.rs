@@ -100,7 +100,11 @@ impl Pause {
         // The kernel keeps require-wire hits out of what it stops for; a
         // user-space scan finds them all the same, and a kernel that failed
         // to must not make this backend write the value.
-        if s.require_wire || p.wire_rules.refuses(s, e.tgid) {
+        let connected = || {
+            e.fd.and_then(|fd| p.kernel.conn(e.tgid, fd))
+                .map(|c| c.connected_ns)
+        };
+        if s.require_wire || p.wire_rules.refuses(s, e.tgid, connected()) {
             let b = Blocked {
                 reason: BlockReason::RequireWire,
                 dest: None,
