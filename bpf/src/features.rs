@@ -63,20 +63,40 @@ pub fn probe_write_user() -> Result<bool, i32> {
 /// packet on, links it to loopback's egress for the moment of the probe,
 /// and lets both go.
 pub fn tcx() -> Result<bool, i32> {
-    const fn insn(code: u8, dst: u8, off: i16, imm: i32) -> u64 {
-        (code as u64)
-            | ((dst as u64) << 8)
-            | ((off as u16 as u64) << 16)
-            | ((imm as u32 as u64) << 32)
+    // By name in this network namespace, not through /sys/class/net: the
+    // sysfs a process sees may be another namespace's, or not mounted.
+    let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| -(e as i32))? as i32;
+    // r0 = TCX_NEXT (-1): hand the packet to whatever comes next.
+    probe_link(
+        libbpf_sys::BPF_PROG_TYPE_SCHED_CLS,
+        -1,
+        lo,
+        libbpf_sys::BPF_TCX_EGRESS,
+        &[libc::EINVAL, libc::EOPNOTSUPP, libc::EPERM],
+    )
+}
+
+/// Loads the two-instruction program `r0 = ret; exit` of type `prog_type`,
+/// links it to `target` at `attach` for the moment of the probe, and lets
+/// both go. Ok(false) for a refusal named in `unsupported`.
+fn probe_link(
+    prog_type: libbpf_sys::bpf_prog_type,
+    ret: i32,
+    target: i32,
+    attach: libbpf_sys::bpf_attach_type,
+    unsupported: &[i32],
+) -> Result<bool, i32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const fn insn(code: u8, imm: i32) -> u64 {
+        (code as u64) | ((imm as u32 as u64) << 32)
     }
-    // r0 = TCX_NEXT (-1): hand the packet to whatever comes next; exit.
-    let prog: [u64; 2] = [insn(0xb7, 0, 0, -1), insn(0x95, 0, 0, 0)];
+    let prog: [u64; 2] = [insn(0xb7, ret), insn(0x95, 0)];
     let license = c"GPL";
     // SAFETY: `prog` is 2 valid instructions laid out as struct bpf_insn;
     // the license string is NUL-terminated; null opts are allowed.
     let fd = unsafe {
         libbpf_sys::bpf_prog_load(
-            libbpf_sys::BPF_PROG_TYPE_SCHED_CLS,
+            prog_type,
             std::ptr::null(),
             license.as_ptr(),
             prog.as_ptr().cast(),
@@ -88,28 +108,21 @@ pub fn tcx() -> Result<bool, i32> {
         return Err(fd);
     }
     // SAFETY: bpf_prog_load returned a fresh descriptor we own.
-    let prog_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // By name in this network namespace, not through /sys/class/net: the
-    // sysfs a process sees may be another namespace's, or not mounted.
-    let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| -(e as i32))? as i32;
-    // SAFETY: a valid program descriptor, loopback's index as the target,
-    // and null opts, which libbpf accepts.
+    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid program descriptor, a target the caller opened or
+    // named, and null opts, which libbpf accepts.
     let link = unsafe {
-        libbpf_sys::bpf_link_create(
-            std::os::fd::AsRawFd::as_raw_fd(&prog_fd),
-            lo,
-            libbpf_sys::BPF_TCX_EGRESS,
-            std::ptr::null(),
-        )
+        libbpf_sys::bpf_link_create(prog_fd.as_raw_fd(), target, attach, std::ptr::null())
     };
     if link >= 0 {
         // SAFETY: bpf_link_create returned a fresh descriptor we own.
-        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(link) });
+        drop(unsafe { OwnedFd::from_raw_fd(link) });
         return Ok(true);
     }
-    match -link {
-        libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM => Ok(false),
-        e => Err(-e),
+    if unsupported.contains(&-link) {
+        Ok(false)
+    } else {
+        Err(link)
     }
 }
 
@@ -132,48 +145,14 @@ pub fn ringbuf() -> Result<bool, i32> {
 /// packet path): loads a program that passes every packet, links it to the
 /// root's ingress for the moment of the probe, and lets both go.
 pub fn cgroup_skb(root: &std::path::Path) -> Result<bool, i32> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const fn insn(code: u8, dst: u8, imm: i32) -> u64 {
-        (code as u64) | ((dst as u64) << 8) | ((imm as u32 as u64) << 32)
-    }
-    // r0 = 1 (pass); exit.
-    let prog: [u64; 2] = [insn(0xb7, 0, 1), insn(0x95, 0, 0)];
-    let license = c"GPL";
+    use std::os::fd::AsRawFd;
     let dir = std::fs::File::open(root).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
-    // SAFETY: `prog` is 2 valid instructions laid out as struct bpf_insn;
-    // the license string is NUL-terminated; null opts are allowed.
-    let fd = unsafe {
-        libbpf_sys::bpf_prog_load(
-            libbpf_sys::BPF_PROG_TYPE_CGROUP_SKB,
-            std::ptr::null(),
-            license.as_ptr(),
-            prog.as_ptr().cast(),
-            prog.len() as _,
-            std::ptr::null_mut(),
-        )
-    };
-    if fd < 0 {
-        return Err(fd);
-    }
-    // SAFETY: bpf_prog_load returned a fresh descriptor we own.
-    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a valid program descriptor, an open cgroup directory as the
-    // target, and null opts, which libbpf accepts.
-    let link = unsafe {
-        libbpf_sys::bpf_link_create(
-            prog_fd.as_raw_fd(),
-            dir.as_raw_fd(),
-            libbpf_sys::BPF_CGROUP_INET_INGRESS,
-            std::ptr::null(),
-        )
-    };
-    if link >= 0 {
-        // SAFETY: bpf_link_create returned a fresh descriptor we own.
-        drop(unsafe { OwnedFd::from_raw_fd(link) });
-        return Ok(true);
-    }
-    match -link {
-        libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM | libc::EBADF => Ok(false),
-        e => Err(-e),
-    }
+    // r0 = 1: pass.
+    probe_link(
+        libbpf_sys::BPF_PROG_TYPE_CGROUP_SKB,
+        1,
+        dir.as_raw_fd(),
+        libbpf_sys::BPF_CGROUP_INET_INGRESS,
+        &[libc::EINVAL, libc::EOPNOTSUPP, libc::EPERM, libc::EBADF],
+    )
 }
