@@ -41,27 +41,92 @@ struct aes_key {
  * NULL as far as it knows, hence the checks.
  */
 
-/* z = x * y. Branch-free, so the verifier walks one path per iteration. */
+/* x * 0..15 in the field's bit order, and the reduction of the four bits a
+ * multiplication by x^4 shifts out: the tables of the 4-bit method, which
+ * takes a third of the bit-by-bit loop's instructions. */
+struct gf_tab {
+	__u64 hi[16];
+	__u64 lo[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct gf_tab);
+} gf_tabs SEC(".maps");
+
+static const __u64 gf_r4[16] = {
+	0x0000000000000000ULL, 0x1c20000000000000ULL, 0x3840000000000000ULL, 0x2460000000000000ULL,
+	0x7080000000000000ULL, 0x6ca0000000000000ULL, 0x48c0000000000000ULL, 0x54e0000000000000ULL,
+	0xe100000000000000ULL, 0xfd20000000000000ULL, 0xd940000000000000ULL, 0xc560000000000000ULL,
+	0x9180000000000000ULL, 0x8da0000000000000ULL, 0xa9c0000000000000ULL, 0xb5e0000000000000ULL,
+};
+
+/* z = x * y. */
 __noinline int gf_mul(struct gf *z, const struct gf *x, const struct gf *y)
 {
 	if (!z || !x || !y)
 		return 0;
+	__u32 zero = 0;
+	struct gf_tab *t = bpf_map_lookup_elem(&gf_tabs, &zero);
 	__u64 zh = 0, zl = 0, vh = y->hi, vl = y->lo, xh = x->hi, xl = x->lo;
-	for (int i = 0; i < 64; i++) {
-		__u64 m = -((xh >> (63 - i)) & 1);
-		zh ^= vh & m;
-		zl ^= vl & m;
-		__u64 r = -(vl & 1);
-		vl = (vl >> 1) | (vh << 63);
-		vh = (vh >> 1) ^ (0xe100000000000000ULL & r);
+	if (!t) {
+		/* Cannot happen (a per-CPU array's slot 0); bit by bit, branch-free. */
+		for (int i = 0; i < 64; i++) {
+			__u64 m = -((xh >> (63 - i)) & 1);
+			zh ^= vh & m;
+			zl ^= vl & m;
+			__u64 r = -(vl & 1);
+			vl = (vl >> 1) | (vh << 63);
+			vh = (vh >> 1) ^ (0xe100000000000000ULL & r);
+		}
+		for (int i = 0; i < 64; i++) {
+			__u64 m = -((xl >> (63 - i)) & 1);
+			zh ^= vh & m;
+			zl ^= vl & m;
+			__u64 r = -(vl & 1);
+			vl = (vl >> 1) | (vh << 63);
+			vh = (vh >> 1) ^ (0xe100000000000000ULL & r);
+		}
+		z->hi = zh;
+		z->lo = zl;
+		return 0;
 	}
-	for (int i = 0; i < 64; i++) {
-		__u64 m = -((xl >> (63 - i)) & 1);
-		zh ^= vh & m;
-		zl ^= vl & m;
+	/* t[8] = y, t[4] = y x, t[2] = y x^2, t[1] = y x^3 (a nibble's first
+	 * bit is its highest), the rest their sums. */
+	t->hi[0] = 0;
+	t->lo[0] = 0;
+	t->hi[8] = vh;
+	t->lo[8] = vl;
+#pragma unroll
+	for (int k = 4; k >= 1; k >>= 1) {
 		__u64 r = -(vl & 1);
 		vl = (vl >> 1) | (vh << 63);
 		vh = (vh >> 1) ^ (0xe100000000000000ULL & r);
+		t->hi[k] = vh;
+		t->lo[k] = vl;
+	}
+#pragma unroll
+	for (int i = 2; i < 16; i <<= 1) {
+#pragma unroll
+		for (int j = 1; j < i; j++) {
+			t->hi[i + j] = t->hi[i] ^ t->hi[j];
+			t->lo[i + j] = t->lo[i] ^ t->lo[j];
+		}
+	}
+	/* Horner over the nibbles, last first: z = z x^4 + t[nibble]. */
+	for (int a = 0; a < 16; a++) {
+		__u64 n = (xl >> (4 * a)) & 0xf, rem = zl & 0xf;
+		zl = (zl >> 4) | (zh << 60);
+		zh = (zh >> 4) ^ gf_r4[rem] ^ t->hi[n];
+		zl ^= t->lo[n];
+	}
+	for (int a = 0; a < 16; a++) {
+		__u64 n = (xh >> (4 * a)) & 0xf, rem = zl & 0xf;
+		zl = (zl >> 4) | (zh << 60);
+		zh = (zh >> 4) ^ gf_r4[rem] ^ t->hi[n];
+		zl ^= t->lo[n];
 	}
 	z->hi = zh;
 	z->lo = zl;

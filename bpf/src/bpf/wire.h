@@ -1816,12 +1816,19 @@ static long patch_slot(__u64 i, void *data)
 		t->verdict = TC_ACT_SHOT;
 		return 1;
 	}
-#pragma unroll
-	for (int b = 0; b < WIRE_MASK + 8; b++) {
-		__u32 m = b - lead + moff;
-		__u8 x = (b >= lead && b < lead + n && m < WIRE_MASK) ? s->mask[m & (WIRE_MASK - 1)] : 0;
-		new[b] = old[b] ^ x;
+	/* The slice of the mask, shifted to the word's lead, then XORed a
+	 * word at a time: a byte loop with its bounds tests cost a
+	 * microsecond per patched packet. */
+	__builtin_memset(new, 0, WIRE_MASK + 8);
+	if (n > WIRE_MASK || moff + n > WIRE_MASK) {
+		t->verdict = TC_ACT_SHOT;
+		return 1;
 	}
+	n = ((n - 1) & (WIRE_MASK - 1)) + 1;
+	bpf_probe_read_kernel(new + (lead & 3), n, s->mask + (moff & (WIRE_MASK - 1)));
+#pragma unroll
+	for (int q = 0; q < (WIRE_MASK + 8) / 8; q++)
+		((__u64 *)new)[q] ^= ((__u64 *)old)[q];
 	__s64 diff = bpf_csum_diff((void *)old, wlen, (void *)new, wlen, 0);
 	if (bpf_skb_store_bytes(t->skb, wstart, new, load, BPF_F_RECOMPUTE_CSUM) < 0) {
 		t->verdict = TC_ACT_SHOT;
