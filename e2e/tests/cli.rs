@@ -120,7 +120,7 @@ fn doctor_json_reports_every_check_and_the_backend() {
 }
 
 /// With no `--mode`, `kloak run` serves a placeholder over the wire on this
-/// kernel: no stop, the value arrives; and it warns that a command holding
+/// kernel: no stop, the value arrives; and it warns that a writer holding
 /// CAP_NET_RAW (root, here) is trusted with its patched packets.
 #[test]
 fn kloak_run_picks_the_wire_backend_by_itself() {
@@ -137,8 +137,43 @@ fn kloak_run_picks_the_wire_backend_by_itself() {
     assert!(run.output.status.success(), "{}", run.stderr());
     assert_eq!(run.stats["backend"], "wire", "{}", run.stats);
     assert_eq!(run.stats["agent"]["wire_armed"], 1, "{}", run.stats);
-    // The command ran as root: it could capture its own patched packets.
-    assert!(run.stderr().contains("CAP_NET_RAW"), "{}", run.stderr());
+    // The client ran as root: it could capture its own patched packets.
+    assert!(
+        run.stderr().contains("CAP_NET_RAW") && run.stderr().contains("comm=curl"),
+        "{}",
+        run.stderr()
+    );
+    let rec = srv.records();
+    assert_eq!(count(&rec[0], value.as_bytes()), 1);
+    run.assert_no_leak(&value);
+}
+
+/// The warning names the process that wrote, with the credentials of the
+/// image it runs: a command that starts as root and drops CAP_NET_RAW
+/// before it execs the client (`setpriv`) gets no warning.
+#[test]
+fn a_client_that_dropped_cap_net_raw_is_not_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(_g) = root_test() else { return };
+    let value = random_secret("noraw-", 24);
+    let s = Secrets::write(&[("t", &value, "T")]);
+    let srv = TlsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(srv.cacert(), &ca).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cmd = format!(
+        "curl -sS --http1.1 --cacert {} -H \"Authorization: Bearer $T\" {}",
+        ca.display(),
+        srv.url("/noraw")
+    );
+    let argv = as_nobody(&["sh", "-c", &cmd]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let run = run_kloak(&s, &["--mode", "wire"], &argv, T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    assert_eq!(run.stats["agent"]["wire_armed"], 1, "{}", run.stats);
+    assert!(!run.stderr().contains("CAP_NET_RAW"), "{}", run.stderr());
     let rec = srv.records();
     assert_eq!(count(&rec[0], value.as_bytes()), 1);
     run.assert_no_leak(&value);

@@ -54,17 +54,6 @@ pub fn run(o: RunOpts) -> anyhow::Result<i32> {
             "no placeholder can match this value's HPACK Huffman length: in HTTP/2 header values it goes out unchanged (HTTP/1.1 and bodies are not affected)"
         );
     }
-    if backend == kloak_bpf::Backend::Wire
-        && caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_NET_RAW)
-            .unwrap_or(false)
-    {
-        // The application holds its own TLS keys: a copy of its packets
-        // taken after the patch (AF_PACKET taps run after egress tc) would
-        // decrypt to the value. Trust is the capability, not the code.
-        tracing::warn!(
-            "the command starts with CAP_NET_RAW in the network namespace where the wire backend patches: it could capture its own packets after the patch and decrypt the value with its own keys; run it as an unprivileged user (setpriv, su) or without that capability unless you trust it"
-        );
-    }
     if backend != kloak_bpf::Backend::Wire {
         for s in secrets.iter().filter(|s| s.require_wire) {
             tracing::warn!(

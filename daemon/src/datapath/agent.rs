@@ -153,6 +153,9 @@ pub struct Agent<'p> {
     closed: RecentlyClosed,
     pod_veths: Option<PodVeths<libbpf_rs::Link>>,
     wire_rules: backend::WireRules,
+    /// `kloak run` under the wire: writers that could capture their own
+    /// patched packets (see `netraw`).
+    net_raw: Option<RefCell<crate::datapath::netraw::NetRaw>>,
 }
 
 /// The kernel as the wire backend's decisions see it.
@@ -265,6 +268,8 @@ impl<'p> Agent<'p> {
             closed: RecentlyClosed::default(),
             pod_veths: s.pod_veths,
             wire_rules: s.wire_rules,
+            net_raw: (!s.per_pod && probes.backend() == kloak_bpf::Backend::Wire)
+                .then(RefCell::default),
         }
     }
 
@@ -342,6 +347,9 @@ impl<'p> Agent<'p> {
                 tracing::trace!(pid = e.tgid, kind = ?e.kind, hits = e.hits.len(), fd = ?e.fd, "event");
             }
             for e in batch.iter().filter(|e| e.kind == EventKind::Exit) {
+                if let Some(n) = &self.net_raw {
+                    n.borrow_mut().exited(e.tgid);
+                }
                 self.attacher.process_exited();
                 self.start_times.remove(&e.tgid);
                 self.closed.exited(e.tgid);
@@ -357,6 +365,9 @@ impl<'p> Agent<'p> {
                 })?;
             }
             self.mirror_conns(conn_queue.take());
+            if let Some(n) = &self.net_raw {
+                n.borrow_mut().end_of_batch();
+            }
             self.attacher.tick(probes, &self.rec.counters);
             if let Some(v) = &mut self.pod_veths {
                 let refused = v.tick(probes);
@@ -486,6 +497,11 @@ impl<'p> Agent<'p> {
                 wire::decide(&parts, e);
             }
             None => {
+                if e.kind == EventKind::Exec
+                    && let Some(n) = &self.net_raw
+                {
+                    n.borrow_mut().exec(e.tgid);
+                }
                 if matches!(e.kind, EventKind::Exec | EventKind::Mmap) {
                     let mapped = (e.kind == EventKind::Mmap).then_some((e.dev, e.ino));
                     self.attacher
@@ -505,6 +521,11 @@ impl<'p> Agent<'p> {
             e.kind,
             EventKind::Armed | EventKind::Held | EventKind::WireMiss
         ) {
+            if e.kind == EventKind::Armed
+                && let Some(n) = &self.net_raw
+            {
+                n.borrow_mut().armed(e.tgid, &e.comm);
+            }
             let (kernel, secrets, auth, rec) = self.wire_parts();
             let parts = wire::Parts {
                 secrets,

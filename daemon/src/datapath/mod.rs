@@ -24,6 +24,7 @@ pub mod dns;
 pub mod guardian;
 pub mod hpack;
 pub mod metrics;
+pub mod netraw;
 pub mod pause;
 pub mod procmem;
 pub mod record;
