@@ -137,13 +137,23 @@ impl SocketHooks {
 impl Probes {
     /// Attaches the write probes (and, where the ABI allows and scrub is on,
     /// the return probe) to `func_offset` in `binary`, for every process;
-    /// the programs themselves filter by cgroup.
+    /// the programs themselves filter by cgroup. `keys`: the library's TLS
+    /// keys are learned (OpenSSL 3: its libcrypto's `EVP_KDF_derive`), so a
+    /// write that starts before its handshake has ended can wait for them
+    /// on the wire.
     pub fn attach_tls_write(
         &self,
         binary: &Path,
         func_offset: usize,
         abi: WriteAbi,
+        keys: bool,
     ) -> Result<Vec<Link>> {
+        let cookie = abi.cookie()
+            | if keys && matches!(abi, WriteAbi::SslWrite | WriteAbi::SslWriteEx) {
+                u64::from(write_abi::ABI_KEYS.0)
+            } else {
+                0
+            };
         let what = |ret: bool| {
             format!(
                 "{} {} at {}+{:#x}",
@@ -155,7 +165,7 @@ impl Probes {
         };
         let mut links = Vec::with_capacity(2);
         let opts = UprobeOpts {
-            cookie: abi.cookie(),
+            cookie,
             retprobe: false,
             ..Default::default()
         };
@@ -176,7 +186,7 @@ impl Probes {
                 Backend::InPlace => &self.skel.progs.tls_write_return_inplace,
             };
             let opts = UprobeOpts {
-                cookie: abi.cookie(),
+                cookie,
                 retprobe: true,
                 ..Default::default()
             };

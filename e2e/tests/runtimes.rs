@@ -265,3 +265,51 @@ fn a_rust_client_on_rustls_sends_the_real_value() {
     let Some(_g) = root_test() else { return };
     runtime_sends_real_values("rustls");
 }
+
+/// Node's OpenSSL writes into a memory BIO: `SSL_write` knows no socket, and
+/// the first request's `SSL_write` runs the end of the handshake itself, so
+/// its key does not exist yet when the write begins. The write waits for its
+/// key on the wire, and its records are found at the end of the socket write
+/// that carries them after the handshake's last ones (`PEND_DEFERRED`,
+/// `PEND_SUFFIX` in wire.h). No stop, no pause.
+#[test]
+fn node_is_served_by_the_wire() {
+    let Some(_g) = root_test() else { return };
+    runtime_is_served_by_the_wire("node");
+}
+
+/// Later requests on the same connection find the socket the first one's
+/// records went out on, and are served by the wire too.
+#[test]
+fn node_keep_alive_requests_are_all_served_by_the_wire() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("node-ka-", 31);
+    let s = Secrets::write(&[("api-token", &value, "API_TOKEN")]);
+    let cmd = format!(
+        "node {} {} {} /ka 20",
+        fixtures().join("node_client.js").display(),
+        srv.port,
+        srv.cacert().display()
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.wait_for(20, Duration::from_secs(5));
+    assert_eq!(rec.len(), 20);
+    for r in &rec {
+        assert_eq!(
+            count(r, value.as_bytes()),
+            2,
+            "{}",
+            String::from_utf8_lossy(r)
+        );
+        assert_eq!(count(r, b"kloak:"), 0);
+    }
+    let st = &run.stats;
+    assert_eq!(st["agent"]["wire_armed"], 40, "{st}");
+    assert_eq!(st["agent"]["rewrites"], 40, "{st}");
+    assert_eq!(st["agent"]["wire_misses"], 0, "{st}");
+    assert_eq!(st["bpf"]["wire_fallbacks"], 0, "{st}");
+    assert_eq!(st["bpf"]["wire_drops"], 0, "{st}");
+    run.assert_no_leak(&value);
+}

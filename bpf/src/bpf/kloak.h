@@ -27,6 +27,11 @@ enum write_abi {
 	ABI_RUSTLS_WRITE = 5,   /* <rustls Writer as io::Write>::write(&mut self, &[u8]): RSI ptr, RDX len */
 	ABI_SSL_HANDSHAKE = 17, /* SSL_connect / SSL_do_handshake(SSL *): the thread's next socket write names the fd */
 	ABI_MASK = 0xff,
+	/* Flag: the process's TLS keys can be learned (OpenSSL 3's libcrypto,
+	 * whose EVP_KDF_derive the wire backend probes, is this library's):
+	 * a write that starts before its handshake has ended can wait for
+	 * them on the wire instead of going to pause. */
+	ABI_KEYS = 0x100,
 };
 
 /* The uprobe cookie of an fd setter: which register holds the (sending) fd. */

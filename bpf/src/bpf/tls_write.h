@@ -99,7 +99,7 @@ int tls_write_enter(struct pt_regs *ctx)
 		if (go) {
 			go_write_begins(c->g);
 		} else {
-			wire_write_begins(c->tid);
+			wire_write_begins(c->tid, di, len);
 			set_cur_ssl(di);
 		}
 	}

@@ -210,7 +210,20 @@ struct wire_pending {
 	__u64 g;
 	__u32 rec_ok;
 	__u32 rec_len;       /* that record's plaintext bytes */
+	__u32 flags;         /* PEND_* */
+	__u32 _pad;
 	struct hit match[MAX_HITS];
+};
+
+enum {
+	/* SSL_write began with no key for its object: the handshake runs inside
+	 * it (an implicit handshake: openssl s_client, Node). Its records wait
+	 * for the key, and nothing of it goes to pause. */
+	PEND_DEFERRED = 1,
+	/* The write's records are the last ones of the socket write that
+	 * carries them, not the first: a memory BIO (Node) flushes the
+	 * handshake's last records, or earlier writes, in the same write. */
+	PEND_SUFFIX = 2,
 };
 
 struct {
@@ -219,6 +232,18 @@ struct {
 	__type(key, __u32);
 	__type(value, struct wire_pending);
 } wire_pending SEC(".maps");
+
+/* (process, SSL*) -> the socket its records were found on, for TLS objects
+ * whose own fd is unknown (memory BIOs: Node): learned from the kernel's
+ * socket write that carried a PEND_SUFFIX write's records. Used only to
+ * look up the flow's suite and decision at SSL_write; the socket write
+ * checks everything again on its own socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obj_key);
+	__type(value, __s32);
+} wire_mem_fd SEC(".maps");
 
 /*
  * Go crypto/tls. A goroutine moves between threads, so Go's state is keyed
@@ -362,6 +387,10 @@ struct wire_scratch {
 	struct gf acc;
 	struct gf d;
 	struct gf tag;
+	/* find_suffix: the socket write's records, header offset and length
+	 * (0 for one that is not application data). */
+	__u32 roff[WIRE_RECORDS];
+	__u32 rlen[WIRE_RECORDS];
 	/* Never written: the zero value new map entries start from (they are
 	 * too big for the stack). */
 	__u8 zero[2304];
@@ -713,24 +742,44 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 		return WIRE_PAUSE;
 	struct obj_key k = obj_key_of(c->obj);
 	struct wire_keys *ks = bpf_map_lookup_elem(&wire_keys, &k);
-	if (!ks || (!ks->key_len && !ks->tls12))
-		return WIRE_PAUSE;
-	struct sock *sk = tcp_sock_of(c->fd);
-	struct flow_key f;
-	if (!sk || !flow_of(sk, &f))
-		return WIRE_PAUSE;
-	__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
-	struct suite_info si;
-	if (!suite || !suite_info(*suite, &si))
-		return WIRE_PAUSE;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	bool keyed = ks && (ks->key_len || ks->tls12);
+	__s32 fd = c->fd;
+	__u32 flags = 0;
+	if (!go && fd < 0) {
+		/* A memory BIO: the socket its records went out on before, if
+		 * any; either way they are looked for at the end of a socket
+		 * write of this thread. */
+		__s32 *mfd = bpf_map_lookup_elem(&wire_mem_fd, &k);
+		if (mfd)
+			fd = *mfd;
+		flags |= PEND_SUFFIX;
+	}
 	__u32 verdict = WIRE_SERVED;
+	if (!keyed || fd < 0) {
+		/* The key comes during this write (its handshake runs inside
+		 * it), or the socket is not known yet: only where the library's
+		 * key derivation is probed, and then never by pause. */
+		if (go || !(c->cookie & ABI_KEYS))
+			return WIRE_PAUSE;
+		if (!keyed)
+			flags |= PEND_DEFERRED | PEND_SUFFIX;
+	} else {
+		struct sock *sk = tcp_sock_of(fd);
+		struct flow_key f;
+		if (!sk || !flow_of(sk, &f))
+			return WIRE_PAUSE;
+		__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
+		struct suite_info si;
+		if (!suite || !suite_info(*suite, &si))
+			return WIRE_PAUSE;
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 #pragma unroll
-	for (int i = 0; i < MAX_HITS; i++) {
-		if (i >= c->nmatch)
-			break;
-		if (!allowed(tgid, c->match[i].id, &f))
-			verdict = WIRE_DECIDE;
+		for (int i = 0; i < MAX_HITS; i++) {
+			if (i >= c->nmatch)
+				break;
+			if (!allowed(tgid, c->match[i].id, &f))
+				verdict = WIRE_DECIDE;
+		}
 	}
 	struct wire_pending *p = (void *)c->chunk; /* scratch big enough, see the assert below */
 	_Static_assert(sizeof(struct wire_pending) <= CHUNK_BUF, "wire_pending fits the chunk scratch");
@@ -739,11 +788,14 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 	p->buf = c->buf;
 	p->num = c->len;
 	p->cookie = c->cookie;
-	p->fd = c->fd;
+	p->fd = fd;
 	p->nmatch = c->nmatch;
-	p->epoch = ks->epoch;
-	__u64 nrec = records_of(c->len);
-	p->rseq = ks->next > nrec ? ks->next - nrec : 0;
+	p->flags = flags;
+	if (keyed) {
+		p->epoch = ks->epoch;
+		__u64 nrec = records_of(c->len);
+		p->rseq = ks->next > nrec ? ks->next - nrec : 0;
+	}
 	copy_hits(p->match, c->match, c->nmatch);
 	if (go) {
 		/* Sequence number and epoch are set by each record's encrypt. */
@@ -1240,6 +1292,85 @@ static __noinline void go_take(__u32 tid, long fd)
 	bpf_map_update_elem(&wire_pending, &tid, gp, BPF_ANY);
 }
 
+struct sfx_ctx {
+	struct wire_scratch *w;
+	__u64 buf;
+	__u64 len;
+	__u64 off;
+	__u32 n;             /* records collected */
+	__u32 over;          /* record bytes that are not plaintext */
+	__u64 num;           /* the write's plaintext bytes */
+	__u64 sum;
+	__s32 start;         /* index of the write's first record, or -1 */
+	bool bad;
+};
+
+/* Collects the socket write's records (every one whole); stops at anything
+ * that is not a record boundary. */
+static long sfx_collect(__u64 i, void *data)
+{
+	struct sfx_ctx *x = data;
+	if (i >= WIRE_RECORDS || x->off + TLS_HDR > x->len)
+		return 1;
+	__u8 hdr[TLS_HDR];
+	if (bpf_probe_read_user(hdr, sizeof(hdr), (void *)(x->buf + x->off)) < 0) {
+		x->bad = true;
+		return 1;
+	}
+	__u32 rlen = ((__u32)hdr[3] << 8) | hdr[4];
+	if (hdr[0] < 0x14 || hdr[0] > 0x17 || hdr[1] != 3 || rlen > TLS_MAX_REC ||
+	    x->off + TLS_HDR + rlen > x->len) {
+		x->bad = true;
+		return 1;
+	}
+	x->w->roff[i & (WIRE_RECORDS - 1)] = (__u32)x->off;
+	x->w->rlen[i & (WIRE_RECORDS - 1)] = hdr[0] == 0x17 ? rlen : 0;
+	x->n = (__u32)i + 1;
+	x->off += TLS_HDR + rlen;
+	return 0;
+}
+
+/* From the last record back: the records whose plaintext adds up to the
+ * write's exactly, each but the last a full 16 KiB (how OpenSSL cuts a
+ * write), all application data. */
+static long sfx_match(__u64 i, void *data)
+{
+	struct sfx_ctx *x = data;
+	if (i >= x->n || i >= WIRE_RECORDS)
+		return 1;
+	__u32 k = (x->n - 1 - (__u32)i) & (WIRE_RECORDS - 1);
+	__u32 rlen = x->w->rlen[k];
+	if (rlen <= x->over)
+		return 1;
+	__u64 plen = rlen - x->over;
+	if (i > 0 && plen != 16384)
+		return 1;
+	x->sum += plen;
+	if (x->sum == x->num) {
+		x->start = (__s32)k;
+		return 1;
+	}
+	return x->sum > x->num;
+}
+
+/* Where a PEND_SUFFIX write's records begin in this socket write, or -1:
+ * they must end it, and nothing else may add up to them. */
+static __always_inline __s64 find_suffix(struct rec_ctx *r)
+{
+	struct sfx_ctx x = { .w = r->w, .buf = r->buf, .len = r->len,
+			     .over = TLS_TAG + r->si.explicit + r->si.inner,
+			     .num = r->p->num, .start = -1 };
+	bpf_loop(WIRE_RECORDS, sfx_collect, &x, 0);
+	/* More than WIRE_RECORDS records, or bytes after the last whole one:
+	 * the end of this write is not in sight. */
+	if (x.bad || !x.n || x.off != x.len)
+		return -1;
+	bpf_loop(WIRE_RECORDS, sfx_match, &x, 0);
+	if (x.start < 0)
+		return -1;
+	return r->w->roff[x.start & (WIRE_RECORDS - 1)];
+}
+
 static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 {
 	if (!cfg_wire || !buf || !len)
@@ -1269,6 +1400,13 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	__u32 *suite = bpf_map_lookup_elem(&wire_suites, &f);
 	struct rec_ctx r = { .p = p, .ks = ks, .w = w, .f = &f, .buf = buf, .len = len,
 			     .tgid = bpf_get_current_pid_tgid() >> 32 };
+	/* A write waiting for its key, or whose socket is not known: this
+	 * socket write may belong to another connection, or come before the
+	 * key; it waits for one that carries it, until its thread's next
+	 * SSL_write. */
+	if ((p->flags & PEND_SUFFIX) &&
+	    (!ks || (!ks->key_len && !ks->tls12) || !suite || !suite_info(*suite, &r.si)))
+		return;
 	/* Go: the key installed must be the one this record's encrypt proved. */
 	if (!ks || !suite || (p->g && p->epoch != ks->epoch) || !suite_info(*suite, &r.si) ||
 	    !ensure_h(ks, *suite, &r.si, w)) {
@@ -1294,6 +1432,22 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	r.seq0 = BPF_CORE_READ(tp, write_seq);
 	prune(fl, BPF_CORE_READ(tp, snd_una));
 
+	if (p->flags & PEND_SUFFIX) {
+		/* TLS 1.3: a client's Finished (4 + 32 or 48 bytes) travels in
+		 * an application-data record, under the handshake key, maybe
+		 * alone in its socket write: a waiting write of its length could
+		 * be taken for it. Such a write is not armed. */
+		if ((p->flags & PEND_DEFERRED) && r.si.inner && (p->num == 36 || p->num == 52)) {
+			report(p, EV_WIRE_MISS, all & ~p->placed, fd);
+			stat_add(ST_WIRE_MISS, p->nmatch);
+			pending_end(p, tid, true);
+			return;
+		}
+		__s64 start = find_suffix(&r);
+		if (start < 0)
+			return;
+		r.off = (__u64)start;
+	}
 	/* Every substitution is traceable: with no room in the ring buffer to
 	 * say what was armed, nothing is, and the placeholders go out. */
 	struct tls_event *ev = new_event(EV_ARMED);
@@ -1330,17 +1484,33 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	if (r.miss)
 		stat_add(ST_WIRE_MISS, __builtin_popcount(r.miss));
 	p->placed |= r.held | r.miss;
+	/* The object's records went out on this socket: its later writes
+	 * know their flow at SSL_write (their fd is still -1 to OpenSSL). */
+	if ((p->flags & PEND_SUFFIX) && p->recs) {
+		__s32 v = (__s32)fd;
+		bpf_map_update_elem(&wire_mem_fd, &k, &v, BPF_ANY);
+	}
+	/* A write that began before its key was not counted at SSL_write. */
+	if ((p->flags & PEND_DEFERRED) && p->recs) {
+		ks->next += p->recs;
+		p->flags &= ~PEND_DEFERRED;
+	}
 	pending_end(p, tid, p->cursor >= p->num || (p->placed & all) == all);
 }
 
-/* A new write replaces one whose hits never all reached a record. */
-static __always_inline void wire_write_begins(__u32 tid)
+/* A new write replaces one whose hits never all reached a record. A write
+ * retried on the same object with the same length (OpenSSL's rule after
+ * WANT_READ/WRITE, as a handshake inside SSL_write returns; Node passes a
+ * fresh copy of the data) made no records the first time: nothing of it
+ * was missed. */
+static __always_inline void wire_write_begins(__u32 tid, __u64 ssl, __u64 len)
 {
 	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
 	if (!p)
 		return;
 	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
-	if (p->placed != all) {
+	bool retried = (p->flags & PEND_DEFERRED) && !p->recs && p->ssl == ssl && p->num == len;
+	if (p->placed != all && !retried) {
 		report(p, EV_WIRE_MISS, all & ~p->placed, p->fd);
 		stat_add(ST_WIRE_MISS, __builtin_popcount(all & ~p->placed));
 	}

@@ -244,7 +244,12 @@ impl Attacher {
                         }
                     }
                     for f in fns {
-                        match probes.attach_tls_write(&path, f.file_offset as usize, f.abi) {
+                        match probes.attach_tls_write(
+                            &path,
+                            f.file_offset as usize,
+                            f.abi,
+                            lib.keys,
+                        ) {
                             Ok(l) => links.extend(l),
                             Err(err) => {
                                 inc(&c.attach_errors);

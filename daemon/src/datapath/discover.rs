@@ -102,6 +102,10 @@ const TARGETS: &[(&str, WriteAbi)] = &[
 pub struct TlsLib {
     pub writes: Vec<WriteFn>,
     pub sockets: SocketHooks,
+    /// OpenSSL 3 whose key derivation the wire backend probes: this file's
+    /// own `EVP_KDF_derive` (a static build: Node, a static client), or the
+    /// `libcrypto.so.3` a shared libssl is linked against.
+    pub keys: bool,
 }
 
 impl TlsLib {
@@ -196,8 +200,18 @@ pub fn tls_library(path: &Path) -> Result<TlsLib, DiscoverError> {
     if entries.iter().any(|(a, _)| *a == WriteAbi::GoTlsWrite) {
         lib.sockets.go_keys = go_key_hooks(&file, &data);
     }
+    lib.keys = lib.sockets.kdf.is_some() || needs_libcrypto3(&file);
     lib.writes = plan_probes(&data, &entries);
     Ok(lib)
+}
+
+/// Whether a shared object names OpenSSL 3's libcrypto among the libraries
+/// it needs (DT_NEEDED names live in .dynstr): a libssl.so.3 always does,
+/// and that libcrypto exports `EVP_KDF_derive`.
+fn needs_libcrypto3(file: &object::File<'_>) -> bool {
+    file.section_by_name(".dynstr")
+        .and_then(|s| s.data().ok())
+        .is_some_and(|d| d.split(|&b| b == 0).any(|n| n == b"libcrypto.so.3"))
 }
 
 /// Go `crypto/tls` functions of the wire backend's key route, in the order
@@ -519,6 +533,11 @@ mod tests {
                 && s.free.is_some(),
             "{tls:?}"
         );
+        // Its keys come from the libcrypto.so.3 it needs.
+        assert!(tls.keys && s.kdf.is_none(), "{tls:?}");
+        // libcrypto itself has no write function but derives the keys.
+        let crypto = tls_library(Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3")).unwrap();
+        assert!(crypto.sockets.kdf.is_some() && crypto.keys, "{crypto:?}");
         let f = tls.writes;
         assert!(!f.is_empty());
         assert!(f.iter().any(|w| w.abi == WriteAbi::SslWriteEx));
