@@ -97,6 +97,106 @@ fn curl_gets_the_real_value_over_the_wire_for_every_aead_suite() {
     }
 }
 
+/// Clients whose first `SSL_write` runs the end of the handshake, so the key
+/// does not exist when the write begins: `openssl s_client` (its handshake
+/// runs in a write of zero bytes, then the request's write has its key) and
+/// Node (memory BIO: the request's write finishes the handshake, and the
+/// Finished and the request leave in one socket write). Every AEAD suite,
+/// TLS 1.3 and 1.2: the value arrives, the wire served it, nothing paused,
+/// nothing was dropped; a CBC suite still falls back to pause.
+#[test]
+fn implicit_handshake_clients_are_served_by_the_wire_for_every_aead_suite() {
+    let Some(_g) = root_test() else { return };
+    let srv = TlsServer::start();
+    let value = random_secret("sk-implicit-", 40);
+    let s = one_secret(&value);
+    let ca = srv.cacert().display().to_string();
+    let port = srv.port;
+    // (name, s_client flags, Node's NODE_TLS and NODE_CIPHERS)
+    let suites = [
+        (
+            "tls13-aes128",
+            "-tls1_3 -ciphersuites TLS_AES_128_GCM_SHA256",
+            "TLSv1.3",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            "tls13-aes256",
+            "-tls1_3 -ciphersuites TLS_AES_256_GCM_SHA384",
+            "TLSv1.3",
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "tls13-chacha20",
+            "-tls1_3 -ciphersuites TLS_CHACHA20_POLY1305_SHA256",
+            "TLSv1.3",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "tls12-aes128",
+            "-tls1_2 -cipher ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+            "TLSv1.2",
+            "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+        ),
+        (
+            "tls12-aes256",
+            "-tls1_2 -cipher ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+            "TLSv1.2",
+            "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+        ),
+        (
+            "tls12-chacha20",
+            "-tls1_2 -cipher ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+            "TLSv1.2",
+            "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+        ),
+    ];
+    let node = fixtures().join("node_client.js").display().to_string();
+    for (name, sflags, ntls, nciphers) in suites {
+        for client in ["s_client", "node"] {
+            srv.clear();
+            let cmd = if client == "s_client" {
+                format!(
+                    "printf 'POST /{name} HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\nAuthorization: Bearer %s\\r\\nContent-Length: %d\\r\\n\\r\\ntoken=%s' \"$API_TOKEN\" $((6+${{#API_TOKEN}})) \"$API_TOKEN\" | openssl s_client -connect localhost:{port} -CAfile {ca} -quiet -no_ign_eof {sflags} >/dev/null 2>&1"
+                )
+            } else {
+                format!(
+                    "NODE_TLS={ntls} NODE_CIPHERS={nciphers} node {node} {port} {ca} /{name} 2 >/dev/null"
+                )
+            };
+            let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+            assert!(
+                run.output.status.success(),
+                "{client} {name}: {}",
+                run.stderr()
+            );
+            let n = if client == "node" { 2 } else { 1 };
+            let rec = srv.wait_for(n, Duration::from_secs(5));
+            assert_eq!(rec.len(), n, "{client} {name}");
+            assert_all_real(&rec, &value, 2);
+            let what = format!("{client} {name}: {}", run.stats);
+            assert_eq!(agent_stat(&run, "wire_armed"), 2 * n as u64, "{what}");
+            assert_eq!(agent_stat(&run, "rewrites"), 2 * n as u64, "{what}");
+            assert_eq!(agent_stat(&run, "wire_misses"), 0, "{what}");
+            assert_eq!(run.stats["bpf"]["wire_fallbacks"], 0, "{what}");
+            assert_eq!(run.stats["bpf"]["wire_drops"], 0, "{what}");
+            run.assert_no_leak(&value);
+        }
+    }
+    // CBC: not the wire's; pause serves it (the secret has no rules).
+    srv.clear();
+    let cmd = format!(
+        "printf 'POST /cbc HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\nAuthorization: Bearer %s\\r\\nContent-Length: 0\\r\\n\\r\\n' \"$API_TOKEN\" | openssl s_client -connect localhost:{port} -CAfile {ca} -quiet -no_ign_eof -tls1_2 -cipher ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256 >/dev/null 2>&1"
+    );
+    let run = run_kloak(&s, &["--mode", "wire"], &["sh", "-c", &cmd], T);
+    assert!(run.output.status.success(), "{}", run.stderr());
+    let rec = srv.wait_for(1, Duration::from_secs(5));
+    assert_eq!(count(&rec[0], value.as_bytes()), 1);
+    assert_eq!(agent_stat(&run, "wire_armed"), 0, "{}", run.stats);
+    assert_eq!(run.stats["bpf"]["wire_fallbacks"], 1, "{}", run.stats);
+    run.assert_no_leak(&value);
+}
+
 /// An OpenSSL configuration file that limits TLS 1.3 to ChaCha20-Poly1305,
 /// for clients that cannot choose TLS 1.3 suites themselves (Python).
 fn chacha_only_conf(dir: &std::path::Path) -> String {

@@ -48,6 +48,11 @@ int tls_write_enter(struct pt_regs *ctx)
 	__u64 di = ctx->di, si = ctx->si, dx = ctx->dx, ax = ctx->ax, bx = ctx->bx, cx = ctx->cx;
 	__u64 r14 = ctx->r14;
 	__u64 buf, len;
+	/* Keys derived from here on are this object's, even in a write too
+	 * short to scan: openssl s_client runs its handshake in a write of
+	 * zero bytes. */
+	if (cfg_wire && ((cookie & ABI_MASK) == ABI_SSL_WRITE || (cookie & ABI_MASK) == ABI_SSL_WRITE_EX))
+		set_cur_ssl(di);
 	switch (cookie & ABI_MASK) {
 	case ABI_SSL_WRITE: /* SysV: rdi ssl, rsi buf, edx num */
 		if ((int)dx <= 0)
@@ -100,7 +105,6 @@ int tls_write_enter(struct pt_regs *ctx)
 			go_write_begins(c->g);
 		} else {
 			wire_write_begins(c->tid, di, len);
-			set_cur_ssl(di);
 		}
 	}
 

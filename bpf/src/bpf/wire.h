@@ -224,6 +224,10 @@ enum {
 	 * carries them, not the first: a memory BIO (Node) flushes the
 	 * handshake's last records, or earlier writes, in the same write. */
 	PEND_SUFFIX = 2,
+	/* A memory BIO whose socket is not known yet: its first writes, which
+	 * may also run the end of the handshake (TLS 1.2, where the key comes
+	 * before the handshake ends). */
+	PEND_UNBOUND = 4,
 };
 
 struct {
@@ -763,6 +767,8 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 			return WIRE_PAUSE;
 		if (!keyed)
 			flags |= PEND_DEFERRED | PEND_SUFFIX;
+		if (fd < 0)
+			flags |= PEND_UNBOUND;
 	} else {
 		struct sock *sk = tcp_sock_of(fd);
 		struct flow_key f;
@@ -1404,9 +1410,20 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 	 * socket write may belong to another connection, or come before the
 	 * key; it waits for one that carries it, until its thread's next
 	 * SSL_write. */
-	if ((p->flags & PEND_SUFFIX) &&
-	    (!ks || (!ks->key_len && !ks->tls12) || !suite || !suite_info(*suite, &r.si)))
-		return;
+	if (p->flags & PEND_SUFFIX) {
+		if (!suite || !suite_info(*suite, &r.si))
+			return;
+		if (!ks || (!ks->key_len && !ks->tls12)) {
+			/* Its own socket carries records that add up to it, and
+			 * still no key: they go out as written, and that is said. */
+			if (p->fd >= 0 && p->fd == fd && find_suffix(&r) >= 0) {
+				report(p, EV_WIRE_MISS, all & ~p->placed, fd);
+				stat_add(ST_WIRE_MISS, p->nmatch);
+				pending_end(p, tid, true);
+			}
+			return;
+		}
+	}
 	/* Go: the key installed must be the one this record's encrypt proved. */
 	if (!ks || !suite || (p->g && p->epoch != ks->epoch) || !suite_info(*suite, &r.si) ||
 	    !ensure_h(ks, *suite, &r.si, w)) {
@@ -1437,7 +1454,8 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
 		 * an application-data record, under the handshake key, maybe
 		 * alone in its socket write: a waiting write of its length could
 		 * be taken for it. Such a write is not armed. */
-		if ((p->flags & PEND_DEFERRED) && r.si.inner && (p->num == 36 || p->num == 52)) {
+		if ((p->flags & (PEND_DEFERRED | PEND_UNBOUND)) && r.si.inner &&
+		    (p->num == 36 || p->num == 52)) {
 			report(p, EV_WIRE_MISS, all & ~p->placed, fd);
 			stat_add(ST_WIRE_MISS, p->nmatch);
 			pending_end(p, tid, true);
@@ -1502,14 +1520,17 @@ static __always_inline void wire_send(long fd, __u64 buf, __u64 len)
  * retried on the same object with the same length (OpenSSL's rule after
  * WANT_READ/WRITE, as a handshake inside SSL_write returns; Node passes a
  * fresh copy of the data) made no records the first time: nothing of it
- * was missed. */
+ * was missed. Only a write still waiting for its key or its socket is
+ * taken for a retry, so an identical request that really went out
+ * unpatched is still counted. */
 static __always_inline void wire_write_begins(__u32 tid, __u64 ssl, __u64 len)
 {
 	struct wire_pending *p = bpf_map_lookup_elem(&wire_pending, &tid);
 	if (!p)
 		return;
 	__u32 all = (1u << (p->nmatch & 0xf)) - 1;
-	bool retried = (p->flags & PEND_DEFERRED) && !p->recs && p->ssl == ssl && p->num == len;
+	bool retried = (p->flags & (PEND_DEFERRED | PEND_UNBOUND)) && !p->recs && p->ssl == ssl &&
+		       p->num == len;
 	if (p->placed != all && !retried) {
 		report(p, EV_WIRE_MISS, all & ~p->placed, p->fd);
 		stat_add(ST_WIRE_MISS, __builtin_popcount(all & ~p->placed));
