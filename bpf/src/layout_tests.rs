@@ -362,6 +362,15 @@ fn cookies_are_the_kernels() {
             // Not a write ABI: no write probe carries it.
             "ABI_SSL_HANDSHAKE" => None,
             "ABI_MASK" => return true,
+            // A flag above the mask: it must not change the ABI a cookie names.
+            "ABI_KEYS" => {
+                assert_eq!(v as u64 & mask, 0, "ABI_KEYS lies outside ABI_MASK");
+                assert_eq!(
+                    WriteAbi::from_cookie(WriteAbi::SslWriteEx.cookie() | v as u64),
+                    Some(WriteAbi::SslWriteEx)
+                );
+                return true;
+            }
             _ => return false,
         };
         let v = v as u64;

@@ -61,6 +61,9 @@ pub struct Config {
     /// connected before it are served by pause even for secrets with rules,
     /// their handshake having gone by unseen.
     pub loaded_ns: u64,
+    /// Experimental: writes that begin before their key, or with no socket
+    /// known (memory BIOs), wait for the wire instead of going to pause.
+    pub wire_implicit: bool,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns()` and of
@@ -83,6 +86,7 @@ impl Default for Config {
             dns_cgroup: None,
             pause_netns: 0,
             loaded_ns: 0,
+            wire_implicit: false,
         }
     }
 }
@@ -386,6 +390,7 @@ fn open_and_load(cfg: &Config, dns_packets: bool) -> Result<skel::KloakSkel<'sta
     rodata.cfg_huff_sig = cfg.huffman_signatures;
     let wire = cfg.backend == Backend::Wire;
     rodata.cfg_wire = u32::from(wire);
+    rodata.cfg_wire_implicit = u32::from(wire && cfg.wire_implicit);
     open.maps
         .tls_events
         .set_max_entries(cfg.ring_bytes)

@@ -56,6 +56,22 @@ fn dns_packet_programs_load_and_attach_to_the_cgroup2_root() {
     assert_eq!(p.tracepoint_count(), 14);
 }
 
+/// The experimental implicit-handshake path is dead code to the verifier
+/// unless its rodata flag is set: it must pass on its own.
+#[test]
+fn wire_backend_with_implicit_handshakes_loads() {
+    if !is_root() {
+        return;
+    }
+    let p = Probes::load(&Config {
+        backend: Backend::Wire,
+        wire_implicit: true,
+        ..Config::default()
+    })
+    .expect("wire backend with implicit handshakes loads");
+    assert_eq!(p.backend(), Backend::Wire);
+}
+
 #[test]
 fn wire_backend_loads_and_attaches_to_loopback() {
     if !is_root() {

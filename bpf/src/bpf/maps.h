@@ -21,6 +21,9 @@ const volatile __u32 cfg_agent_tgid = 0;
 const volatile __u32 cfg_pause_netns = 0;
 /* bpf_ktime_get_ns() when the agent loaded the programs. */
 const volatile __u64 cfg_loaded_ns = 0;
+/* Experimental: PEND_DEFERRED and PEND_SUFFIX writes (wire.h); 0 sends them
+ * to pause. */
+const volatile __u32 cfg_wire_implicit = 0;
 /* "kloak:" HPACK Huffman-coded starting at bit offset a (0-7) of a byte: the
  * first three bytes it fully covers. Computed by the loader from the HPACK
  * table; all zero disables the Huffman search. */

@@ -205,6 +205,8 @@ struct sk_buff {
 struct task_struct {
 	struct files_struct *files;
 	struct nsproxy *nsproxy;
+	struct task_struct *group_leader;
+	__u64 start_time;    /* CLOCK_MONOTONIC, as bpf_ktime_get_ns */
 } __attribute__((preserve_access_index));
 
 #endif

@@ -34,6 +34,7 @@
 #include "gcm.h"
 #include "chacha.h"
 #include "events.h"
+#include "conn.h"
 
 #define IPPROTO_TCP 6
 #define ETH_HLEN 14
@@ -713,6 +714,23 @@ static __always_inline bool seq_before(__u32 a, __u32 b)
 
 /* ---- 3. the write: serve it on the wire, or say why not ---------------- */
 
+/* Whether this object's handshake, and so its key, can still be seen: its
+ * socket was connected after this agent loaded, or (a memory BIO, no socket
+ * known) its process started after. A connection older than the agent
+ * (a restart under traffic) has had its handshake already: its writes
+ * would wait for a key that never comes, so they stay with pause. */
+static __always_inline bool handshake_ahead(__s32 fd)
+{
+	if (fd >= 0) {
+		struct conn_key ck = { .tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd };
+		struct conn_val *v = bpf_map_lookup_elem(&conn_ip_map, &ck);
+		return v && v->ts_ns >= cfg_loaded_ns;
+	}
+	struct task_struct *t = (void *)bpf_get_current_task();
+	return BPF_CORE_READ(t, group_leader, start_time) >= cfg_loaded_ns;
+}
+
+
 /* Records OpenSSL makes of one write: 16 KiB of plaintext each, its default
  * max_send_fragment. Anything else (a smaller fragment, a retried write)
  * only moves the estimate, which ChaCha20's tag check then corrects. */
@@ -763,7 +781,8 @@ static __always_inline __u32 wire_arm(struct scan_ctx *c)
 		/* The key comes during this write (its handshake runs inside
 		 * it), or the socket is not known yet: only where the library's
 		 * key derivation is probed, and then never by pause. */
-		if (go || !(c->cookie & ABI_KEYS))
+		if (go || !cfg_wire_implicit || !(c->cookie & ABI_KEYS) ||
+		    (!keyed && !handshake_ahead(fd)))
 			return WIRE_PAUSE;
 		if (!keyed)
 			flags |= PEND_DEFERRED | PEND_SUFFIX;

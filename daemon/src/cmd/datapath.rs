@@ -62,6 +62,12 @@ pub struct DatapathOpts {
     /// Addresses the DNS cache remembers before evicting the oldest.
     #[arg(long, default_value_t = 1024)]
     pub dns_cache_entries: usize,
+    /// Experimental (wire backend): serve on the wire the OpenSSL writes
+    /// that begin before their key exists or with no socket known (Node's
+    /// memory BIOs), instead of pausing them. Known limits in
+    /// docs/architecture.md; off, such writes go to pause.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub wire_implicit_handshakes: bool,
 }
 
 impl DatapathOpts {
@@ -229,6 +235,7 @@ pub fn start(opts: &DatapathOpts, spec: Spec) -> anyhow::Result<Datapath> {
         dns_cgroup: spec.dns_cgroup.clone(),
         pause_netns,
         loaded_ns,
+        wire_implicit: opts.wire_implicit_handshakes,
     };
     type Ready = Result<(Arc<Counters>, Vec<MapInfo>, kloak_bpf::DnsHook), String>;
     let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
